@@ -1,0 +1,38 @@
+# The two commands of README.md live here: `make serve` and `make test`.
+# Each one creates .venv and installs everything it needs first (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test install protos lint bench helm-tool
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the service on the embedded demo model (built on first run).
+serve: $(STAMP)
+	$(BIN)/moe-embed serve $(ARGS)
+
+## Install everything and run the whole test suite.
+test: $(STAMP) helm-tool
+	$(BIN)/ruff check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+helm-tool:
+	bash helm/install-helm.sh .tools
+
+## Regenerate the gRPC code from protos/ (a test checks it is up to date).
+protos: $(STAMP)
+	$(BIN)/python -m moe_embed.service.protogen
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+## Benchmarks against the peers (not part of the test suite).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(ARGS)
