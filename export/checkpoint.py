@@ -1,4 +1,4 @@
-"""Read an upstream HF checkpoint (hub id or local directory): config, safetensors weights, tokenizer.
+"""Read an upstream HF checkpoint (hub id or local dir): config, safetensors weights, tokenizer.
 
 Safetensors only: a checkpoint that ships only pickled weights is refused, never unpickled.
 """

@@ -1,4 +1,4 @@
-"""The model configuration: parse an upstream NomicBert MoE `config.json` and refuse what we don't run.
+"""Model configuration: parse an upstream NomicBert MoE `config.json`, refuse what we do not run.
 
 Every refusal names the offending field, because a silently-ignored field (say, interleaved
 rotary) still produces finite, plausible and wrong embeddings.
@@ -96,9 +96,10 @@ def parse_config(d: dict[str, Any], max_tokens: int = 512) -> ModelConfig:
             f"config.json: 'activation_function'={act!r} is unsupported: "
             "the MoE and dense FFNs are implemented with exact (erf) GELU only"
         )
-    moe_act = d.get("moe_act") or d.get("moe_activation")
-    if moe_act not in (None, *_GELU_NAMES):
-        raise ConfigError(f"config.json: MoE activation {moe_act!r} is unsupported: GELU only")
+    for name in ("moe_act", "moe_activation"):
+        if d.get(name) not in (None, *_GELU_NAMES):
+            raise ConfigError(f"config.json: '{name}'={d[name]!r} is unsupported: "
+                              "experts are implemented with exact (erf) GELU only")
     if d.get("rotary_emb_fraction", 1.0) == 0:
         raise ConfigError("config.json: 'rotary_emb_fraction'=0 (learned positions) is unsupported")
 

@@ -137,7 +137,7 @@ class ReferenceModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """input_ids, attention_mask [B, S] -> last hidden [B, S, H] and expert ids per MoE layer."""
+        """ids, mask [B, S] -> last hidden [B, S, H] and expert ids [B, S, k] per MoE layer."""
         b, s = input_ids.shape
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         x = self.emb_ln(x)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +56,7 @@ def _model_id(ck: Checkpoint) -> str:
 
 def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "routed",
                   revision: str | None = None, progress: ProgressFn | None = None) -> Path:
-    """Write a complete, hashed bundle for `source` (hub id, local directory or loaded checkpoint)."""
+    """Write a complete, hashed bundle for `source` (hub id, local dir or loaded checkpoint)."""
     if moe_mode not in MOE_MODES:
         raise ValueError(f"moe_mode must be one of {MOE_MODES}, got {moe_mode!r}")
     ck = source if isinstance(source, Checkpoint) else load_checkpoint(source, revision)
@@ -70,8 +69,8 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
     report = progress or (lambda step, total, what: None)
     graphs: dict = {}
 
-    def emit(step: int, total: int, rel: str, build: Callable[[], onnx.ModelProto]) -> list[str]:
-        names = _save(build(), tmp / rel)
+    def emit(step: int, total: int, rel: str, model: onnx.ModelProto) -> list[str]:
+        names = _save(model, tmp / rel)
         rels = [str(Path(rel).parent / n) if Path(rel).parent != Path(".") else n for n in names]
         files.extend(rels)
         report(step, total, rel)
@@ -85,7 +84,7 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
         for seg in segments:
             step += 1
             rel = f"segments/segment_{seg.index:02d}.onnx"
-            emit(step, total, rel, lambda seg=seg: build_segment(cfg, seg, tensors))
+            emit(step, total, rel, build_segment(cfg, seg, tensors))
             graphs["segments"].append({"file": rel, "moe_residual": seg.moe_residual,
                                        "full_layers": list(seg.full_layers),
                                        "attn_layer": seg.attn_layer, "needs_mask": seg.needs_mask})
@@ -97,8 +96,7 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
             for e in range(cfg.num_experts):
                 step += 1
                 rel = f"experts/layer_{layer:02d}/expert_{e}.onnx"
-                emit(step, total, rel,
-                     lambda e=e, layer=layer: expert_graph(w1[e], w2[e], f"l{layer}_e{e}"))
+                emit(step, total, rel, expert_graph(w1[e], w2[e], f"l{layer}_e{e}"))
                 rels.append(rel)
             graphs["experts"][str(layer)] = rels
             p = f"encoder.layers.{layer}.mlp."
@@ -109,7 +107,7 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
         graphs["router"] = "router.safetensors"
         report(total, total, "router.safetensors")
     else:
-        graphs["model"] = emit(1, 1, "model.onnx", lambda: all_experts_graph(cfg, tensors))[0]
+        graphs["model"] = emit(1, 1, "model.onnx", all_experts_graph(cfg, tensors))[0]
 
     shutil.copyfile(ck.tokenizer_path, tmp / "tokenizer.json")
     (tmp / "config.json").write_text(json.dumps(ck.raw_config, indent=2) + "\n")
@@ -127,16 +125,9 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
         "tokenizer": "tokenizer.json",
         "graphs": graphs,
         "exporter": {"format_version": FORMAT_VERSION, "onnx_opset": OPSET,
-                     "onnx": onnx.__version__, "torch": torch.__version__,
-                     "exported_in_s": None},
+                     "onnx": onnx.__version__, "torch": torch.__version__},
     }, files)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def timed_export(*args, **kwargs) -> tuple[Path, float]:
-    t0 = time.perf_counter()
-    path = export_bundle(*args, **kwargs)
-    return path, time.perf_counter() - t0

@@ -1,0 +1,55 @@
+"""`moe-embed export` and `moe-embed synthetic`: the command-line face of export/."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .progress import Progress, json_logger
+from .split import MOE_MODES, export_bundle
+from .synthetic import SIZES, write_synthetic
+
+
+def _export(args: argparse.Namespace) -> int:
+    log = json_logger("export")
+    t0 = time.perf_counter()
+    log.info("export.start", source=args.source, out=args.out, moe_mode=args.moe_mode)
+    out = export_bundle(args.source, args.out, moe_mode=args.moe_mode, revision=args.revision,
+                        progress=Progress("export", "export.progress"))
+    log.info("export.done", out=str(out), seconds=round(time.perf_counter() - t0, 1))
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    log = json_logger("synthetic")
+    t0 = time.perf_counter()
+    out = write_synthetic(args.out, args.size, args.seed)
+    log.info("synthetic.done", out=str(out), size=args.size, seed=args.seed,
+             seconds=round(time.perf_counter() - t0, 1))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export an HF checkpoint to a moe-embed bundle",
+        description="Read an HF checkpoint (hub id or local directory with config.json, "
+        "model.safetensors[.index.json] and tokenizer.json) and write a bundle: dense ONNX "
+        "segments, one ONNX graph per expert, router weights, manifest.json with sha256s.")
+    p.add_argument("source", help="hub id (e.g. nomic-ai/nomic-embed-text-v2-moe) or local dir")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--moe-mode", choices=MOE_MODES, default="routed",
+                   help="routed (the product) or all-experts (benchmark peer only); "
+                   "default: routed")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.set_defaults(func=_export)
+
+    s = sub.add_parser(
+        "synthetic", help="write a synthetic checkpoint in the upstream HF format",
+        description="Random weights with the exact upstream config fields, tensor names and "
+        "shapes, decisive routers, non-zero expert bias and the real XLM-R tokenizer. The "
+        "vectors it produces are not meaningful.")
+    s.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="tiny (hidden 64, 4 layers) or full (the real 475M shapes)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=_synthetic)

@@ -1,0 +1,49 @@
+"""The embedded default model: a tiny synthetic checkpoint with the real XLM-R tokenizer.
+
+Built and exported on first use under the cache directory, so `moe-embed serve` works on a fresh
+machine with no download. Its vectors are NOT meaningful: it exists to run the whole stack.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from ..export.bundle import Bundle, BundleError
+from ..export.progress import Progress, json_logger
+from ..export.split import export_bundle
+from ..export.synthetic import write_synthetic
+
+DEMO_NAME = "demo-tiny-v1"
+DEMO_SEED = 0
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MOE_EMBED_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe-embed"
+
+
+def ensure_demo_bundle(cache_dir: str | Path | None = None) -> Path:
+    """Return the demo bundle directory, building it once (process-safe via a file lock)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    bundle_dir = cache / DEMO_NAME / "bundle"
+    with open(cache / f"{DEMO_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            Bundle.load(bundle_dir, verify=True)
+            return bundle_dir
+        except BundleError:
+            pass
+        log = json_logger("demo")
+        log.info("demo.build", cache_dir=str(cache),
+                 note="tiny synthetic model with the real tokenizer; vectors are not meaningful")
+        ckpt = cache / DEMO_NAME / "checkpoint"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        write_synthetic(ckpt, "tiny", DEMO_SEED)
+        export_bundle(str(ckpt), bundle_dir, progress=Progress("demo", "demo.export.progress"))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log.info("demo.ready", bundle=str(bundle_dir))
+    return bundle_dir

@@ -1,0 +1,46 @@
+"""Session fixtures: a tiny synthetic checkpoint in the upstream format and its exported bundles.
+
+Everything here is real: real safetensors, the real XLM-R tokenizer, real ONNX Runtime sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_embed.export.checkpoint import load_checkpoint
+from moe_embed.export.reference import ReferenceModel
+from moe_embed.export.split import export_bundle
+from moe_embed.export.synthetic import write_synthetic
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def multilingual_texts() -> list[str]:
+    return json.loads((DATA / "multilingual.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(str(tiny_checkpoint), tmp_path_factory.mktemp("bundle") / "routed")
+
+
+@pytest.fixture(scope="session")
+def tiny_all_experts_bundle(tiny_checkpoint: Path,
+                            tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(str(tiny_checkpoint), tmp_path_factory.mktemp("bundle") / "all",
+                         moe_mode="all-experts")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint: Path) -> ReferenceModel:
+    ck = load_checkpoint(str(tiny_checkpoint))
+    return ReferenceModel.from_tensors(ck.config, ck.tensors)

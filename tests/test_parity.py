@@ -1,0 +1,120 @@
+"""The routed runtime equals the PyTorch reference, token by token and vector by vector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_embed.export.reference import pad_batch
+from moe_embed.workers.embedder import LocalEmbedder
+from moe_embed.workers.errors import InvalidInput
+from moe_embed.workers.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle) -> Runtime:
+    return Runtime(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_bundle) -> LocalEmbedder:
+    return LocalEmbedder(tiny_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def batch_ids(embedder, multilingual_texts) -> list[list[int]]:
+    long_text = " ".join(multilingual_texts) * 3  # > 512 tokens: exercises truncation too
+    return embedder.tokenizer.encode(multilingual_texts + [long_text], "search_document")
+
+
+def _reference(reference, ids):
+    input_ids, mask = pad_batch(ids)
+    hidden, routing = reference(input_ids, mask)
+    return hidden.numpy(), mask.numpy().astype(bool), routing
+
+
+def test_batch_has_mixed_lengths_up_to_512(batch_ids):
+    lengths = sorted(len(x) for x in batch_ids)
+    assert lengths[0] <= 10 and lengths[-1] == 512 and len(set(lengths)) > 10
+
+
+def test_hidden_states_and_expert_choices_match_reference(runtime, reference, batch_ids):
+    r = runtime.forward(batch_ids)
+    ref_hidden, mask, routing = _reference(reference, batch_ids)
+    assert np.abs(r.hidden[mask] - ref_hidden[mask]).max() <= 1e-4
+    for layer, ref_experts in routing.items():
+        ours = r.expert_ids[layer]
+        theirs = ref_experts.numpy()[mask]
+        mismatched = np.flatnonzero((ours != theirs).any(axis=1))
+        assert mismatched.size == 0, f"layer {layer}: tokens {mismatched[:10]} routed differently"
+
+
+def test_pooled_embeddings_match_reference(runtime, reference, batch_ids):
+    ours = runtime.embed_ids(batch_ids).embeddings
+    input_ids, mask = pad_batch(batch_ids)
+    theirs = reference.embed(input_ids, mask).numpy()
+    assert ours.shape == (len(batch_ids), 64)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+
+
+def test_padding_is_never_routed_and_each_token_reaches_top_k_experts(runtime, batch_ids):
+    r = runtime.embed_ids(batch_ids)
+    real_tokens = sum(len(x) for x in batch_ids)
+    assert r.expert_tokens.shape == (2, 8)
+    assert (r.expert_tokens.sum(axis=1) == 2 * real_tokens).all()
+
+
+def test_unused_experts_receive_nothing(runtime):
+    # one short text cannot reach all 16 (layer, expert) pairs with 2 experts per token
+    r = runtime.embed_ids([[0, 35378, 2]])
+    assert (r.expert_tokens.sum(axis=1) == 6).all()
+    assert (r.expert_tokens == 0).sum() >= 2 * (8 - 6)
+
+
+def test_batch_invariance(runtime, batch_ids):
+    together = runtime.embed_ids(batch_ids).embeddings
+    for i in (0, 3, len(batch_ids) - 1):
+        alone = runtime.embed_ids([batch_ids[i]]).embeddings[0]
+        assert np.abs(alone - together[i]).max() <= 1e-5
+
+
+def test_matryoshka_is_renormalized_prefix(runtime, batch_ids):
+    full = runtime.embed_ids(batch_ids[:6]).embeddings
+    short = runtime.embed_ids(batch_ids[:6], dimensions=16).embeddings
+    assert short.shape == (6, 16)
+    expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    assert np.abs(short - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("dims", [8, 15, 65, 1000, -1])
+def test_dimensions_outside_bundle_range_are_refused(runtime, dims):
+    with pytest.raises(InvalidInput, match="dimensions"):
+        runtime.embed_ids([[0, 5, 2]], dimensions=dims)
+
+
+def test_token_ids_are_checked(runtime):
+    with pytest.raises(InvalidInput, match=r"inputs\[1\]"):
+        runtime.embed_ids([[0, 5, 2], [0, 250048, 2]])
+    with pytest.raises(InvalidInput, match=r"inputs\[0\]"):
+        runtime.embed_ids([list(range(513))])
+
+
+def test_all_experts_bundle_agrees_with_routed(runtime, tiny_all_experts_bundle, batch_ids):
+    all_rt = Runtime(tiny_all_experts_bundle, threads=2)
+    assert np.abs(all_rt.embed_ids(batch_ids).embeddings
+                  - runtime.embed_ids(batch_ids).embeddings).max() <= 1e-4
+    ours, theirs = runtime.forward(batch_ids), all_rt.forward(batch_ids)
+    mask = ours.mask.astype(bool)
+    assert np.abs(ours.hidden[mask] - theirs.hidden[mask]).max() <= 1e-4
+
+
+def test_embedder_prefixes_task_and_matches_reference(embedder, reference):
+    out = embedder.embed(["tell me about embeddings"], "search_query")
+    ids = embedder.tokenizer.encode(["search_query: tell me about embeddings"], "none")
+    input_ids, mask = pad_batch(ids)
+    assert out.tokens == [len(ids[0])]
+    assert np.abs(out.vectors - reference.embed(input_ids, mask).numpy()).max() <= 1e-5
+    plain = embedder.embed(["tell me about embeddings"], "none").vectors
+    assert np.abs(plain - out.vectors).max() > 1e-3  # the prefix changes the vector
+
