@@ -70,7 +70,7 @@ class Runtime:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.config = self.bundle.config
         self.threads = init_thread_pool(threads)
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(1)  # the router is tiny; torch threads would fight ORT's pool
         g = self.bundle.graphs
         self.moe_layers = self.config.moe_layers
         if self.bundle.moe_mode == "routed":

@@ -1,0 +1,40 @@
+# moe-embed server image: `docker build -t REGISTRY/moe-embed:VERSION .`
+# The runtime stage runs `moe-embed serve`, the console script the test suite runs.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build: a virtualenv with CPU torch and the package (non-editable) ----
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CPU-only torch from PyTorch's CPU index (the default index would pull the CUDA build);
+# the version is pyproject.toml's pin.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY export ./export
+COPY workers ./workers
+COPY service ./service
+RUN pip install .
+
+# ---- runtime: the virtualenv only, as a non-root user ----
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 moe \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /cache moe \
+    && mkdir -p /cache \
+    && chown 10001:10001 /cache
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MOE_EMBED_CACHE_DIR=/cache \
+    HF_HOME=/cache/huggingface
+USER 10001:10001
+# Home is the cache: anything a library writes under ~ lands on the one writable volume.
+WORKDIR /cache
+# gRPC, Prometheus metrics.
+EXPOSE 50051 9090
+ENTRYPOINT ["moe-embed"]
+CMD ["serve"]

@@ -1,0 +1,110 @@
+{{/* Names, labels and the model wiring shared by the templates. */}}
+
+{{- define "moe-embed.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "moe-embed.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-embed.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "moe-embed.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moe-embed.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "moe-embed.labels" -}}
+helm.sh/chart: {{ include "moe-embed.chart" . }}
+{{ include "moe-embed.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "moe-embed.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "moe-embed.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-embed.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Where the model volume is mounted (hub and existingClaim sources). */}}
+{{- define "moe-embed.modelMountPath" -}}
+/models
+{{- end }}
+
+{{/* The hub bundle's directory name: a new id, revision or MoE mode gets a new export. */}}
+{{- define "moe-embed.hubBundleDir" -}}
+{{- $h := .Values.model.hub }}
+{{- printf "%s--%s--%s" $h.id (default "default" $h.revision) $h.moeMode | replace "/" "_" | replace ":" "_" }}
+{{- end }}
+
+{{/* MOE_EMBED_BUNDLE for the chosen source; empty for the demo model. */}}
+{{- define "moe-embed.bundlePath" -}}
+{{- if eq .Values.model.source "hub" }}
+{{- printf "%s/%s" (include "moe-embed.modelMountPath" .) (include "moe-embed.hubBundleDir" .) }}
+{{- else if eq .Values.model.source "existingClaim" }}
+{{- printf "%s/%s" (include "moe-embed.modelMountPath" .) (trimPrefix "/" .Values.model.existingClaim.bundlePath) }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-embed.hubClaimName" -}}
+{{- default (printf "%s-model" (include "moe-embed.fullname" .)) .Values.model.hub.persistence.existingClaim }}
+{{- end }}
+
+{{/* Name of the Secret holding the hub token; empty when no token is configured. */}}
+{{- define "moe-embed.hubTokenSecret" -}}
+{{- $t := .Values.model.hub.token }}
+{{- if $t.existingSecret }}
+{{- $t.existingSecret }}
+{{- else if $t.value }}
+{{- printf "%s-hub-token" (include "moe-embed.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render on values that would deploy something broken. */}}
+{{- define "moe-embed.validate" -}}
+{{- $src := .Values.model.source }}
+{{- if not (has $src (list "demo" "hub" "existingClaim")) }}
+{{- fail (printf "model.source must be demo, hub or existingClaim, not %q" $src) }}
+{{- end }}
+{{- if and (eq $src "existingClaim") (not .Values.model.existingClaim.claimName) }}
+{{- fail "model.existingClaim.claimName is required when model.source is existingClaim" }}
+{{- end }}
+{{- if and (eq $src "hub") (not .Values.model.hub.id) }}
+{{- fail "model.hub.id is required when model.source is hub" }}
+{{- end }}
+{{- if not (has .Values.model.hub.storage (list "emptyDir" "persistentVolumeClaim")) }}
+{{- fail (printf "model.hub.storage must be emptyDir or persistentVolumeClaim, not %q" .Values.model.hub.storage) }}
+{{- end }}
+{{- if not (has .Values.model.hub.moeMode (list "routed" "all-experts")) }}
+{{- fail (printf "model.hub.moeMode must be routed or all-experts, not %q" .Values.model.hub.moeMode) }}
+{{- end }}
+{{- $needed := add (int .Values.preStopSleepSeconds) (int .Values.server.drainGraceSeconds) }}
+{{- if le (int .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.drainGraceSeconds (%d)" (int .Values.terminationGracePeriodSeconds) $needed) }}
+{{- end }}
+{{- if eq (int .Values.server.port) (int .Values.metrics.port) }}
+{{- fail "server.port and metrics.port must differ" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- end }}

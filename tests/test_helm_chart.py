@@ -1,0 +1,722 @@
+"""The Helm chart and the container image, proven without a cluster.
+
+Every scenario is rendered with the real helm binary, linted, validated against the
+Kubernetes schemas (1.29 to the newest kubernetes-validate knows), and checked against what
+the server really reads: its config resolver parses the env the chart sets. The Dockerfile is
+checked against pyproject.toml and values.yaml so the image runs what the tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+import urllib.request
+from fnmatch import fnmatch
+from functools import cache
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import pytest
+import yaml
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helm_chart import (
+    CHART,
+    MISSING_HELM,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    Rendered,
+    default_values,
+    env_of,
+    helm_path,
+    leaf_keys,
+    mount_at,
+    render,
+    run_helm,
+)
+from helm_image import dockerfile_stages, last
+from kubernetes_validate.utils import all_versions
+
+from moe_embed.export.bundle import Bundle
+from moe_embed.service import config as serve_config
+from moe_embed.service.metrics import Metrics
+from moe_embed.v1 import embedder_pb2
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+OLDEST_KUBERNETES = (1, 29)
+
+# Custom resources have no schema in kubernetes-validate; each is checked by its own test.
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+HUB_PVC = {
+    "source": "hub",
+    "hub": {
+        "storage": "persistentVolumeClaim",
+        "revision": "refs/pr/7",
+        "moeMode": "all-experts",
+        "token": {"existingSecret": "hf-token", "secretKey": "token"},
+        "persistence": {"storageClass": "fast-rwx", "accessModes": ["ReadWriteMany"]},
+    },
+}
+
+# name -> values overrides. Default values use the embedded demo model.
+SCENARIOS: dict[str, dict] = {
+    "default": {},
+    "metrics-off": {"metrics": {"enabled": False}},
+    "hub-emptydir-public": {"model": {"source": "hub"}},
+    "hub-emptydir-token-value": {"model": {"source": "hub", "hub": {"token": {"value": "hf_x"}}}},
+    "hub-pvc-existing-secret": {"model": HUB_PVC},
+    "hub-into-existing-pvc": {
+        "model": {"source": "hub", "hub": {"storage": "persistentVolumeClaim",
+                                           "persistence": {"existingClaim": "shared-models"}}},
+    },
+    "existing-claim": {
+        "model": {"source": "existingClaim",
+                  "existingClaim": {"claimName": "moe-bundles", "bundlePath": "nomic/routed"}},
+    },
+    "headless-off": {"headless": {"enabled": False}},
+    "hpa": {"autoscaling": {"enabled": True}},
+    "hpa-queue-depth": {"autoscaling": {"enabled": True, "queueDepth": {"enabled": True}}},
+    "servicemonitor": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    },
+    "networkpolicy": {
+        "networkPolicy": {
+            "enabled": True,
+            "restrictEgress": True,
+            "grpcFrom": [{"podSelector": {"matchLabels": {"role": "search-api"}}}],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        },
+    },
+    "no-serviceaccount": {"serviceAccount": {"create": False}},
+    "custom-ports-explicit-workers": {
+        "server": {"port": 6000, "drainGraceSeconds": 45, "workers": 2, "threadsPerWorker": 3},
+        "metrics": {"port": 9100},
+        "service": {"port": 443},
+        "terminationGracePeriodSeconds": 60,
+        "preStopSleepSeconds": 0,
+    },
+    "everything": {
+        "model": HUB_PVC,
+        "server": {"port": 7000, "workers": 4},
+        "metrics": {"port": 9464, "serviceMonitor": {"enabled": True}},
+        "autoscaling": {"enabled": True, "queueDepth": {"enabled": True}},
+        "networkPolicy": {"enabled": True},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "extraEnv": [{"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}],
+        "nodeSelector": {"kubernetes.io/arch": "amd64"},
+        "tolerations": [{"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"}],
+        "podAnnotations": {"example.com/team": "search"},
+    },
+}
+
+
+def kubernetes_versions() -> list[str]:
+    """Every schema version kubernetes-validate ships from 1.29 on (none hard-coded)."""
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split("."))
+    return sorted({v for v in all_versions() if key(v)[:2] >= OLDEST_KUBERNETES}, key=key)
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    path = helm_path()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(MISSING_HELM.format(path=path), pytrace=False)
+    return path
+
+
+@cache
+def _render(helm: Path, scenario: str) -> Rendered:
+    return render(helm, SCENARIOS[scenario])
+
+
+@pytest.fixture(params=sorted(SCENARIOS))
+def rendered(request: pytest.FixtureRequest, helm: Path) -> Rendered:
+    return _render(helm, request.param)
+
+
+def all_containers(r: Rendered) -> list[dict]:
+    return r.init_containers + r.pod_spec["containers"]
+
+
+def resolve_server_config(env: dict) -> serve_config.ServeConfig:
+    """What `moe-embed serve` makes of the chart's environment (no flags), on a 2-core box."""
+    parser = argparse.ArgumentParser()
+    serve_config.add_arguments(parser, cores=2)
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    return serve_config.resolve(parser.parse_args([]), env=plain, cores=2)
+
+
+# ---- helm itself -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_helm_lint_strict(helm: Path, scenario: str) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(CHART), values=SCENARIOS[scenario])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_kubernetes_versions_cover_the_oldest_supported() -> None:
+    versions = kubernetes_versions()
+    assert versions[0] == "1.29.0", versions
+    assert len(versions) >= 2, "kubernetes-validate should know releases newer than 1.29"
+
+
+@pytest.mark.parametrize("version", kubernetes_versions())
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_manifests_match_kubernetes_schema(helm: Path, scenario: str, version: str) -> None:
+    r = _render(helm, scenario)
+    validated = 0
+    for manifest in r.manifests:
+        if (manifest["apiVersion"], manifest["kind"]) in CUSTOM_RESOURCES:
+            continue  # no core schema: test_servicemonitor_* checks it
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{manifest['kind']} {manifest['metadata']['name']} invalid on "
+                        f"Kubernetes {version}: {exc.message} at {list(exc.path)}")
+        validated += 1
+    assert validated >= 4  # Deployment, Services, ServiceAccount or PDB at the least
+
+
+def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
+    proc = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                    "--dry-run=client")
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    port = default_values()["service"]["port"]
+    assert "grpcurl" in notes
+    assert f"{RELEASE}-moe-embed.{NAMESPACE}.svc.cluster.local:{port}" in notes
+    assert "moe_embed.v1.Embedder/Embed" in notes
+    # the example request is one the server accepts: it parses against the real contract
+    body = re.search(r"-d '([^']*)'", notes).group(1)
+    request = json_format.Parse(body, embedder_pb2.EmbedRequest())
+    assert request.inputs and request.task != embedder_pb2.TASK_UNSPECIFIED
+    assert "round_robin" in notes and f"dns:///{RELEASE}-moe-embed-headless" in notes
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model": {"source": "s3"}}, "model.source must be demo, hub or existingClaim"),
+        ({"model": {"source": "existingClaim"}}, "model.existingClaim.claimName is required"),
+        ({"model": {"source": "hub", "hub": {"storage": "hostPath"}}}, "model.hub.storage"),
+        ({"model": {"source": "hub", "hub": {"moeMode": "dense"}}}, "model.hub.moeMode"),
+        ({"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20) must exceed"),
+        ({"metrics": {"port": 50051}}, "server.port and metrics.port must differ"),
+        ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
+         "serviceMonitor.enabled needs metrics.enabled"),
+    ],
+    ids=["bad-source", "claim-missing", "bad-storage", "bad-moe-mode", "short-grace",
+         "port-clash", "monitor-without-metrics"],
+)
+def test_bad_values_fail_the_render_with_a_clear_message(
+    helm: Path, overrides: dict, message: str
+) -> None:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), values=overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+# ---- the server reads what the chart sets ------------------------------------------------
+
+
+def test_ports_agree_across_values_env_container_and_probes(rendered: Rendered) -> None:
+    v, server = rendered.values, rendered.server
+    env = env_of(server)
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    config = resolve_server_config(env)
+
+    assert env["MOE_EMBED_PORT"] == str(v["server"]["port"])
+    assert config.port == ports["grpc"] == v["server"]["port"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == config.port, probe
+    if v["metrics"]["enabled"]:
+        assert env["MOE_EMBED_METRICS_PORT"] == str(v["metrics"]["port"])
+        assert config.metrics_port == ports["metrics"] == v["metrics"]["port"]
+    else:
+        assert config.metrics_port == 0 and "metrics" not in ports
+
+
+def test_server_accepts_the_chart_environment(rendered: Rendered) -> None:
+    env = env_of(rendered.server)
+    known = {s.env for s in serve_config.SETTINGS}
+    chart_settings = {k for k in env if k.startswith("MOE_EMBED_")}
+    assert chart_settings <= known, f"not serve settings: {chart_settings - known}"
+
+    v = rendered.values["server"]
+    config = resolve_server_config(env)
+    assert config.max_batch_tokens == v["maxBatchTokens"]
+    assert config.max_wait_ms == v["maxWaitMs"]
+    assert config.max_queue == v["maxQueue"]
+    assert config.max_inputs == v["maxInputs"]
+    assert config.max_message_bytes == v["maxMessageBytes"]
+    assert config.drain_grace_s == v["drainGraceSeconds"]
+    assert config.log_level == v["logLevel"]
+    assert config.cache_dir == rendered.values["cache"]["mountPath"]
+    if v["workers"] != "":
+        assert config.workers == v["workers"]
+    if v["threadsPerWorker"] != "":
+        assert config.threads_per_worker == v["threadsPerWorker"]
+
+
+def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
+    """With default values the pod runs with the same settings as a bare `moe-embed serve`
+    (except where the pod must differ: a writable cache dir)."""
+    chart = resolve_server_config(env_of(_render(helm, "default").server))
+    bare = resolve_server_config({})
+    for field in ("bundle", "host", "port", "metrics_port", "workers", "threads_per_worker",
+                  "max_batch_tokens", "max_wait_ms", "max_queue", "max_inputs",
+                  "max_message_bytes", "drain_grace_s", "log_level"):
+        assert getattr(chart, field) == getattr(bare, field), field
+
+
+def test_grace_period_outlasts_prestop_and_drain(rendered: Rendered) -> None:
+    server = rendered.server
+    drain = resolve_server_config(env_of(server)).drain_grace_s
+    pre_stop = 0
+    if "lifecycle" in server:
+        command = server["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        pre_stop = int(command[1])
+    assert rendered.pod_spec["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+def test_probes_use_grpc_health_and_startup_is_generous(rendered: Rendered) -> None:
+    server = rendered.server
+    assert server["readinessProbe"]["grpc"]["service"] == "moe_embed.v1.Embedder"
+    assert server["livenessProbe"]["grpc"]["service"] == ""
+    startup = server["startupProbe"]
+    assert "grpc" in startup
+    # model load, or the demo model's first build, may take minutes on a busy node
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    # the server reports NOT_SERVING while it drains: liveness must not kill it mid-drain
+    liveness = server["livenessProbe"]
+    drain = resolve_server_config(env_of(server)).drain_grace_s
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+
+
+# ---- security ----------------------------------------------------------------------------
+
+
+def test_pods_are_locked_down(rendered: Rendered) -> None:
+    spec = rendered.pod_spec
+    pod_sc = spec["securityContext"]
+    assert spec["automountServiceAccountToken"] is False
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    for c in all_containers(rendered):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True, c["name"]
+        assert sc.get("runAsUser", pod_sc["runAsUser"]) != 0, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile"))
+        assert seccomp == {"type": "RuntimeDefault"}, c["name"]
+    for account in rendered.of_kind("ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+        assert spec["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_writable_dirs_are_emptydirs(rendered: Rendered) -> None:
+    spec = rendered.pod_spec
+    for c in all_containers(rendered):
+        env = env_of(c)
+        for path in ("/tmp", env.get("MOE_EMBED_CACHE_DIR"), env.get("HF_HOME")):
+            if path is None:
+                continue
+            mount, volume = mount_at(spec, c, path)
+            assert not mount.get("readOnly"), (c["name"], path)
+            assert "emptyDir" in volume, (c["name"], path, volume)
+
+
+# ---- model provisioning ------------------------------------------------------------------
+
+
+def test_model_provisioning(rendered: Rendered) -> None:
+    source = rendered.values["model"]["source"]
+    {"demo": check_demo, "hub": check_hub, "existingClaim": check_existing_claim}[source](
+        rendered
+    )
+
+
+def check_demo(r: Rendered) -> None:
+    env = env_of(r.server)
+    assert "MOE_EMBED_BUNDLE" not in env and not r.init_containers
+    assert resolve_server_config(env).bundle == ""  # the embedded demo model
+    # the demo model is built at first start under the cache dir: it must be writable
+    mount, volume = mount_at(r.pod_spec, r.server, env["MOE_EMBED_CACHE_DIR"])
+    assert "emptyDir" in volume and not mount.get("readOnly")
+    assert not r.of_kind("PersistentVolumeClaim") and not r.of_kind("Secret")
+
+
+def check_hub(r: Rendered) -> None:
+    hub = r.values["model"]["hub"]
+    (init,) = r.init_containers
+    init_env, server_env = env_of(init), env_of(r.server)
+    assert init["image"] == r.server["image"]
+    assert init_env["HUB_MODEL_ID"] == hub["id"]
+    assert init_env["HUB_REVISION"] == hub["revision"]
+    assert init_env["MOE_MODE"] == hub["moeMode"]
+    assert 'moe-embed export "$HUB_MODEL_ID"' in init["args"][0]
+    assert init["resources"] == hub["resources"]
+
+    bundle = server_env["MOE_EMBED_BUNDLE"]
+    assert init_env["BUNDLE_DIR"] == bundle
+    init_mount, volume = mount_at(r.pod_spec, init, bundle)
+    server_mount, server_volume = mount_at(r.pod_spec, r.server, bundle)
+    assert volume is server_volume and volume["name"] == "model"
+    assert not init_mount.get("readOnly") and server_mount["readOnly"] is True
+    assert init_mount["mountPath"] == server_mount["mountPath"]
+
+    claims = r.of_kind("PersistentVolumeClaim")
+    if hub["storage"] == "emptyDir":
+        assert "emptyDir" in volume and not claims
+    elif hub["persistence"]["existingClaim"]:
+        assert volume["persistentVolumeClaim"]["claimName"] == hub["persistence"]["existingClaim"]
+        assert not claims
+    else:
+        (claim,) = claims
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert claim["spec"]["accessModes"] == hub["persistence"]["accessModes"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == hub["persistence"]["size"]
+
+    token, secrets = hub["token"], r.of_kind("Secret")
+    if token["existingSecret"]:
+        ref = init_env["HF_TOKEN"]["secretKeyRef"]
+        assert ref == {"name": token["existingSecret"], "key": token["secretKey"]}
+        assert not secrets
+    elif token["value"]:
+        (secret,) = secrets
+        ref = init_env["HF_TOKEN"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": token["secretKey"]}
+        assert secret["stringData"] == {token["secretKey"]: token["value"]}
+        assert "checksum/hub-token" in r.pod["metadata"]["annotations"]
+    else:
+        assert "HF_TOKEN" not in init_env and not secrets
+    assert "HF_TOKEN" not in server_env  # only the export talks to the hub
+
+
+def check_existing_claim(r: Rendered) -> None:
+    claim = r.values["model"]["existingClaim"]
+    env = env_of(r.server)
+    mount, volume = mount_at(r.pod_spec, r.server, env["MOE_EMBED_BUNDLE"])
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["claimName"], "readOnly": True}
+    assert mount["readOnly"] is True
+    assert env["MOE_EMBED_BUNDLE"] == f"{mount['mountPath']}/{claim['bundlePath']}"
+    assert not r.init_containers and not r.of_kind("PersistentVolumeClaim")
+
+
+def test_hub_bundle_dir_changes_with_what_is_exported(helm: Path) -> None:
+    """On a PVC, a new revision or MoE mode must export anew, not reuse the old bundle."""
+    dirs = {
+        env_of(render(helm, {"model": {"source": "hub", "hub": hub}}).server)["MOE_EMBED_BUNDLE"]
+        for hub in ({}, {"revision": "v2"}, {"moeMode": "all-experts"}, {"id": "org/other"})
+    }
+    assert len(dirs) == 4, dirs
+
+
+# ---- services, scaling, monitoring -------------------------------------------------------
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_services_route_to_the_server_ports(rendered: Rendered) -> None:
+    v = rendered.values
+    pod_labels = rendered.pod["metadata"]["labels"]
+    container_ports = {p["name"]: p["containerPort"] for p in rendered.server["ports"]}
+    services = {s["metadata"]["name"]: s for s in rendered.of_kind("Service")}
+    main = services.pop(f"{RELEASE}-moe-embed")
+    headless = services.pop(f"{RELEASE}-moe-embed-headless", None)
+    assert not services, f"unexpected Services {list(services)}"
+
+    for service in filter(None, (main, headless)):
+        assert selects(service["spec"]["selector"], pod_labels)
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in container_ports, port
+    main_ports = {p["name"]: p["port"] for p in main["spec"]["ports"]}
+    assert main["spec"]["type"] == v["service"]["type"]
+    assert main_ports["grpc"] == v["service"]["port"]
+    assert ("metrics" in main_ports) == v["metrics"]["enabled"]
+
+    assert (headless is not None) == v["headless"]["enabled"]
+    if headless:
+        assert headless["spec"]["clusterIP"] == "None"
+        assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {
+            "grpc": v["server"]["port"]  # clients dial pod IPs: the container port
+        }
+
+
+def test_replicas_or_autoscaler(rendered: Rendered) -> None:
+    a = rendered.values["autoscaling"]
+    deployment = rendered.one("Deployment")
+    hpas = rendered.of_kind("HorizontalPodAutoscaler")
+    if not a["enabled"]:
+        assert not hpas and deployment["spec"]["replicas"] == rendered.values["replicaCount"]
+        return
+    (hpa,) = hpas
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1", "Deployment", deployment["metadata"]["name"])
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
+        a["minReplicas"], a["maxReplicas"])
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    cpu = metrics["Resource"]["resource"]
+    assert cpu["name"] == "cpu"
+    assert cpu["target"]["averageUtilization"] == a["targetCPUUtilizationPercentage"]
+    assert ("Pods" in metrics) == a["queueDepth"]["enabled"]
+    if a["queueDepth"]["enabled"]:
+        assert metrics["Pods"]["pods"]["metric"]["name"] == a["queueDepth"]["metricName"]
+
+
+def test_disruption_budget_and_spread_select_the_pods(rendered: Rendered) -> None:
+    pod_labels = rendered.pod["metadata"]["labels"]
+    (pdb,) = rendered.of_kind("PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    assert pdb["spec"]["maxUnavailable"] == rendered.values["podDisruptionBudget"]["maxUnavailable"]
+    (spread,) = rendered.pod_spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert selects(spread["labelSelector"]["matchLabels"], pod_labels)
+
+
+def test_network_policy_opens_only_the_server_ports(rendered: Rendered) -> None:
+    n = rendered.values["networkPolicy"]
+    policies = rendered.of_kind("NetworkPolicy")
+    assert bool(policies) == n["enabled"]
+    if not policies:
+        return
+    (policy,) = policies
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], rendered.pod["metadata"]["labels"])
+    container_ports = {p["name"] for p in rendered.server["ports"]}
+    opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert opened == container_ports
+    by_port = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    assert by_port["grpc"].get("from", []) == n["grpcFrom"]
+    assert ("Egress" in policy["spec"]["policyTypes"]) == n["restrictEgress"]
+    if n["restrictEgress"]:
+        egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert {53, 443} <= egress_ports  # DNS, and HTTPS for the hub export
+
+
+def test_queue_depth_metric_is_a_gauge_the_server_exports() -> None:
+    """The HPA example scales on a metric the server really serves (via an adapter)."""
+    name = default_values()["autoscaling"]["queueDepth"]["metricName"]
+    families = {m.name: m.type for m in Metrics().registry.collect()}
+    assert families.get(name) == "gauge", f"{name} not among {sorted(families)}"
+
+
+DURATION = re.compile(r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$")  # the Prometheus Operator's form
+
+
+def test_servicemonitor_scrapes_the_metrics_port_once(rendered: Rendered) -> None:
+    """ServiceMonitor is a custom resource: checked here structurally, not by schema."""
+    m = rendered.values["metrics"]
+    monitors = rendered.of_kind("ServiceMonitor")
+    assert bool(monitors) == (m["enabled"] and m["serviceMonitor"]["enabled"])
+    if not monitors:
+        return
+    (monitor,) = monitors
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert selects(m["serviceMonitor"]["labels"], monitor["metadata"]["labels"])
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "endpoints"}
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert DURATION.match(endpoint["interval"]) and DURATION.match(endpoint["scrapeTimeout"])
+
+    scraped = [
+        s for s in rendered.of_kind("Service")
+        if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])
+        and any(p["name"] == endpoint["port"] for p in s["spec"]["ports"])
+    ]
+    assert len(scraped) == 1, "each pod must be scraped through exactly one Service"
+    (port,) = [p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["targetPort"] == "metrics"
+
+
+# ---- the init container's export script, run for real ------------------------------------
+
+
+def test_export_init_script_exports_once_and_reuses_the_bundle(
+    helm: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The rendered init script runs the real `moe-embed export` (on a local synthetic
+    checkpoint instead of a hub id) into a volume, then finds the bundle there next time."""
+    moe_embed = shutil.which("moe-embed", path=str(REPO / ".venv" / "bin")) or shutil.which(
+        "moe-embed")
+    assert moe_embed, "the moe-embed console script is not installed (pip install -e .)"
+    checkpoint = tiny_checkpoint
+
+    r = render(helm, {"model": {"source": "hub", "hub": {"id": str(checkpoint)}}})
+    (init,) = r.init_containers
+    env = {k: v for k, v in env_of(init).items() if isinstance(v, str)}
+    mount, _ = mount_at(r.pod_spec, init, env["BUNDLE_DIR"])
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env["BUNDLE_DIR"] = env["BUNDLE_DIR"].replace(mount["mountPath"], str(volume), 1)
+    env["MOE_EMBED_CACHE_DIR"] = env["HF_HOME"] = str(tmp_path / "cache")
+    env |= {"PATH": f"{Path(moe_embed).parent}:{os.environ['PATH']}", "HOSTNAME": "pod-a"}
+
+    def run_init() -> str:
+        proc = subprocess.run([*init["command"], init["args"][0]], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    assert "bundle exported" in run_init()
+    bundle = Path(env["BUNDLE_DIR"])
+    assert Bundle.load(bundle, verify=True).moe_mode == env["MOE_MODE"]
+    assert [p.name for p in volume.iterdir()] == [bundle.name]  # no partial dir left behind
+    before = (bundle / "manifest.json").stat().st_mtime_ns
+    assert "already exported" in run_init()
+    assert (bundle / "manifest.json").stat().st_mtime_ns == before
+
+
+# ---- the pod's command, run for real and probed like the kubelet ---------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pod_command_serves_health_and_metrics_on_the_chart_ports(
+    helm: Path, tmp_path: Path
+) -> None:
+    """The image's entrypoint with the container's args and env (demo model) answers the
+    gRPC probes on the probe port, serves /metrics, and drains within the grace period."""
+    r = render(helm, {"server": {"port": free_port()}, "metrics": {"port": free_port()}})
+    server = r.server
+    env = {k: v for k, v in env_of(server).items() if isinstance(v, str)}
+    env["MOE_EMBED_CACHE_DIR"] = str(tmp_path / "cache")  # the pod's emptyDir
+    env["HF_HOME"] = str(tmp_path / "cache" / "huggingface")
+    env |= {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    (entrypoint,) = json.loads(last(dockerfile_stages()[-1], "ENTRYPOINT"))
+    binary = shutil.which(entrypoint, path=str(REPO / ".venv" / "bin")) or entrypoint
+    log_path = tmp_path / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([binary, *server["args"]], env=env, stdout=log, stderr=log)
+
+    def check(probe: dict) -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{probe['grpc']['port']}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=probe["grpc"]["service"]),
+                timeout=probe["timeoutSeconds"])
+            return reply.status
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()}"
+            try:
+                if check(server["startupProbe"]) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "never became SERVING"
+            time.sleep(0.5)
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert check(server[probe]) == health_pb2.HealthCheckResponse.SERVING, probe
+        port = {p["name"]: p["containerPort"] for p in server["ports"]}["metrics"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert b"moe_embed_queue_depth" in reply.read()
+
+        proc.send_signal(signal.SIGTERM)  # after preStop: what the kubelet sends
+        grace = r.pod_spec["terminationGracePeriodSeconds"]
+        assert proc.wait(timeout=grace) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# ---- chart metadata and docs -------------------------------------------------------------
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == PYPROJECT["project"]["version"]
+
+
+def test_chart_readme_grpcurl_requests_match_the_contract() -> None:
+    bodies = re.findall(r"-d '([^']*)'", (CHART / "README.md").read_text())
+    assert bodies
+    for body in bodies:
+        request = json_format.Parse(body, embedder_pb2.EmbedRequest())
+        assert request.inputs and request.task != embedder_pb2.TASK_UNSPECIFIED, body
+
+
+def test_every_value_is_documented_in_the_chart_readme() -> None:
+    readme = (CHART / "README.md").read_text()
+    missing = [k for k in leaf_keys(default_values()) if f"`{k}`" not in readme]
+    assert not missing, f"values missing from helm/README.md: {missing}"
+
+
+# ---- the container image -----------------------------------------------------------------
+
+
+def test_image_runs_the_console_script_as_non_root() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "the Dockerfile should be multi-stage"
+    runtime = stages[-1]
+    uid = last(runtime, "USER").split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "USER must be a numeric non-root uid"
+    assert int(uid) == default_values()["podSecurityContext"]["runAsUser"]
+    entrypoint = json.loads(last(runtime, "ENTRYPOINT"))
+    assert entrypoint == ["moe-embed"] and "moe-embed" in PYPROJECT["project"]["scripts"]
+    assert json.loads(last(runtime, "CMD")) == ["serve"]
+
+
+def test_image_ports_and_cache_match_the_chart() -> None:
+    v = default_values()
+    runtime = dockerfile_stages()[-1]
+    exposed = {int(p.split("/")[0]) for _, rest in runtime if _ == "EXPOSE" for p in rest.split()}
+    assert exposed == {v["server"]["port"], v["metrics"]["port"]}
+    env = " ".join(rest for ins, rest in runtime if ins == "ENV")
+    assert f"MOE_EMBED_CACHE_DIR={v['cache']['mountPath']}" in env.split()
+
+
+def test_image_installs_the_tested_package_with_cpu_torch() -> None:
+    build = [rest for stage in dockerfile_stages()[:-1] for ins, rest in stage if ins == "RUN"]
+    (torch_pin,) = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch")]
+    torch_install = [r for r in build if "torch" in r]
+    assert torch_install and torch_pin.replace(" ", "") in shlex.split(torch_install[0])
+    assert "https://download.pytorch.org/whl/cpu" in torch_install[0]
+    package_installs = [shlex.split(r) for r in build if re.search(r"pip install .*\.$", r)]
+    assert package_installs and "-e" not in package_installs[0], "install the package, not -e"
+
+
+def test_image_copies_every_package_source_and_dockerignore_keeps_them() -> None:
+    copied = [
+        rest.split()[:-1] for stage in dockerfile_stages() for ins, rest in stage
+        if ins == "COPY" and not rest.startswith("--from")
+    ]
+    sources = [s.rstrip("/") for args in copied for s in args]
+    ignored = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    needed = ["pyproject.toml", PYPROJECT["project"]["readme"],
+              *PYPROJECT["tool"]["setuptools"]["package-dir"].values()]
+    for path in needed:
+        assert any(path == s or path.startswith(s + "/") for s in sources), f"{path} not copied"
+        assert not any(fnmatch(path, p) or path.startswith(p + "/") for p in ignored), (
+            f"{path} is excluded by .dockerignore")
