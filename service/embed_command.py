@@ -8,6 +8,7 @@ import sys
 
 from ..workers.errors import InvalidInput
 from ..workers.tokenizer import TASKS
+from .client import RemoteError
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -37,6 +38,9 @@ def _embed(args: argparse.Namespace) -> int:
     except InvalidInput as exc:
         print(f"moe-embed embed: {exc}", file=sys.stderr)
         return 2
+    except RemoteError as exc:
+        print(f"moe-embed embed: server {args.server}: {exc}", file=sys.stderr)
+        return 1
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -118,3 +118,15 @@ def test_embedder_prefixes_task_and_matches_reference(embedder, reference):
     plain = embedder.embed(["tell me about embeddings"], "none").vectors
     assert np.abs(plain - out.vectors).max() > 1e-3  # the prefix changes the vector
 
+
+
+def test_normalize_false_returns_the_raw_mean(runtime, batch_ids):
+    ids = batch_ids[:4]
+    r = runtime.forward(ids)
+    m = r.mask[..., None].astype(np.float32)
+    mean = (r.hidden * m).sum(1) / m.sum(1)
+    raw = runtime.embed_ids(ids, normalize=False).embeddings
+    assert np.abs(raw - mean).max() <= 1e-6
+    short = runtime.embed_ids(ids, 16, normalize=False).embeddings
+    assert np.abs(short - mean[:, :16]).max() <= 1e-6
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)

@@ -50,16 +50,18 @@ def pad_ids(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.n
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
-    """Mean over real tokens, L2-normalize, Matryoshka-truncate and re-normalize."""
+    """Mean over real tokens, then (normalize) L2-normalize, Matryoshka-truncate, re-normalize.
+
+    normalize=False returns the raw mean-pooled vector, truncated to `dimensions`.
+    """
     m = mask[..., None].astype(np.float32)
     pooled = (hidden * m).sum(axis=1) / m.sum(axis=1)
-    pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    if normalize:
+        pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
     if dimensions and dimensions < pooled.shape[1]:
         pooled = pooled[:, :dimensions]
         if normalize:
             pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
-    elif not normalize:
-        pass
     return np.ascontiguousarray(pooled, dtype=np.float32)
 
 

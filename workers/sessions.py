@@ -19,9 +19,10 @@ def default_threads() -> int:
 
 
 def init_thread_pool(threads: int | None = None) -> int:
-    """Size ORT's process-wide intra-op pool once; later calls must agree on the size."""
+    """Size ORT's process-wide intra-op pool once; later calls reuse it or must agree on it."""
     global _GLOBAL_POOL
-    threads = threads or default_threads()
+    if threads is None:
+        threads = _GLOBAL_POOL or default_threads()
     if _GLOBAL_POOL is None:
         # spinning threads burn the cores between the many small runs of a routed MoE forward
         ort.set_global_thread_pool_sizes(threads, 1)

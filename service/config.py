@@ -1,0 +1,185 @@
+"""`serve` configuration: every setting has a flag and an env var; flag > env > default.
+
+One table (SETTINGS) drives the argparse flags, their --help text and the resolution, so the
+flags, the environment variables the Helm chart sets and the documentation cannot disagree.
+Defaults that depend on the machine are computed from the cores this process may use
+(CPU affinity and the cgroup CPU quota, so a Kubernetes CPU limit counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def available_cores() -> int:
+    """Cores this process may run on: affinity, capped by a cgroup v2 CPU quota if any."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def default_workers(cores: int) -> int:
+    """One worker per 4 cores (1 on small machines): each worker holds a copy of the weights,
+    and a short text is memory-bound, so a few threads per worker beat many 1-thread workers."""
+    return max(1, cores // 4)
+
+
+def default_threads(cores: int, workers: int) -> int:
+    return max(1, cores // max(1, workers))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: str = ""
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    workers: int = 1
+    threads_per_worker: int = 1
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 2.0
+    max_queue: int = 4096
+    max_inputs: int = 256
+    max_message_bytes: int = 4 * 1024 * 1024
+    drain_grace_s: float = 20.0
+    cache_dir: str = "~/.cache/moe-embed"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": 0 <= self.port <= 65535,
+            "metrics_port": 0 <= self.metrics_port <= 65535,
+            "workers": self.workers >= 1,
+            "threads_per_worker": self.threads_per_worker >= 1,
+            "max_batch_tokens": self.max_batch_tokens >= 1,
+            "max_wait_ms": self.max_wait_ms >= 0,
+            "max_queue": self.max_queue >= 1,
+            "max_inputs": self.max_inputs >= 1,
+            "max_message_bytes": self.max_message_bytes >= 1024,
+            "drain_grace_s": self.drain_grace_s >= 0,
+            "log_level": self.log_level in LOG_LEVELS,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "invalid setting(s): "
+                + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            )
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # ServeConfig field
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("bundle", "--bundle", "MOE_EMBED_BUNDLE", str,
+            "exported bundle directory (empty: the embedded demo model, built on first run; "
+            "its vectors are not meaningful)", "DIR"),
+    Setting("host", "--host", "MOE_EMBED_HOST", str, "address to listen on", "HOST"),
+    Setting("port", "--port", "MOE_EMBED_PORT", int, "gRPC port (0: pick a free one)", "PORT"),
+    Setting("metrics_port", "--metrics-port", "MOE_EMBED_METRICS_PORT", int,
+            "Prometheus /metrics HTTP port (0 disables)", "PORT"),
+    Setting("workers", "--workers", "MOE_EMBED_WORKERS", int,
+            "worker processes, each with its own runtime and weights", "N"),
+    Setting("threads_per_worker", "--threads-per-worker", "MOE_EMBED_THREADS_PER_WORKER", int,
+            "ONNX Runtime / torch threads in each worker", "N"),
+    Setting("max_batch_tokens", "--max-batch-tokens", "MOE_EMBED_MAX_BATCH_TOKENS", int,
+            "token budget of one batch, counted with padding (longest input x inputs)", "N"),
+    Setting("max_wait_ms", "--max-wait-ms", "MOE_EMBED_MAX_WAIT_MS", float,
+            "longest a batch waits for companions before it is queued behind a busy worker "
+            "(an idle worker gets work at once)", "MS"),
+    Setting("max_queue", "--max-queue", "MOE_EMBED_MAX_QUEUE", int,
+            "inputs allowed to wait for a worker; past it requests get RESOURCE_EXHAUSTED", "N"),
+    Setting("max_inputs", "--max-inputs", "MOE_EMBED_MAX_INPUTS", int,
+            "inputs allowed in one request", "N"),
+    Setting("max_message_bytes", "--max-message-bytes", "MOE_EMBED_MAX_MESSAGE_BYTES", int,
+            "largest gRPC message received or sent", "BYTES"),
+    Setting("drain_grace_s", "--drain-grace-s", "MOE_EMBED_DRAIN_GRACE_S", float,
+            "on SIGTERM, seconds allowed for in-flight work to finish", "SECONDS"),
+    Setting("cache_dir", "--cache-dir", "MOE_EMBED_CACHE_DIR", str,
+            "where the demo model is built and cached", "DIR"),
+    Setting("log_level", "--log-level", "MOE_EMBED_LOG_LEVEL", str,
+            "log level: " + ", ".join(LOG_LEVELS), "LEVEL"),
+)
+
+
+def machine_defaults(cores: int | None = None) -> dict[str, Any]:
+    """Defaults of every setting on this machine (workers and threads from the cores)."""
+    cores = cores or available_cores()
+    defaults = {f.name: f.default for f in fields(ServeConfig)}
+    defaults["workers"] = default_workers(cores)
+    defaults["threads_per_worker"] = default_threads(cores, defaults["workers"])
+    return defaults
+
+
+def add_arguments(parser: argparse.ArgumentParser, cores: int | None = None) -> None:
+    """Register every setting as a flag whose help names its env var and default."""
+    defaults = machine_defaults(cores)
+    cores = cores or available_cores()
+    for s in SETTINGS:
+        default = defaults[s.name]
+        if s.name == "workers":
+            shown = f"{default}: one per 4 of the {cores} cores, at least 1"
+        elif s.name == "threads_per_worker":
+            shown = f"{default}: cores // workers"
+        elif s.name == "bundle":
+            shown = "empty"
+        elif isinstance(default, float):
+            shown = f"{default:g}"
+        else:
+            shown = str(default)
+        parser.add_argument(
+            s.flag,
+            dest=s.name,
+            default=None,
+            metavar=s.metavar,
+            help=f"{s.help} [env {s.env}; default {shown}]",
+        )
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None,
+            cores: int | None = None) -> ServeConfig:
+    """Flag wins over env, env over the machine default. Raises ValueError naming the source
+    of a bad value."""
+    env = os.environ if env is None else env
+    values = machine_defaults(cores)
+    explicit = set()
+    for s in SETTINGS:
+        raw, source = getattr(args, s.name, None), s.flag
+        if raw is None and env.get(s.env, "") != "":
+            raw, source = env[s.env], s.env
+        if raw is None:
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except ValueError:
+            raise ValueError(f"{source}: cannot parse {raw!r} as {s.parse.__name__}") from None
+        explicit.add(s.name)
+    if "workers" in explicit and "threads_per_worker" not in explicit:
+        values["threads_per_worker"] = default_threads(cores or available_cores(),
+                                                       values["workers"])
+    return ServeConfig(**values)

@@ -1,0 +1,327 @@
+"""The gRPC server: a thin adapter from protobuf to the engine, plus health, reflection,
+metrics and the drain on SIGTERM.
+
+Health (overall "" and "moe_embed.v1.Embedder") is NOT_SERVING until every worker has loaded,
+SERVING after, and NOT_SERVING again from the moment a drain starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from ..v1 import embedder_pb2 as pb
+from ..v1 import embedder_pb2_grpc as pb_grpc
+from . import errors
+from .config import ServeConfig
+from .engine import EmbedOutcome, Engine
+from .errors import ServiceError
+from .logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
+from .metrics import Metrics
+from .pool import WorkerStartError
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
+HEALTH_SERVICES = ("", SERVICE_NAME)
+LAME_DUCK_S = 0.5  # after a drain, refusing new work before the port closes
+FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
+STREAM_WINDOW = 512  # requests in flight per stream; past it the stream is read no further
+TASK_NAMES = {
+    pb.TASK_NONE: "none",
+    pb.TASK_SEARCH_QUERY: "search_query",
+    pb.TASK_SEARCH_DOCUMENT: "search_document",
+    pb.TASK_CLASSIFICATION: "classification",
+    pb.TASK_CLUSTERING: "clustering",
+}
+
+log = structlog.get_logger("moe_embed.server")
+_DONE = object()
+
+
+def task_name(task: int) -> str:
+    name = TASK_NAMES.get(task)
+    if name is not None:
+        return name
+    choices = ", ".join(pb.Task.Name(t) for t in TASK_NAMES)
+    if task == pb.TASK_UNSPECIFIED:
+        raise errors.invalid_argument("task", f"is required: one of {choices}")
+    raise errors.invalid_argument("task", f"unknown value {task}; expected one of {choices}")
+
+
+def to_response(request_id: str, model: str, out: EmbedOutcome) -> pb.EmbedResponse:
+    resp = pb.EmbedResponse(
+        id=request_id, token_counts=out.token_counts, total_tokens=sum(out.token_counts),
+        dimensions=out.dimensions, model=model,
+        timing=pb.Timing(queue_ms=out.queue_ms, compute_ms=out.compute_ms,
+                         total_ms=out.total_ms))
+    for vector in out.vectors:
+        resp.embeddings.add().values.extend(vector.tolist())
+    return resp
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+class EmbedderServicer(pb_grpc.EmbedderServicer):
+    """Protobuf in, engine call, protobuf out; errors become statuses via errors.py."""
+
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model = engine.bundle.model_id
+
+    async def _embed(self, request: pb.EmbedRequest,
+                     timeout_s: float | None) -> pb.EmbedResponse:
+        out = await self.engine.embed(
+            list(request.inputs), task_name(request.task), request.dimensions,
+            truncate=request.truncate if request.HasField("truncate") else True,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            timeout_s=timeout_s)
+        return to_response(request.id, self.model, out)
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> str:
+        request_id = request_id_from(context.invocation_metadata())
+        bind_request_id(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        return request_id
+
+    async def Embed(self, request: pb.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        start = time.perf_counter()
+        self._begin(context)
+        code = "OK"
+        try:
+            resp = await self._embed(request, context.time_remaining())
+            log.debug("request_done", method="Embed", inputs=len(request.inputs),
+                      tokens=resp.total_tokens, total_ms=round(resp.timing.total_ms, 3))
+            return resp
+        except ServiceError as exc:
+            code = exc.code.name
+            log.info("request_failed", method="Embed", code=code, error=exc.message)
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            code = _cancel_code(context)
+            raise
+        finally:
+            self.metrics.observe_request("Embed", code, time.perf_counter() - start)
+
+    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
+        self._begin(context)
+        out: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        tasks: set[asyncio.Task] = set()
+        counts = {"requests": 0, "errors": 0}
+
+        async def one(request: pb.EmbedRequest) -> None:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                resp = await self._embed(request, None)
+            except Exception as exc:  # reported in this response; the stream goes on
+                err = errors.to_service_error(exc)
+                code = err.code.name
+                counts["errors"] += 1
+                resp = pb.EmbedResponse(id=request.id, error=pb.Error(
+                    code=errors.status_number(err.code), message=err.message))
+            finally:
+                window.release()
+                self.metrics.observe_request("EmbedStream", code, time.perf_counter() - start)
+            out.put_nowait(resp)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    counts["requests"] += 1
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                out.put_nowait(_DONE)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not _DONE:
+                yield item
+            await reader
+            log.info("stream_closed", requests=counts["requests"], errors=counts["errors"])
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        start = time.perf_counter()
+        self._begin(context)
+        code = "OK"
+        try:
+            pairs = self.engine.tokenize(list(request.inputs), task_name(request.task))
+            return pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
+                                               for ids, pieces in pairs])
+        except ServiceError as exc:
+            code = exc.code.name
+            await context.abort(exc.code, exc.message)
+        finally:
+            self.metrics.observe_request("Tokenize", code, time.perf_counter() - start)
+
+    async def Info(self, request: pb.InfoRequest,
+                   context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        start = time.perf_counter()
+        try:
+            return pb.InfoResponse(version=package_version(), **self.engine.info())
+        finally:
+            self.metrics.observe_request("Info", "OK", time.perf_counter() - start)
+
+
+@functools.cache
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe-embed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class EmbedServer:
+    """One running service: gRPC server, engine (workers), health, metrics endpoint."""
+
+    def __init__(self, config: ServeConfig, bundle_path: str | Path) -> None:
+        self.config = config
+        self.bundle_path = Path(bundle_path)
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.engine: Engine | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stop_metrics = None
+        self._drained: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Listen at once (health NOT_SERVING), then load the workers (health SERVING)."""
+        await self.listen()
+        await self.load()
+
+    async def listen(self) -> int:
+        """Open the gRPC and metrics ports; Embed answers UNAVAILABLE until `load` is done."""
+        cfg = self.config
+        self._drained = asyncio.Event()
+        self.engine = Engine(cfg, self.bundle_path, self.metrics)
+        server = self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderServicer(self.engine, self.metrics),
+                                               server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ), server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        await server.start()
+        if cfg.metrics_port:
+            self._stop_metrics = self.metrics.serve(cfg.metrics_port, cfg.host)
+            self.metrics_port = cfg.metrics_port
+        info = self.engine.info()
+        log.info("listening", host=cfg.host, port=self.port, metrics_port=cfg.metrics_port,
+                 model_id=info["model_id"], bundle=str(self.bundle_path),
+                 workers=cfg.workers, threads_per_worker=cfg.threads_per_worker)
+        return self.port
+
+    async def load(self) -> None:
+        """Start the workers and wait for every one to load; then health is SERVING."""
+        assert self.engine is not None
+        try:
+            await self.engine.start()
+        except BaseException:
+            await self._shutdown(grace_s=0)
+            raise
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", workers=self.engine.pool.ready_count)
+
+    async def _set_health(self, status: int) -> None:
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, status)
+
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """Health NOT_SERVING, refuse new work, let admitted work finish within the grace,
+        then stop. Returns whether everything admitted finished in time."""
+        grace_s = self.config.drain_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
+        await self.health.enter_graceful_shutdown()
+        finished = True
+        if self.engine is not None:
+            self.engine.begin_drain()
+            log.info("draining", grace_s=grace_s)
+            finished = await self.engine.wait_idle(grace_s)
+        # Admitted work is done. Lame duck: go on refusing new work with UNAVAILABLE for a
+        # moment, so clients that race the stop hear "retry elsewhere" rather than CANCELLED.
+        await asyncio.sleep(min(LAME_DUCK_S, max(0.0, deadline - time.monotonic())))
+        # what is left: idle streams and health watchers
+        await self._shutdown(min(FINAL_GRACE_S, max(0.0, deadline - time.monotonic())))
+        log.info("stopped", finished_in_grace=finished)
+        return finished
+
+    async def _shutdown(self, grace_s: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self.engine is not None:
+            await self.engine.close()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+            self._stop_metrics = None
+        if self._drained is not None:
+            self._drained.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._drained is not None
+        await self._drained.wait()
+
+
+async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Exit status: 0 after a drain, 1 if the workers
+    could not start."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = EmbedServer(config, bundle_path)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        stopping.cancel()
+        exc = starting.exception()
+        log.error("start_failed", error=str(exc))
+        return 1 if isinstance(exc, WorkerStartError | OSError) else 2
+    await stopping
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("stopped_while_starting")
+        await server._shutdown(0)
+        return 0
+    await server.drain()
+    return 0

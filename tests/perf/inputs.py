@@ -1,0 +1,104 @@
+"""The benchmark inputs, built once so every peer sees exactly the same token ids.
+
+W1 and the short requests of W4/W5 are texts of tests/data/multilingual.json; W2 is random ids
+in the XLM-R range; W3 is a corpus of real-tokenizer texts whose lengths spread log-uniformly
+over 8..512 tokens, built from the multilingual words so the service (which takes texts) and
+the in-process peers (which take ids) compute the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moe_embed.workers.tokenizer import Tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual.json"
+BOS, EOS, FIRST_PIECE, LAST_PIECE = 0, 2, 4, 250001  # XLM-R: 0..3 are specials, 250002 real ids
+SHORT_MAX_TOKENS = 32
+
+
+@dataclass
+class TextSet:
+    """Texts, the task they are embedded with, and their token ids under that task."""
+
+    texts: list[str]
+    task: str
+    ids: list[list[int]]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def batches(self, budget: int) -> list[list[int]]:
+        return token_budget_batches(self.ids, budget)
+
+
+def multilingual_texts() -> list[str]:
+    return json.loads(DATA.read_text())
+
+
+def w1_set(tok: Tokenizer, limit: int | None = None) -> TextSet:
+    """W1: the fixed multilingual set, one text at a time, task search_query."""
+    texts = multilingual_texts()[:limit]
+    return TextSet(texts, "search_query", tok.encode(texts, "search_query"))
+
+
+def short_set(tok: Tokenizer) -> TextSet:
+    """The short requests of W4/W5: multilingual texts of at most 32 tokens as queries."""
+    texts = multilingual_texts()
+    ids = tok.encode(texts, "search_query")
+    keep = [i for i, x in enumerate(ids) if len(x) <= SHORT_MAX_TOKENS]
+    return TextSet([texts[i] for i in keep], "search_query", [ids[i] for i in keep])
+
+
+def w2_batch(batch: int = 32, length: int = 128, seed: int = 0) -> list[list[int]]:
+    """W2: `batch` rows of `<s>` + random piece ids + `</s>`, `length` ids each."""
+    rng = np.random.default_rng(seed)
+    body = rng.integers(FIRST_PIECE, LAST_PIECE + 1, size=(batch, length - 2))
+    return [[BOS, *map(int, row), EOS] for row in body]
+
+
+def w3_corpus(tok: Tokenizer, n: int = 256, lo: int = 8, hi: int = 512, seed: int = 0) -> TextSet:
+    """W3: `n` texts with log-uniform target lengths in [lo, hi] tokens (task none).
+
+    Words are drawn from the multilingual set; XLM-R's pre-tokenizer splits on spaces, so a
+    text's length is close to the sum of its words' lengths. The ids are the real encoding
+    of the finished text (truncated to the model's 512 like the service does).
+    """
+    rng = np.random.default_rng(seed)
+    words = sorted({w for t in multilingual_texts() for w in t.split()})
+    word_len = [len(x) - 2 for x in tok.encode(words, "none")]
+    targets = np.exp(rng.uniform(math.log(lo), math.log(hi), size=n)).round().astype(int)
+    texts = []
+    for target in targets:
+        parts, count = [], 2
+        while count < target:
+            j = int(rng.integers(len(words)))
+            parts.append(words[j])
+            count += word_len[j]
+        texts.append(" ".join(parts))
+    return TextSet(texts, "none", tok.encode(texts, "none"))
+
+
+def token_budget_batches(ids: list[list[int]], budget: int) -> list[list[int]]:
+    """Indices of `ids` sorted by length and cut into batches of <= `budget` padded tokens."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and len(ids[i]) * (len(current) + 1) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,117 @@
+"""This machine, measured in the same run: sgemm peak, streaming read bandwidth, load, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("moe-embed", "torch", "onnxruntime", "onnx", "numpy", "grpcio", "tokenizers",
+            "protobuf", "matplotlib", "psutil")
+
+
+def load_average() -> dict:
+    one, five, fifteen = os.getloadavg()
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"1m": one, "5m": five, "15m": fifteen, "uptime": uptime,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def info() -> dict:
+    """Hardware, software versions and the git commit this run measured."""
+    import psutil
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = version(p)
+        except PackageNotFoundError:
+            versions[p] = None
+    return {
+        "cpu": cpu, "cores_logical": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def _best(fn, reps: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _ort_matmul_session(n: int, threads: int):
+    """A one-node ONNX MatMul [n,n] @ const [n,n] on the process's shared ORT pool."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moe_embed.workers.sessions import create_session
+
+    b = numpy_helper.from_array(np.random.default_rng(1).standard_normal((n, n), np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "sgemm.onnx"
+        onnx.save(model, str(path))
+        return create_session(path, threads)
+
+
+def sgemm_peak(threads: int, n: int = 2048, reps: int = 5) -> dict:
+    """Best GFLOPS of an fp32 n^3 matmul in numpy, torch and ONNX Runtime with `threads`."""
+    flops = 2.0 * n**3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), np.float32)
+    b = rng.standard_normal((n, n), np.float32)
+    out = {}
+    out["numpy"] = flops / _best(lambda: a @ b, reps) / 1e9
+    torch.set_num_threads(threads)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out["torch"] = flops / _best(lambda: ta @ tb, reps) / 1e9
+    sess = _ort_matmul_session(n, threads)
+    out["onnxruntime"] = flops / _best(lambda: sess.run(None, {"A": a}), reps) / 1e9
+    return {"n": n, "threads": threads, "gflops": out, "peak_gflops": max(out.values())}
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> dict:
+    """Best GB/s of summing a `gib` GiB fp32 array with torch on `threads` threads."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    nbytes = x.numel() * 4
+    best = _best(x.sum, reps)
+    del x
+    return {"bytes": nbytes, "threads": threads, "gb_per_s": nbytes / best / 1e9}

@@ -1,0 +1,54 @@
+"""serve's configuration: flag > env > default, defaults from the cores, --help says it all."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from moe_embed.service import config
+from moe_embed.service.cli import build_parser
+
+
+def _parse(argv: list[str], cores: int = 2) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, cores)
+    return parser.parse_args(argv)
+
+
+def test_defaults_follow_the_table_and_the_core_count() -> None:
+    cfg = config.resolve(_parse([]), env={}, cores=2)
+    assert (cfg.bundle, cfg.host, cfg.port, cfg.metrics_port) == ("", "0.0.0.0", 50051, 9090)
+    assert (cfg.workers, cfg.threads_per_worker) == (1, 2)
+    assert (cfg.max_batch_tokens, cfg.max_wait_ms, cfg.max_queue, cfg.max_inputs) == \
+        (8192, 2.0, 4096, 256)
+    assert (cfg.max_message_bytes, cfg.drain_grace_s, cfg.log_level) == (4194304, 20.0, "info")
+    big = config.resolve(_parse([], 16), env={}, cores=16)
+    assert (big.workers, big.threads_per_worker) == (4, 4)
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"MOE_EMBED_PORT": "6000", "MOE_EMBED_WORKERS": "3", "MOE_EMBED_MAX_WAIT_MS": "0.5"}
+    cfg = config.resolve(_parse(["--port", "7000"]), env=env, cores=8)
+    assert cfg.port == 7000  # flag
+    assert cfg.workers == 3 and cfg.max_wait_ms == 0.5  # env
+    assert cfg.threads_per_worker == 8 // 3  # follows the chosen worker count
+    assert cfg.max_queue == 4096  # default
+
+
+def test_bad_values_name_their_source() -> None:
+    with pytest.raises(ValueError, match="MOE_EMBED_PORT"):
+        config.resolve(_parse([]), env={"MOE_EMBED_PORT": "eighty"})
+    with pytest.raises(ValueError, match="--workers"):
+        config.resolve(_parse(["--workers", "many"]), env={})
+    with pytest.raises(ValueError, match="workers=0"):
+        config.resolve(_parse(["--workers", "0"]), env={})
+
+
+def test_help_documents_every_flag_with_env_and_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in config.SETTINGS:
+        assert s.flag in text and f"env {s.env};" in text, s.flag
+    assert text.count("default") >= len(config.SETTINGS)
