@@ -25,6 +25,14 @@ def load_average() -> dict:
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM: the most resident memory the process has had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
+    return 0.0
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
@@ -104,7 +112,8 @@ def sgemm_peak(threads: int, n: int = 2048, reps: int = 5) -> dict:
     out["torch"] = flops / _best(lambda: ta @ tb, reps) / 1e9
     sess = _ort_matmul_session(n, threads)
     out["onnxruntime"] = flops / _best(lambda: sess.run(None, {"A": a}), reps) / 1e9
-    return {"n": n, "threads": threads, "gflops": out, "peak_gflops": max(out.values())}
+    return {"n": n, "threads": threads, "gflops_by_library": out,
+            "peak_gflops": max(out.values())}
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> dict:

@@ -71,7 +71,7 @@ def _machine(res: dict) -> list[str]:
     for when in ("start", "end"):
         s, b = mach.get(f"sgemm_{when}"), mach.get(f"bandwidth_{when}")
         if s:
-            g = s["gflops"]
+            g = s["gflops_by_library"]
             rows.append([f"sgemm, fp32 {s['n']}^3 matmul ({when})", _n(s["peak_gflops"]),
                          f"best of numpy {_n(g['numpy'])}, torch {_n(g['torch'])}, "
                          f"ONNX Runtime {_n(g['onnxruntime'])} GFLOPS"])
@@ -92,10 +92,12 @@ def _w1(res: dict) -> list[str]:
              _n(r["latency"]["p90_ms"]), _n(r.get("gflops")), _pct(r.get("frac_sgemm_peak")),
              _n(r.get("weight_gb_per_s")), _pct(r.get("frac_bandwidth")), str(r["passes"])]
             for p, r in _peers(sec)]
-    c = next((r["cost"] for _, r in _peers(sec)), None)
+    r0 = next((r for _, r in _peers(sec)), None)
+    c = r0 and r0["cost"]
     note = (f"Per pass: {c['tokens']} tokens, {_n(c['gflop'])} GFLOP of useful work and "
-            f"{_n(c['weight_gb'], 2)} GB of weights touched ({c['experts_touched']} expert "
-            "calls that got at least one token).") if c else ""
+            f"{_n(c['weight_gb'], 2)} GB of weights touched: the texts reached "
+            f"{c['experts_touched']} of their {r0['expert_slots']} (text, MoE layer, expert) "
+            f"slots; routing: {r0.get('routing', 'taken by the routed runtime')}.") if c else ""
     return ([f"## W1: one text at a time ({inp['texts']} multilingual texts, "
              f"{inp['tokens']} tokens, {inp['min']}..{inp['max']} per text, search_query)", ""]
             + _table(["peer", "tokens/s", "p50 ms", "p90 ms", "GFLOPS", "of sgemm peak",
@@ -140,10 +142,16 @@ def _rss(res: dict) -> list[str]:
     rss = res.get("RSS")
     if not rss:
         return []
-    rows = [[layout, p["role"], str(p["pid"]), _n(p["rss_mb"], 0), _n(p["peak_rss_mb"], 0)]
+    at_ready = {layout: {p["pid"]: p["rss_mb"] for p in v.get("memory", [])}
+                for layout, v in res.get("service_start", {}).items()}
+    rows = [[layout, p["role"], str(p["pid"]), _n(at_ready.get(layout, {}).get(p["pid"]), 0),
+             _n(p["rss_mb"], 0), _n(p["peak_rss_mb"], 0)]
             for layout, procs in rss.items() for p in procs]
-    return (["## Peak RSS per process (after the W3 load through the service)", ""]
-            + _table(["workers x threads", "process", "pid", "RSS MB", "peak RSS MB"], rows))
+    return (["## Memory per process of the service", ""]
+            + _table(["workers x threads", "process", "pid", "RSS MB when ready",
+                      "RSS MB after the W3 load", "peak RSS MB (VmHWM)"], rows)
+            + [f"The benchmark process itself (in-process peers, one at a time) peaked at "
+               f"{_n(res['meta'].get('harness_peak_rss_mb'), 0)} MB.", ""])
 
 
 def _footer(res: dict, json_rel: str) -> list[str]:

@@ -120,10 +120,12 @@ def _service(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder, out
     for tag, workers, threads in layouts:
         name = f"{workers}x{threads}"
         log(f"starting moe-embed serve: {workers} worker(s) x {threads} thread(s)")
-        server = Server(art.routed.path, workers, threads, out / f"serve-{name}.log")
+        (out / "logs").mkdir(exist_ok=True)
+        server = Server(art.routed.path, workers, threads, out / "logs" / f"serve-{name}.log")
         try:
             ready = server.wait_serving()
-            rec.results.setdefault("service_start", {})[name] = {"ready_s": ready}
+            rec.results.setdefault("service_start", {})[name] = {"ready_s": ready,
+                                                                 "memory": server.memory()}
             _service_workloads(tag, name, todo, server, ctx, rec)
         except Exception as exc:
             traceback.print_exc()
@@ -175,7 +177,9 @@ def _measure_machine(args, plan, rec: Recorder, when: str) -> None:
     if bw:
         m["bandwidth_gb_per_s"] = rec.bandwidth_gbs = max(rec.bandwidth_gbs or 0,
                                                           bw["gb_per_s"])
-    log(f"machine ({when}): sgemm {sgemm and sgemm['gflops']}, read {bw and bw['gb_per_s']} GB/s")
+    if sgemm and bw:
+        lib = ", ".join(f"{k} {v:.0f}" for k, v in sgemm["gflops_by_library"].items())
+        log(f"machine ({when}): sgemm GFLOPS {lib}; read {bw['gb_per_s']:.1f} GB/s")
 
 
 def run(args: argparse.Namespace, default_out: Path) -> int:
@@ -210,7 +214,10 @@ def run(args: argparse.Namespace, default_out: Path) -> int:
     wl.add_fractions(results, rec.peak_gflops, rec.bandwidth_gbs)
     load_end = machine.load_average()
     results["meta"].update(load_end=load_end, wall_s=time.perf_counter() - t0,
-                           finished=load_end["at"])
+                           finished=load_end["at"],
+                           harness_peak_rss_mb=machine.peak_rss_mb())
+    results["routing"] = {w: {str(i): e for i, e in calls.items()}
+                          for w, calls in ctx.routing.items()}  # expert_tokens per call
     results["targets"] = [{**dataclasses.asdict(t), "verdict": t.verdict}
                           for t in evaluate(results)]
     json_path = out / "bench.json"

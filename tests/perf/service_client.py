@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from machine import peak_rss_mb
 
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
@@ -91,7 +92,7 @@ class Server:
                 role = ("frontend" if p.pid == root.pid else
                         "resource_tracker" if "resource_tracker" in cmd else "worker")
                 out.append({"pid": p.pid, "role": role, "rss_mb": p.memory_info().rss / 2**20,
-                            "peak_rss_mb": _vm_hwm_kb(p.pid) / 1024})
+                            "peak_rss_mb": peak_rss_mb(p.pid)})
             except psutil.Error:
                 continue
         return out
@@ -106,13 +107,6 @@ class Server:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
-
-
-def _vm_hwm_kb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1])
-    return 0.0
 
 
 def _check(resp: pb.EmbedResponse, expect_tokens: int | None) -> int:

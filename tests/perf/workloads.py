@@ -66,7 +66,10 @@ def _w1_result(ctx: Context, peer: str, passes: list[list[float]], with_cost: bo
     out = {"peer": peer, "texts": len(ids), "passes": len(passes), "pass_s": pass_s,
            "median_pass_s": median(pass_s), "latency": summary_ms([t for p in passes for t in p]),
            "per_text_p50_ms": per_text, "per_text_tokens": ctx.w1.lengths,
-           "cost": _cost_dict(total), "samples_s": passes}
+           "cost": _cost_dict(total), "samples_s": passes,
+           "expert_slots": len(ids) * len(ctx.cfg.moe_layers) * ctx.cfg.num_experts,
+           "routing": "taken by the routed runtime" if len(ctx.routing.get("W1", {})) == len(ids)
+           else "upper bound: every expert touched (the routed runtime did not run)"}
     out.update(ctx.rates(total, median(pass_s), with_bytes=with_cost))
     return out
 
