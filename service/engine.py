@@ -17,6 +17,8 @@ import structlog
 
 from ..export.bundle import Bundle
 from ..workers import protocol
+from ..workers.dimensions import resolve_dimensions
+from ..workers.errors import InvalidInput
 from ..workers.tokenizer import TASKS, Tokenizer
 from . import errors
 from .batcher import Batch, Batcher, Job
@@ -106,15 +108,11 @@ class Engine:
                                           + ", ".join(TASKS))
 
     def check_dimensions(self, dimensions: int) -> int:
-        """The output size for `dimensions` (0 = full)."""
-        lo, hi = self.bundle.dims_min, self.bundle.dims_max
-        if dimensions == 0:
-            return hi
-        if not lo <= dimensions <= hi:
-            raise errors.invalid_argument(
-                "dimensions", f"{dimensions} is outside the supported range {lo}..{hi} "
-                f"(0 = full {hi})")
-        return dimensions
+        """The output size for `dimensions` (0 = full), by the runtime's own rule."""
+        try:
+            return resolve_dimensions(self.bundle, dimensions)
+        except InvalidInput as exc:
+            raise errors.to_service_error(exc) from exc
 
     async def _encode(self, inputs: Sequence[str], task: str,
                       truncate: bool) -> list[list[int]]:

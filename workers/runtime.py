@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..export.bundle import Bundle
+from .dimensions import resolve_dimensions
 from .errors import InvalidInput
 from .router import Router
 from .sessions import create_session, init_thread_pool
@@ -87,13 +88,7 @@ class Runtime:
             self.model = create_session(self.bundle.file(g["model"]), self.threads)
 
     def check_dimensions(self, dimensions: int) -> int:
-        lo, hi = self.bundle.dims_min, self.bundle.dims_max
-        if dimensions == 0:
-            return hi
-        if not lo <= dimensions <= hi:
-            raise InvalidInput("dimensions", f"{dimensions} is outside the supported range "
-                               f"{lo}..{hi} (0 = full {hi})")
-        return dimensions
+        return resolve_dimensions(self.bundle, dimensions)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], dimensions: int = 0,
                   normalize: bool = True) -> EmbedResult:
