@@ -16,7 +16,7 @@ from typing import Any
 from .config import ModelConfig
 
 FORMAT = "moe-embed-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: routed segments take packed [N, H] hidden states
 MANIFEST = "manifest.json"
 
 

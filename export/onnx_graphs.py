@@ -87,24 +87,38 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
 
 @dataclass
 class _Shared:
-    """Per-graph values every attention layer reuses: key bias and rotary tables for this S."""
+    """Per-graph values every attention layer reuses: key bias and rotary tables for this S.
+
+    In the packed layout (routed segments) the hidden states are [N, H], real tokens only, so
+    no linear layer ever computes a padding row; attention alone gathers them into [B, S]:
+    `pad_index` [B*S] names the packed row of every padded slot (padding slots point at any
+    real row; their keys are masked and their outputs dropped) and `unpad_index` [N] the
+    padded slot of every packed row.
+    """
 
     key_bias: str
     cos: str
     sin: str
+    pad_index: str | None = None
+    unpad_index: str | None = None
+    qkv_shape: str | None = None  # [B, S, 3, nh, hd], packed layout only
 
 
-def _shared_inputs(g: GraphBuilder, cfg: ModelConfig, mask: str, like: str) -> _Shared:
+def _shared_inputs(g: GraphBuilder, cfg: ModelConfig, mask: str, packed: bool = False) -> _Shared:
     maskf = g.op("Cast", mask, to=F32)  # [B, S]
     inv = g.op("Sub", g.scalar(1.0), maskf)
     bias = g.op("Mul", inv, g.scalar(float(np.finfo(np.float32).min)))
     key_bias = g.op("Unsqueeze", bias, g.ints([1, 2]))  # [B, 1, 1, S]
     cos_t, sin_t = rotary_tables(cfg, cfg.max_tokens)
-    seq = g.op("Gather", g.op("Shape", like), g.ints([1]), axis=0)  # [1] = S
+    mask_shape = g.op("Shape", mask)  # [B, S]
+    seq = g.op("Gather", mask_shape, g.ints([1]), axis=0)  # [1] = S
     zero = g.ints([0])
     cos = g.op("Slice", g.const("rotary.cos", _np(cos_t)), zero, seq, zero)  # [S, hd]
     sin = g.op("Slice", g.const("rotary.sin", _np(sin_t)), zero, seq, zero)
-    return _Shared(key_bias, cos, sin)
+    if not packed:
+        return _Shared(key_bias, cos, sin)
+    qkv_shape = g.op("Concat", mask_shape, g.ints([3, cfg.n_head, cfg.head_dim]), axis=0)
+    return _Shared(key_bias, cos, sin, "pad_index", "unpad_index", qkv_shape)
 
 
 def _attention_block(g: GraphBuilder, cfg: ModelConfig, x: str, tensors: dict, layer: int,
@@ -112,8 +126,11 @@ def _attention_block(g: GraphBuilder, cfg: ModelConfig, x: str, tensors: dict, l
     """norm1(x + out_proj(attention(x))) for `layer`."""
     p = f"encoder.layers.{layer}."
     nh, hd, h = cfg.n_head, cfg.head_dim, cfg.n_embd
-    qkv = _linear(g, x, tensors, p + "attn.Wqkv")  # [B, S, 3H]
-    qkv = g.op("Reshape", qkv, g.ints([0, 0, 3, nh, hd]))
+    qkv = _linear(g, x, tensors, p + "attn.Wqkv")  # [B, S, 3H], packed: [N, 3H]
+    if sh.pad_index is not None:
+        qkv = g.op("Reshape", g.op("Gather", qkv, sh.pad_index, axis=0), sh.qkv_shape)
+    else:
+        qkv = g.op("Reshape", qkv, g.ints([0, 0, 3, nh, hd]))
     qkv = g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4])  # [3, B, nh, S, hd]
     q, k, v = (g.op("Gather", qkv, g.const(g.fresh("idx"), np.asarray(i, dtype=np.int64)), axis=0)
                for i in range(3))  # each [B, nh, S, hd]
@@ -121,7 +138,11 @@ def _attention_block(g: GraphBuilder, cfg: ModelConfig, x: str, tensors: dict, l
     scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
     scores = g.op("Add", g.op("Div", scores, g.scalar(math.sqrt(hd))), sh.key_bias)
     ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, nh, S, hd]
-    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.ints([0, 0, h]))
+    ctx = g.op("Transpose", ctx, perm=[0, 2, 1, 3])  # [B, S, nh, hd]
+    if sh.unpad_index is not None:
+        ctx = g.op("Gather", g.op("Reshape", ctx, g.ints([-1, h])), sh.unpad_index, axis=0)
+    else:
+        ctx = g.op("Reshape", ctx, g.ints([0, 0, h]))
     attn = _linear(g, ctx, tensors, p + "attn.out_proj")
     return _layer_norm(g, g.op("Add", x, attn), tensors, p + "norm1", cfg.layer_norm_epsilon)
 
@@ -172,28 +193,31 @@ def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 
 
 def segment_graph(cfg: ModelConfig, seg: Segment, tensors: dict) -> onnx.ModelProto:
-    """Inputs: input_ids (first segment) or hidden + moe_out; attention_mask. Output: hidden."""
+    """A routed dense segment in the packed layout: real tokens only, [N, H].
+
+    Inputs: input_ids [N] (first segment) or hidden + moe_out [N, H]; with attention also
+    attention_mask [B, S], pad_index [B*S] and unpad_index [N] (see _Shared). Output: hidden.
+    """
     g = GraphBuilder(f"segment_{seg.index:02d}")
-    bsh = ["batch", "seq", cfg.n_embd]
-    mask_in = _value("attention_mask", I64, ["batch", "seq"])
+    nh = ["tokens", cfg.n_embd]
     if seg.moe_residual is None:
-        inputs = [_value("input_ids", I64, ["batch", "seq"]), mask_in]
+        inputs = [_value("input_ids", I64, ["tokens"])]
         x = _embeddings(g, cfg, "input_ids", tensors)
     else:
-        inputs = [_value("hidden", F32, bsh), _value("moe_out", F32, bsh)]
-        if seg.needs_mask:
-            inputs.append(mask_in)
+        inputs = [_value("hidden", F32, nh), _value("moe_out", F32, nh)]
         p = f"encoder.layers.{seg.moe_residual}.norm2"
         x = _layer_norm(g, g.op("Add", "hidden", "moe_out"), tensors, p, cfg.layer_norm_epsilon)
     if seg.needs_mask:
-        sh = _shared_inputs(g, cfg, "attention_mask", x)
+        inputs += [_value("attention_mask", I64, ["batch", "seq"]),
+                   _value("pad_index", I64, ["padded"]), _value("unpad_index", I64, ["tokens"])]
+        sh = _shared_inputs(g, cfg, "attention_mask", packed=True)
         for layer in seg.full_layers:
             x = _dense_ffn_block(g, cfg, _attention_block(g, cfg, x, tensors, layer, sh), tensors,
                                  layer)
         if seg.attn_layer is not None:
             x = _attention_block(g, cfg, x, tensors, seg.attn_layer, sh)
     g.op("Identity", x, out="hidden_out")
-    return g.model(inputs, [_value("hidden_out", F32, bsh)])
+    return g.model(inputs, [_value("hidden_out", F32, nh)])
 
 
 def expert_weights(cfg: ModelConfig, tensors: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +260,7 @@ def all_experts_graph(cfg: ModelConfig, tensors: dict) -> onnx.ModelProto:
     """The whole network as one graph, every expert computed for every token (benchmark peer)."""
     g = GraphBuilder("all_experts")
     x = _embeddings(g, cfg, "input_ids", tensors)
-    sh = _shared_inputs(g, cfg, "attention_mask", x)
+    sh = _shared_inputs(g, cfg, "attention_mask")
     for layer in range(cfg.n_layer):
         x = _attention_block(g, cfg, x, tensors, layer, sh)
         if cfg.is_moe(layer):

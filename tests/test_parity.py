@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_embed.export.reference import pad_batch
+from moe_embed.workers.chunks import chunks
 from moe_embed.workers.embedder import LocalEmbedder
 from moe_embed.workers.errors import InvalidInput
 from moe_embed.workers.runtime import Runtime
@@ -47,6 +48,33 @@ def test_hidden_states_and_expert_choices_match_reference(runtime, reference, ba
         theirs = ref_experts.numpy()[mask]
         mismatched = np.flatnonzero((ours != theirs).any(axis=1))
         assert mismatched.size == 0, f"layer {layer}: tokens {mismatched[:10]} routed differently"
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 100, 10**6])
+def test_chunked_segments_match_reference(tiny_bundle, reference, batch_ids, chunk_tokens):
+    """Dense segments run in whole-sequence chunks (one per sequence, a few, or one for the
+    whole batch); the result is the reference's either way."""
+    rt = Runtime(tiny_bundle, threads=2)
+    rt.chunk_tokens = chunk_tokens
+    ids = sorted(batch_ids, key=len)[::3]  # mixed lengths, the 512-token text among them
+    r = rt.forward(ids)
+    ref_hidden, mask, _ = _reference(reference, ids)
+    assert np.abs(r.hidden[mask] - ref_hidden[mask]).max() <= 1e-4
+    assert not r.hidden[~mask].any()  # padding rows come back as zeros
+
+
+def test_chunks_are_whole_sequences_within_budget():
+    lengths = np.array([3, 4, 600, 2, 2, 2, 9])
+    mask = (np.arange(600)[None, :] < lengths[:, None]).astype(np.int64)
+    parts = chunks(lengths, mask, budget=8)
+    assert [(p.rows.start, p.rows.stop) for p in parts] == [(0, 7), (7, 607), (607, 613),
+                                                          (613, 622)]
+    assert [p.layout["attention_mask"].shape for p in parts] == [(2, 4), (1, 600), (3, 2),
+                                                                (1, 9)]
+    for p in parts:
+        n = p.rows.stop - p.rows.start
+        assert p.layout["unpad_index"].size == n and p.layout["attention_mask"].sum() == n
+        assert p.layout["pad_index"].max() == n - 1
 
 
 def test_pooled_embeddings_match_reference(runtime, reference, batch_ids):

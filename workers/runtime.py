@@ -1,6 +1,7 @@
 """The routed runtime: dense ONNX segments, torch router, one ONNX session per expert.
 
-forward: segment 0 (embeddings .. attention of the first MoE layer) -> for each MoE layer:
+forward, on the real tokens only (packed [N, H]; attention alone sees [B, S]): segment 0
+(embeddings .. attention of the first MoE layer) -> for each MoE layer:
 route the real tokens, run each expert on exactly its tokens, weighted scatter-add, bias once
 -> next segment. Padding is never routed; experts that got no token are not run.
 """
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..export.bundle import Bundle
+from .chunks import CHUNK_TOKENS, EXPERT_ROWS, Chunk, chunks, packed_layout, row_pieces
 from .dimensions import resolve_dimensions
 from .errors import InvalidInput
 from .router import Router
@@ -74,6 +76,8 @@ class Runtime:
         self.config = self.bundle.config
         self.threads = init_thread_pool(threads)
         torch.set_num_threads(1)  # the router is tiny; torch threads would fight ORT's pool
+        self.chunk_tokens = CHUNK_TOKENS  # real tokens per dense-segment call (chunks.py)
+        self.expert_rows = EXPERT_ROWS  # most rows per expert call (chunks.py)
         g = self.bundle.graphs
         self.moe_layers = self.config.moe_layers
         if self.bundle.moe_mode == "routed":
@@ -114,27 +118,36 @@ class Runtime:
 
     def _forward_routed(self, input_ids: np.ndarray, mask: np.ndarray,
                         counts: np.ndarray) -> HiddenResult:
+        """Packed layout: every segment and expert sees the N real tokens as [N, H] rows, so
+        padding costs no linear layer; only attention gathers them into [b, s] (pad_index).
+        Dense segments run in whole-sequence chunks (see chunks.py); the MoE layers route the
+        whole batch at once."""
         b, s = input_ids.shape
-        h = self.config.n_embd
-        real = np.flatnonzero(mask.reshape(-1))  # routed rows: real tokens only
-        dense = real.size == b * s
-        sess0, _ = self.segments[0]
-        (hidden,) = sess0.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        real, _ = packed_layout(mask)
+        parts = chunks(mask.sum(axis=1), mask, self.chunk_tokens)
+        tokens = input_ids.reshape(-1)[real]
+        hidden = self._segment(0, parts, {"input_ids": tokens})
         expert_ids = {}
         for li, layer in enumerate(self.moe_layers):
-            flat = hidden.reshape(-1, h)
-            x = flat if dense else flat[real]  # [N, H]
-            moe = self._moe(layer, x, counts[li], expert_ids)
-            if not dense:
-                full = np.zeros_like(flat)
-                full[real] = moe
-                moe = full
-            sess, needs_mask = self.segments[li + 1]
-            feeds = {"hidden": hidden, "moe_out": moe.reshape(b, s, h)}
+            moe = self._moe(layer, hidden, counts[li], expert_ids)
+            hidden = self._segment(li + 1, parts, {"hidden": hidden, "moe_out": moe})
+        padded = np.zeros((b * s, hidden.shape[1]), dtype=np.float32)
+        padded[real] = hidden
+        return HiddenResult(padded.reshape(b, s, -1), mask, expert_ids, counts)
+
+    def _segment(self, index: int, parts: list[Chunk], rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Run dense segment `index` chunk by chunk over the packed rows."""
+        sess, needs_mask = self.segments[index]
+        if len(parts) == 1:
+            feeds = dict(rows, **parts[0].layout) if needs_mask else rows
+            return sess.run(None, feeds)[0]
+        out = np.empty((parts[-1].rows.stop, self.config.n_embd), dtype=np.float32)
+        for part in parts:
+            feeds = {k: v[part.rows] for k, v in rows.items()}
             if needs_mask:
-                feeds["attention_mask"] = mask
-            (hidden,) = sess.run(None, feeds)
-        return HiddenResult(hidden, mask, expert_ids, counts)
+                feeds.update(part.layout)
+            out[part.rows] = sess.run(None, feeds)[0]
+        return out
 
     def _moe(self, layer: int, x: np.ndarray, counts: np.ndarray,
              expert_ids: dict[int, np.ndarray]) -> np.ndarray:
@@ -144,8 +157,11 @@ class Runtime:
         out = np.zeros_like(x)
         sessions = self.experts[layer]
         for a in router.plan(top_w, top_e):
-            (y,) = sessions[a.expert].run(None, {"x": x[a.tokens]})
-            out[a.tokens] += y * a.weights
+            sess = sessions[a.expert]
+            for rows in row_pieces(a.tokens.size, self.expert_rows):
+                tokens = a.tokens[rows]
+                (y,) = sess.run(None, {"x": x[tokens]})
+                out[tokens] += y * a.weights[rows]
             counts[a.expert] = a.tokens.size
         out += router.expert_bias
         return out

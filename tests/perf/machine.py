@@ -80,18 +80,20 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def _ort_matmul_session(n: int, threads: int):
-    """A one-node ONNX MatMul [n,n] @ const [n,n] on the process's shared ORT pool."""
+def _ort_matmul_session(n: int, threads: int, k: int | None = None, m: int | None = None):
+    """A one-node ONNX MatMul [m,k] @ const [k,n] on the process's shared ORT pool
+    (square [n,n] @ [n,n] by default)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from moe_embed.workers.sessions import create_session
 
-    b = numpy_helper.from_array(np.random.default_rng(1).standard_normal((n, n), np.float32), "B")
+    k, m = k or n, m or n
+    b = numpy_helper.from_array(np.random.default_rng(1).standard_normal((k, n), np.float32), "B")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], [b])
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "sgemm.onnx"
@@ -114,6 +116,28 @@ def sgemm_peak(threads: int, n: int = 2048, reps: int = 5) -> dict:
     out["onnxruntime"] = flops / _best(lambda: sess.run(None, {"A": a}), reps) / 1e9
     return {"n": n, "threads": threads, "gflops_by_library": out,
             "peak_gflops": max(out.values())}
+
+
+def ort_linear_gflops(cfg, threads: int, tokens: int = 4096, reps: int = 3) -> dict:
+    """GFLOPS of ONNX Runtime's own MatMul on this model's linear-layer shapes at `tokens` rows,
+    FLOP-weighted by how often a token meets each shape: the best a runtime built on ORT's CPU
+    kernels can reach on W2/W3, whatever it does around them."""
+    h, f, k = cfg.n_embd, cfg.n_inner, cfg.moe_top_k
+    n_moe, n_dense = len(cfg.moe_layers), cfg.n_layer - len(cfg.moe_layers)
+    ffn_per_token = n_dense + k * n_moe  # fc1/fc2 (or expert w1/w2) products per token
+    shapes = [("attn.Wqkv", h, 3 * h, cfg.n_layer), ("attn.out_proj", h, h, cfg.n_layer),
+              ("fc1 / expert w1", h, f, ffn_per_token), ("fc2 / expert w2", f, h, ffn_per_token)]
+    rng = np.random.default_rng(2)
+    rows, flops, seconds = [], 0.0, 0.0
+    for name, k_in, n_out, count in shapes:
+        sess = _ort_matmul_session(n_out, threads, k=k_in, m=tokens)
+        a = rng.standard_normal((tokens, k_in), np.float32)
+        t = _best(lambda sess=sess, a=a: sess.run(None, {"A": a}), reps)
+        fl = 2.0 * tokens * k_in * n_out
+        rows.append({"name": name, "k": k_in, "n": n_out, "per_token": count,
+                     "gflops": fl / t / 1e9})
+        flops, seconds = flops + fl * count, seconds + t * count
+    return {"tokens": tokens, "threads": threads, "shapes": rows, "gflops": flops / seconds / 1e9}
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> dict:

@@ -78,6 +78,13 @@ def _machine(res: dict) -> list[str]:
         if b:
             rows.append([f"read bandwidth ({when})", _n(b["gb_per_s"]),
                          f"GB/s, torch.sum over a {b['bytes'] / 2**30:.1f} GiB fp32 array"])
+    peak = mach.get("sgemm_peak_gflops")
+    for ceil in sorted((v for k, v in mach.items() if k.startswith("ort_linear_")),
+                       key=lambda v: v["tokens"]):
+        shapes = ", ".join(f"{r['k']}x{r['n']} {_n(r['gflops'], 0)}" for r in ceil["shapes"])
+        rows.append([f"ONNX Runtime MatMul on this model's linear shapes, {ceil['tokens']} rows",
+                     f"{_n(ceil['gflops'])} ({_pct(ceil['gflops'] / peak) if peak else 'n/a'} "
+                     "of the sgemm peak)", f"GFLOPS, FLOP-weighted over K x N: {shapes}"])
     rows.append(["**sgemm peak** (best of start and end)",
                  f"**{_n(mach.get('sgemm_peak_gflops'))}**", "GFLOPS"])
     rows.append(["**read bandwidth** (best of start and end)",
@@ -98,6 +105,16 @@ def _w1(res: dict) -> list[str]:
             f"{_n(c['weight_gb'], 2)} GB of weights touched: the texts reached "
             f"{c['experts_touched']} of their {r0['expert_slots']} (text, MoE layer, expert) "
             f"slots; routing: {r0.get('routing', 'taken by the routed runtime')}.") if c else ""
+    roof = (sec.get("routed") or {}).get("roofline")
+    if roof:
+        note += (f"\n\nRoofline model per text (a call needs at least max(weight bytes / read "
+                 f"bandwidth, FLOPs / sgemm peak)): {roof['compute_bound_texts']} of "
+                 f"{len(r0['per_text_gflop'])} texts are compute-bound on this machine; the "
+                 f"bytes need {_n(roof['memory_s'], 3)} s per pass, the FLOPs "
+                 f"{_n(roof['compute_s'], 3)} s, the per-text bound {_n(roof['bound_s'], 3)} s. "
+                 f"So the best memory-roofline fraction any implementation could reach here is "
+                 f"{_pct(roof['attainable_frac_bandwidth'])}. The routed runtime's median pass "
+                 f"is at {_pct(roof['frac_of_bound'])} of that bound (bound / measured time).")
     return ([f"## W1: one text at a time ({inp['texts']} multilingual texts, "
              f"{inp['tokens']} tokens, {inp['min']}..{inp['max']} per text, search_query)", ""]
             + _table(["peer", "tokens/s", "p50 ms", "p90 ms", "GFLOPS", "of sgemm peak",
@@ -124,6 +141,15 @@ def _w4_w5(res: dict) -> list[str]:
              str(v["requests"])] for v in levels.values()]
     lines += _table(["clients", "requests/s", "tokens/s", "GFLOPS", "p50 ms", "p99 ms",
                      "requests"], rows)
+    ov = res.get("W4", {}).get("overhead")
+    if ov:
+        lines += [f"One short request, service vs in-process ({ov['rounds']} rounds; each round "
+                  f"times {ov['texts']} in-process calls, then the same {ov['texts']} texts as "
+                  "unary Embed calls from a synchronous client, back to back): in-process p50 "
+                  f"{_n(ov['inprocess']['p50_ms'], 2)} ms, service p50 "
+                  f"{_n(ov['service']['p50_ms'], 2)} ms; overhead per round "
+                  f"{', '.join(f'{d:+.2f}' for d in ov['round_overhead_ms'])} ms, median "
+                  f"**{ov['overhead_ms']:+.2f} ms**.", ""]
     inp = (res.get("W4", {}).get("inprocess") or {}).get("latency")
     if inp:
         lines += [f"In-process (tokenize + embed, same texts, one at a time): p50 "

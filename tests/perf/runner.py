@@ -126,7 +126,9 @@ def _service(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder, out
             ready = server.wait_serving()
             rec.results.setdefault("service_start", {})[name] = {"ready_s": ready,
                                                                  "memory": server.memory()}
-            _service_workloads(tag, name, todo, server, ctx, rec)
+            _service_workloads(tag, name, todo, server, ctx, rec,
+                               lambda: peers.open_peer("routed", {"routed": art.routed},
+                                                       str(art.checkpoint), args.threads))
         except Exception as exc:
             traceback.print_exc()
             rec.results["errors"].append({"section": "service", "key": name, "error": repr(exc)})
@@ -135,7 +137,7 @@ def _service(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder, out
 
 
 def _service_workloads(tag: str, name: str, todo: list[str], server: Server, ctx: wl.Context,
-                       rec: Recorder) -> None:
+                       rec: Recorder, open_routed: Callable[[], Any]) -> None:
     target = server.target
     if tag == "2x":
         rec("W3", "service-2x1", lambda: wl.w3_service(ctx, target, "service-2x1"))
@@ -148,9 +150,19 @@ def _service_workloads(tag: str, name: str, todo: list[str], server: Server, ctx
     if "RSS" in todo:
         rec("RSS", name, server.memory)
     if "W4" in todo:
+        rec("W4", "overhead", lambda: _with_peer(open_routed, lambda p: wl.w4_overhead(
+            ctx, target, p)))
         rec("W4", "service", lambda: wl.w4_service(ctx, target))
     if "W5" in todo:
         rec("W5", "service", lambda: wl.w5_service(ctx, target))
+
+
+def _with_peer(open_peer: Callable[[], Any], fn: Callable[[Any], Any]) -> Any:
+    peer = open_peer()
+    try:
+        return fn(peer)
+    finally:
+        peer.close()
 
 
 def _inputs_summary(ctx: wl.Context) -> dict:
@@ -208,6 +220,9 @@ def run(args: argparse.Namespace, default_out: Path) -> int:
     results["inputs"] = _inputs_summary(ctx)
     rec = Recorder(results)
     _measure_machine(args, plan, rec, "start")
+    for rows in sorted({512, plan.w2_shape[0] * plan.w2_shape[1]}):
+        rec("machine", f"ort_linear_{rows}", lambda rows=rows: machine.ort_linear_gflops(
+            ctx.cfg, args.threads, tokens=rows))
     _inprocess(args, ctx, art, rec)
     _service(args, ctx, art, rec, out)
     _measure_machine(args, plan, rec, "end")

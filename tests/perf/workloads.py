@@ -5,6 +5,7 @@ read bandwidth once the run has measured them)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,13 +61,16 @@ def _cost_dict(c: costs.Cost, with_bytes: bool = True) -> dict:
 
 def _w1_result(ctx: Context, peer: str, passes: list[list[float]], with_cost: bool) -> dict:
     ids = ctx.w1.ids
-    total = costs.total([ctx.cost("W1", i, [x]) for i, x in enumerate(ids)])
+    per_call = [ctx.cost("W1", i, [x]) for i, x in enumerate(ids)]
+    total = costs.total(per_call)
     pass_s = [sum(p) for p in passes]
     per_text = [median([p[i] for p in passes]) * 1e3 for i in range(len(ids))]
     out = {"peer": peer, "texts": len(ids), "passes": len(passes), "pass_s": pass_s,
            "median_pass_s": median(pass_s), "latency": summary_ms([t for p in passes for t in p]),
            "per_text_p50_ms": per_text, "per_text_tokens": ctx.w1.lengths,
            "cost": _cost_dict(total), "samples_s": passes,
+           "per_text_gflop": [c.flops / 1e9 for c in per_call],
+           "per_text_weight_gb": [c.weight_bytes / 1e9 for c in per_call],
            "expert_slots": len(ids) * len(ctx.cfg.moe_layers) * ctx.cfg.num_experts,
            "routing": "taken by the routed runtime" if len(ctx.routing.get("W1", {})) == len(ids)
            else "upper bound: every expert touched (the routed runtime did not run)"}
@@ -161,6 +165,44 @@ def w4_inprocess(ctx: Context, peer) -> dict:
             "latency": summary_ms([t for p in passes for t in p]), "samples_s": passes}
 
 
+def w4_overhead(ctx: Context, target: str, peer) -> dict:
+    """What the service adds to one short request: in-process calls (tokenize + embed) and
+    unary Embed calls from a plain synchronous client, each a closed loop over the short
+    texts, in alternating blocks so both see the same machine; the overhead is the median
+    over rounds of (service p50 - in-process p50) within the round."""
+    reqs = [svc.request(t, ctx.short.task) for t in ctx.short.texts]
+    task = ctx.short.task
+    ch, stub = svc.unary_stub(target)
+
+    def inproc_pass() -> list[float]:
+        times = []
+        for text in ctx.short.texts:
+            t = time.perf_counter()
+            peer.runtime.embed_ids(ctx.tok.encode([text], task))
+            times.append(time.perf_counter() - t)
+        return times
+
+    def service_pass() -> list[float]:
+        times = []
+        for req, n in zip(reqs, ctx.short.lengths, strict=True):
+            t = time.perf_counter()
+            svc._check(stub.Embed(req, timeout=600), n)
+            times.append(time.perf_counter() - t)
+        return times
+
+    try:
+        inproc_pass(), service_pass()  # warm-up
+        rounds = [(inproc_pass(), service_pass()) for _ in range(ctx.plan.w4_overhead_rounds)]
+    finally:
+        ch.close()
+    diffs = [(median(b) - median(a)) * 1e3 for a, b in rounds]
+    return {"peer": "service-vs-inprocess", "texts": len(reqs), "rounds": len(rounds),
+            "inprocess": summary_ms([t for a, _ in rounds for t in a]),
+            "service": summary_ms([t for _, b in rounds for t in b]),
+            "round_overhead_ms": diffs, "overhead_ms": median(diffs),
+            "samples_s": [{"inprocess": a, "service": b} for a, b in rounds]}
+
+
 def w4_service(ctx: Context, target: str) -> dict:
     """Closed-loop short requests from 1, 8 and 32 concurrent clients."""
     reqs = [svc.request(t, ctx.short.task) for t in ctx.short.texts]
@@ -203,3 +245,22 @@ def add_fractions(results: dict, peak_gflops: float | None, bandwidth_gbs: float
 
     for w in ("W1", "W2", "W3", "W4", "W5"):
         walk(results.get(w))
+    if peak_gflops and bandwidth_gbs:
+        for r in (results.get("W1") or {}).values():
+            if isinstance(r, dict) and r.get("per_text_gflop"):
+                r.update(w1_roofline(r, peak_gflops, bandwidth_gbs))
+
+
+def w1_roofline(r: dict, peak_gflops: float, bandwidth_gbs: float) -> dict:
+    """The roofline model per text: a call needs at least max(weight bytes / bandwidth,
+    FLOPs / sgemm peak). A text whose FLOPs take longer than its bytes is compute-bound, and
+    no implementation can then score 100% of the memory roofline on it: `attainable`
+    is the best memory-roofline fraction any implementation could report on this text set."""
+    mem = [gb / bandwidth_gbs for gb in r["per_text_weight_gb"]]
+    comp = [gf / peak_gflops for gf in r["per_text_gflop"]]
+    bound = sum(max(m, c) for m, c in zip(mem, comp, strict=True))
+    return {"roofline": {
+        "memory_s": sum(mem), "compute_s": sum(comp), "bound_s": bound,
+        "compute_bound_texts": sum(c > m for m, c in zip(mem, comp, strict=True)),
+        "attainable_frac_bandwidth": sum(mem) / bound,
+        "frac_of_bound": bound / r["median_pass_s"]}}
