@@ -22,7 +22,7 @@ class Plan:
     w4_warmup_s: float
     w4_duration_s: float
     w4_inprocess_reps: int
-    w4_overhead_rounds: int  # alternating in-process / service blocks
+    w4_overhead_rounds: int  # rounds of an in-process block and a service block
     w5_requests: int
     w5_window: int
     bandwidth_gib: float
@@ -36,7 +36,7 @@ FULL = Plan(
     w3_reps={"routed": 3, "all-experts": 1, "torch": 1, "service": 2, "service-2x1": 1},
     w3_budget_s=120,
     w4_clients=(1, 8, 32), w4_warmup_s=2.0, w4_duration_s=10.0, w4_inprocess_reps=5,
-    w4_overhead_rounds=6,
+    w4_overhead_rounds=12,
     w5_requests=2000, w5_window=32, bandwidth_gib=1.0,
 )
 

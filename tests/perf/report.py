@@ -143,13 +143,13 @@ def _w4_w5(res: dict) -> list[str]:
                      "requests"], rows)
     ov = res.get("W4", {}).get("overhead")
     if ov:
-        lines += [f"One short request, service vs in-process ({ov['rounds']} rounds; each round "
-                  f"times {ov['texts']} in-process calls, then the same {ov['texts']} texts as "
-                  "unary Embed calls from a synchronous client, back to back): in-process p50 "
-                  f"{_n(ov['inprocess']['p50_ms'], 2)} ms, service p50 "
-                  f"{_n(ov['service']['p50_ms'], 2)} ms; overhead per round "
-                  f"{', '.join(f'{d:+.2f}' for d in ov['round_overhead_ms'])} ms, median "
-                  f"**{ov['overhead_ms']:+.2f} ms**.", ""]
+        lines += [f"One short request, service vs in-process: {ov['rounds']} rounds, each a "
+                  f"closed-loop block of {ov['texts']} in-process calls and one of the same "
+                  f"{ov['texts']} texts as unary Embed calls from a synchronous client (ABBA "
+                  f"order). In-process p50 {_n(ov['inprocess']['p50_ms'], 2)} ms, service p50 "
+                  f"{_n(ov['service']['p50_ms'], 2)} ms; per round, service p50 - in-process "
+                  f"p50: median **{ov['overhead_ms']:+.2f} ms** (quartiles "
+                  f"{ov['overhead_p25_ms']:+.2f} .. {ov['overhead_p75_ms']:+.2f} ms).", ""]
     inp = (res.get("W4", {}).get("inprocess") or {}).get("latency")
     if inp:
         lines += [f"In-process (tokenize + embed, same texts, one at a time): p50 "

@@ -14,7 +14,7 @@ import numpy as np
 import service_client as svc
 from inputs import TextSet
 from plan import Plan
-from timing import median, repeat, summary_ms, timed_passes
+from timing import median, percentile, repeat, summary_ms, timed_passes
 
 from moe_embed.export.config import ModelConfig
 from moe_embed.workers.tokenizer import Tokenizer
@@ -166,15 +166,21 @@ def w4_inprocess(ctx: Context, peer) -> dict:
 
 
 def w4_overhead(ctx: Context, target: str, peer) -> dict:
-    """What the service adds to one short request: in-process calls (tokenize + embed) and
-    unary Embed calls from a plain synchronous client, each a closed loop over the short
-    texts, in alternating blocks so both see the same machine; the overhead is the median
-    over rounds of (service p50 - in-process p50) within the round."""
-    reqs = [svc.request(t, ctx.short.task) for t in ctx.short.texts]
+    """What the service adds to one short request. Each round times one closed-loop block of
+    in-process calls (tokenize + embed) and one of unary Embed calls from a plain synchronous
+    client over the same short texts, in ABBA order across rounds; each block starts with an
+    untimed call (the other process's threads have just gone idle). The overhead is the median
+    over rounds of (service block p50 - in-process block p50): adjacent blocks share the
+    machine's drift, which on a shared 2-core VM is easily +-10 ms over a few seconds.
+    (Alternating single calls instead is worse: each process's idle-spinning ORT threads then
+    slow the other's next call by tens of ms.)"""
     task = ctx.short.task
     ch, stub = svc.unary_stub(target)
+    reqs = [(svc.request(t, task), n) for t, n in zip(ctx.short.texts, ctx.short.lengths,
+                                                      strict=True)]
 
-    def inproc_pass() -> list[float]:
+    def inproc_block() -> list[float]:
+        peer.runtime.embed_ids(ctx.tok.encode([ctx.short.texts[-1]], task))  # untimed
         times = []
         for text in ctx.short.texts:
             t = time.perf_counter()
@@ -182,17 +188,25 @@ def w4_overhead(ctx: Context, target: str, peer) -> dict:
             times.append(time.perf_counter() - t)
         return times
 
-    def service_pass() -> list[float]:
+    def service_block() -> list[float]:
+        svc._check(stub.Embed(reqs[-1][0], timeout=600), reqs[-1][1])  # untimed
         times = []
-        for req, n in zip(reqs, ctx.short.lengths, strict=True):
+        for req, n in reqs:
             t = time.perf_counter()
             svc._check(stub.Embed(req, timeout=600), n)
             times.append(time.perf_counter() - t)
         return times
 
+    rounds: list[tuple[list[float], list[float]]] = []
     try:
-        inproc_pass(), service_pass()  # warm-up
-        rounds = [(inproc_pass(), service_pass()) for _ in range(ctx.plan.w4_overhead_rounds)]
+        for r in range(ctx.plan.w4_overhead_rounds):
+            if r % 4 in (0, 3):
+                a = inproc_block()
+                b = service_block()
+            else:
+                b = service_block()
+                a = inproc_block()
+            rounds.append((a, b))
     finally:
         ch.close()
     diffs = [(median(b) - median(a)) * 1e3 for a, b in rounds]
@@ -200,6 +214,7 @@ def w4_overhead(ctx: Context, target: str, peer) -> dict:
             "inprocess": summary_ms([t for a, _ in rounds for t in a]),
             "service": summary_ms([t for _, b in rounds for t in b]),
             "round_overhead_ms": diffs, "overhead_ms": median(diffs),
+            "overhead_p25_ms": percentile(diffs, 25), "overhead_p75_ms": percentile(diffs, 75),
             "samples_s": [{"inprocess": a, "service": b} for a, b in rounds]}
 
 
