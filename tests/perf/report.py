@@ -195,7 +195,7 @@ def _footer(res: dict, json_rel: str) -> list[str]:
         "The first run builds the `full` synthetic checkpoint (real shapes, 475M parameters) "
         "and its routed and all-experts bundles under `$MOE_EMBED_BENCH_CACHE` (default "
         "`~/.cache/moe-embed/bench`). Stop other work first: `uptime` should show a 1-minute "
-        "load below 0.5. A full run takes about 10-15 minutes on 2 cores.", "",
+        "load below 0.5. A full run takes about 20 minutes on 2 cores.", "",
         "Useful FLOPs count real tokens only, the same numerator for every peer: per token, "
         "dense layers 2(4H^2 + 2HF), MoE layers 2(4H^2) + 2HE + 4HF per routed (token, expert) "
         "pair, attention 4SH per layer (S = the text's real length). Weight bytes are the fp32 "
