@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..export.bundle import Bundle
-from .chunks import CHUNK_TOKENS, EXPERT_ROWS, Chunk, chunks, packed_layout, row_pieces
+from .chunks import CHUNK_TOKENS, EXPERT_ROWS, Chunk, chunks, row_pieces
 from .dimensions import resolve_dimensions
 from .errors import InvalidInput
 from .router import Router
@@ -123,7 +123,7 @@ class Runtime:
         Dense segments run in whole-sequence chunks (see chunks.py); the MoE layers route the
         whole batch at once."""
         b, s = input_ids.shape
-        real, _ = packed_layout(mask)
+        real = np.flatnonzero(mask.reshape(-1))  # padded slot of each real token, packed order
         parts = chunks(mask.sum(axis=1), mask, self.chunk_tokens)
         tokens = input_ids.reshape(-1)[real]
         hidden = self._segment(0, parts, {"input_ids": tokens})
@@ -138,16 +138,13 @@ class Runtime:
     def _segment(self, index: int, parts: list[Chunk], rows: dict[str, np.ndarray]) -> np.ndarray:
         """Run dense segment `index` chunk by chunk over the packed rows."""
         sess, needs_mask = self.segments[index]
-        if len(parts) == 1:
-            feeds = dict(rows, **parts[0].layout) if needs_mask else rows
-            return sess.run(None, feeds)[0]
-        out = np.empty((parts[-1].rows.stop, self.config.n_embd), dtype=np.float32)
+        outs = []
         for part in parts:
-            feeds = {k: v[part.rows] for k, v in rows.items()}
+            feeds = {k: v[part.rows] for k, v in rows.items()}  # row slices: views, no copy
             if needs_mask:
                 feeds.update(part.layout)
-            out[part.rows] = sess.run(None, feeds)[0]
-        return out
+            outs.append(sess.run(None, feeds)[0])
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _moe(self, layer: int, x: np.ndarray, counts: np.ndarray,
              expert_ids: dict[int, np.ndarray]) -> np.ndarray:

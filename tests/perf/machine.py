@@ -80,15 +80,13 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def _ort_matmul_session(n: int, threads: int, k: int | None = None, m: int | None = None):
-    """A one-node ONNX MatMul [m,k] @ const [k,n] on the process's shared ORT pool
-    (square [n,n] @ [n,n] by default)."""
+def _ort_matmul_session(m: int, k: int, n: int, threads: int):
+    """A one-node ONNX MatMul [m,k] @ const [k,n] on the process's shared ORT pool."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from moe_embed.workers.sessions import create_session
 
-    k, m = k or n, m or n
     b = numpy_helper.from_array(np.random.default_rng(1).standard_normal((k, n), np.float32), "B")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["A", "B"], ["C"])], "sgemm",
@@ -112,7 +110,7 @@ def sgemm_peak(threads: int, n: int = 2048, reps: int = 5) -> dict:
     torch.set_num_threads(threads)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     out["torch"] = flops / _best(lambda: ta @ tb, reps) / 1e9
-    sess = _ort_matmul_session(n, threads)
+    sess = _ort_matmul_session(n, n, n, threads)
     out["onnxruntime"] = flops / _best(lambda: sess.run(None, {"A": a}), reps) / 1e9
     return {"n": n, "threads": threads, "gflops_by_library": out,
             "peak_gflops": max(out.values())}
@@ -130,7 +128,7 @@ def ort_linear_gflops(cfg, threads: int, tokens: int = 4096, reps: int = 3) -> d
     rng = np.random.default_rng(2)
     rows, flops, seconds = [], 0.0, 0.0
     for name, k_in, n_out, count in shapes:
-        sess = _ort_matmul_session(n_out, threads, k=k_in, m=tokens)
+        sess = _ort_matmul_session(tokens, k_in, n_out, threads)
         a = rng.standard_normal((tokens, k_in), np.float32)
         t = _best(lambda sess=sess, a=a: sess.run(None, {"A": a}), reps)
         fl = 2.0 * tokens * k_in * n_out

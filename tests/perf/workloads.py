@@ -5,7 +5,6 @@ read bandwidth once the run has measured them)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,18 +88,34 @@ def w1_inprocess(ctx: Context, peer) -> dict:
     return _w1_result(ctx, peer.name, passes, True)
 
 
-def w1_service(ctx: Context, target: str) -> dict:
-    """W1 end to end: one unary Embed per text, one client, sequential."""
-    ch, stub = svc.unary_stub(target)
+def _unary_calls(stub, texts: TextSet) -> list:
+    """One unary Embed per text, each checked against the in-process token count."""
     calls = []
-    for text, n in zip(ctx.w1.texts, ctx.w1.lengths, strict=True):
-        req = svc.request(text, ctx.w1.task)
+    for text, n in zip(texts.texts, texts.lengths, strict=True):
+        req = svc.request(text, texts.task)
 
         def call(req=req, n: int = n) -> None:
             svc._check(stub.Embed(req, timeout=600), n)
         calls.append(call)
+    return calls
+
+
+def _inprocess_calls(ctx: Context, peer, texts: TextSet) -> list:
+    """One tokenize + embed per text: the in-process counterpart of a unary Embed."""
+    calls = []
+    for text in texts.texts:
+        def call(text: str = text) -> None:
+            peer.runtime.embed_ids(ctx.tok.encode([text], texts.task))
+        calls.append(call)
+    return calls
+
+
+def w1_service(ctx: Context, target: str) -> dict:
+    """W1 end to end: one unary Embed per text, one client, sequential."""
+    ch, stub = svc.unary_stub(target)
     try:
-        passes = timed_passes(calls, 1, ctx.plan.w1_reps["service"], ctx.plan.w1_budget_s)
+        passes = timed_passes(_unary_calls(stub, ctx.w1), 1, ctx.plan.w1_reps["service"],
+                              ctx.plan.w1_budget_s)
     finally:
         ch.close()
     return _w1_result(ctx, "service", passes, True)
@@ -155,11 +170,7 @@ def w3_service(ctx: Context, target: str, name: str) -> dict:
 
 def w4_inprocess(ctx: Context, peer) -> dict:
     """The in-process cost of one short request: tokenize + embed, one text per call."""
-    calls = []
-    for text in ctx.short.texts:
-        def call(text: str = text) -> None:
-            peer.runtime.embed_ids(ctx.tok.encode([text], ctx.short.task))
-        calls.append(call)
+    calls = _inprocess_calls(ctx, peer, ctx.short)
     passes = timed_passes(calls, 1, ctx.plan.w4_inprocess_reps, ctx.plan.w1_budget_s)
     return {"peer": peer.name, "texts": len(calls), "passes": len(passes),
             "latency": summary_ms([t for p in passes for t in p]), "samples_s": passes}
@@ -174,43 +185,27 @@ def w4_overhead(ctx: Context, target: str, peer) -> dict:
     machine's drift, which on a shared 2-core VM is easily +-10 ms over a few seconds.
     (Alternating single calls instead is worse: each process's idle-spinning ORT threads then
     slow the other's next call by tens of ms.)"""
-    task = ctx.short.task
     ch, stub = svc.unary_stub(target)
-    reqs = [(svc.request(t, task), n) for t, n in zip(ctx.short.texts, ctx.short.lengths,
-                                                      strict=True)]
+    inproc, service = _inprocess_calls(ctx, peer, ctx.short), _unary_calls(stub, ctx.short)
 
-    def inproc_block() -> list[float]:
-        peer.runtime.embed_ids(ctx.tok.encode([ctx.short.texts[-1]], task))  # untimed
-        times = []
-        for text in ctx.short.texts:
-            t = time.perf_counter()
-            peer.runtime.embed_ids(ctx.tok.encode([text], task))
-            times.append(time.perf_counter() - t)
-        return times
-
-    def service_block() -> list[float]:
-        svc._check(stub.Embed(reqs[-1][0], timeout=600), reqs[-1][1])  # untimed
-        times = []
-        for req, n in reqs:
-            t = time.perf_counter()
-            svc._check(stub.Embed(req, timeout=600), n)
-            times.append(time.perf_counter() - t)
-        return times
+    def block(calls: list) -> list[float]:
+        calls[-1]()  # untimed
+        return timed_passes(calls, 0, 1, float("inf"))[0]
 
     rounds: list[tuple[list[float], list[float]]] = []
     try:
         for r in range(ctx.plan.w4_overhead_rounds):
             if r % 4 in (0, 3):
-                a = inproc_block()
-                b = service_block()
+                a = block(inproc)
+                b = block(service)
             else:
-                b = service_block()
-                a = inproc_block()
+                b = block(service)
+                a = block(inproc)
             rounds.append((a, b))
     finally:
         ch.close()
     diffs = [(median(b) - median(a)) * 1e3 for a, b in rounds]
-    return {"peer": "service-vs-inprocess", "texts": len(reqs), "rounds": len(rounds),
+    return {"peer": "service-vs-inprocess", "texts": len(inproc), "rounds": len(rounds),
             "inprocess": summary_ms([t for a, _ in rounds for t in a]),
             "service": summary_ms([t for _, b in rounds for t in b]),
             "round_overhead_ms": diffs, "overhead_ms": median(diffs),
