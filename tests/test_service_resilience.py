@@ -3,6 +3,7 @@ mid-load, and a SIGTERM drain of a real `moe-embed serve` process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,15 +25,16 @@ from service_fixtures import (
     ServerThread,
     free_port,
     health_status,
+    scrape,
     vectors,
     wait_for,
 )
 
+from moe_embed.service.server import FINAL_GRACE_S, LAME_DUCK_S
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
 ATOL = 1e-5
-ADMIT_MARGIN_S = 0.2  # a request sent this long before SIGTERM has reached the server
 
 
 def _request(texts, task="search_query", **kw) -> pb.EmbedRequest:
@@ -170,63 +172,73 @@ def test_batch_that_kills_two_workers_fails_with_internal(two_workers) -> None:
     assert len(srv.stub().Embed(_request(["alive again"])).embeddings) == 1
 
 
+def _worker_pids(log_path: Path) -> list[int]:
+    """Worker pids from the server's JSON log (each worker logs `worker_ready` with its pid)."""
+    pids = set()
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "worker_ready" and "worker" in event:
+                pids.add(int(event["pid"]))
+    return sorted(pids)
+
+
+def _inputs_admitted(metrics_port: int) -> float:
+    """Inputs the server has admitted: those sent to a worker plus those still queued."""
+    m = scrape(metrics_port)
+    return m.get("moe_embed_batch_size_inputs_sum", 0.0) + m.get("moe_embed_queue_depth", 0.0)
+
+
 def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
-    port = free_port()
+    """SIGTERM with requests in flight: every admitted request finishes, later ones are refused
+    with UNAVAILABLE. The in-flight window is made, not hoped for: the only worker is stopped
+    (SIGSTOP) until every request is admitted and the drain has begun."""
+    port, metrics_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("moe-embed")), "serve",
              "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", "0",
+             "--metrics-port", str(metrics_port),
              "--workers", "1", "--threads-per-worker", "1"],
             env={**os.environ, "MOE_EMBED_DRAIN_GRACE_S": "30"},
             stdout=log_file, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
+    clients = 6
+    texts = [f"document {i}: " + "some words to embed " * 60 for i in range(16)]
+    worker = None
     try:
         wait_for(lambda: health_status(target) == SERVING, 120, "the server to serve",
                  interval=0.1)
+        (worker,) = _worker_pids(log_path)
         watched: list[int] = []
         watcher = _watch(target, "", watched)
-        texts = [f"document {i}: " + "some words to embed " * 60 for i in range(16)]
-        outcomes: list[tuple[float, float, grpc.StatusCode, str]] = []
-        lock = threading.Lock()
-        stop = threading.Event()
-
-        def client() -> None:
-            with grpc.insecure_channel(target) as ch:
-                stub = pb_grpc.EmbedderStub(ch)
-                while not stop.is_set():
-                    start = time.monotonic()
-                    try:
-                        resp = stub.Embed(_request(texts), timeout=60)
-                        code, detail = grpc.StatusCode.OK, str(len(resp.embeddings))
-                    except grpc.RpcError as e:
-                        code, detail = e.code(), e.details()
-                    with lock:
-                        outcomes.append((start, time.monotonic(), code, detail))
-                    if code != grpc.StatusCode.OK:
-                        return
-
-        threads = [threading.Thread(target=client) for _ in range(6)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: len(outcomes) >= 6, 60, "requests to complete")
-        sigterm_at = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        os.kill(worker, signal.SIGSTOP)  # nothing can finish until SIGCONT
+        with ThreadPoolExecutor(clients) as ex:
+            stub = pb_grpc.EmbedderStub(grpc.insecure_channel(target))
+            admitted = [ex.submit(stub.Embed, _request(texts), timeout=60)
+                        for _ in range(clients)]
+            wait_for(lambda: _inputs_admitted(metrics_port) == clients * len(texts), 30,
+                     "every request to be admitted")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: NOT_SERVING in watched, 10, "the drain to begin")
+            with pytest.raises(grpc.RpcError) as late:  # new work is refused, retryable
+                stub.Embed(_request(["too late"]), timeout=10)
+            assert late.value.code() == grpc.StatusCode.UNAVAILABLE, late.value.details()
+            # longer than a drain that did not wait for admitted work would take to stop
+            time.sleep(LAME_DUCK_S + FINAL_GRACE_S + 1.0)
+            assert not any(f.done() for f in admitted), "a request finished while stopped"
+            os.kill(worker, signal.SIGCONT)
+            worker = None
+            for f in admitted:  # raises if any admitted request was lost
+                assert len(f.result().embeddings) == len(texts)
         assert proc.wait(60) == 0
-        stop.set()
-        for t in threads:
-            t.join(60)
         watcher.join(10)
     finally:
+        if worker is not None:
+            os.kill(worker, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
     log = log_path.read_text()
     assert '"event": "draining"' in log and '"finished_in_grace": true' in log, log[-3000:]
-    # sent well before SIGTERM: surely admitted, so each must finish, some during the drain
-    admitted = [o for o in outcomes if o[0] < sigterm_at - ADMIT_MARGIN_S]
-    assert all(o[2] == grpc.StatusCode.OK and o[3] == "16" for o in admitted), admitted
-    assert any(o[1] > sigterm_at for o in admitted), "no request was in flight at SIGTERM"
-    for _, _, code, detail in outcomes:  # the rest: done, or refused before any work (retryable)
-        assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), (code, detail)
     assert watched[-1] == NOT_SERVING
