@@ -35,4 +35,4 @@ lint: $(STAMP)
 
 ## Benchmarks against the peers (not part of the test suite).
 bench: $(STAMP)
-	$(BIN)/python tests/perf/bench.py $(ARGS)
+	$(BIN)/python benchmarks/bench.py $(ARGS)

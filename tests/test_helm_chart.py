@@ -30,7 +30,8 @@ import pytest
 import yaml
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helm_chart import (
+from kubernetes_validate.utils import all_versions
+from support.helm_chart import (
     CHART,
     MISSING_HELM,
     NAMESPACE,
@@ -45,8 +46,7 @@ from helm_chart import (
     render,
     run_helm,
 )
-from helm_image import dockerfile_stages, last
-from kubernetes_validate.utils import all_versions
+from support.helm_image import dockerfile_stages, last
 
 from moe_embed.export.bundle import Bundle
 from moe_embed.service import config as serve_config

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from service_fixtures import (
+from support.service import (
     TASKS,
     Expected,
     ServerThread,

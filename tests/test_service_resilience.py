@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fixtures import (
+from support.service import (
     NOT_SERVING,
     SERVING,
     TASKS,

@@ -2,7 +2,7 @@
 
 ONNX Runtime's CPU MatMul is fastest when its operands stay in cache: on this model's linear
 shapes (2 threads) it runs 15-20% faster with 512 rows than with 4096 (`make bench` measures
-both, in the machine table of tests/perf/RESULTS.md), and the elementwise ops between the
+both, in the machine table of benchmarks/RESULTS.md), and the elementwise ops between the
 MatMuls (GELU, LayerNorm, residual adds) also run from cache on a 512-row chunk. So a dense
 segment runs chunk by chunk, while routing and the experts still see the whole batch (an
 expert's rows are gathered from every chunk). Each chunk also trims the padding columns it does

@@ -38,7 +38,7 @@ def write_chart(res: dict, path: Path) -> None:
             ax.plot([threshold, threshold], [i - 0.4, i + 0.4], color="black", lw=2)
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio (fractions of peak/roofline as 0..1); black tick = issue 4 target")
+    ax.set_xlabel("ratio (fractions of peak/roofline as 0..1); black tick = target")
     m = res["meta"]
     ax.set_title(f"moe-embed vs peers, {m['threads']} threads, load {m['load_start']['1m']:.2f}"
                  f"{' (quick)' if m['quick'] else ''}: green PASS, red MISS", fontsize=10)

@@ -1,6 +1,6 @@
-"""moe-embed benchmarks against the peers, in one run (issue 4). Not part of the test suite.
+"""moe-embed benchmarks against the peers, in one run. Not part of the test suite.
 
-    .venv/bin/python tests/perf/bench.py [--quick] [--only W1,W3,torch,...] [--out DIR]
+    .venv/bin/python benchmarks/bench.py [--quick] [--only W1,W3,torch,...] [--out DIR]
 
 Builds (or reuses) the `full` synthetic checkpoint and its routed and all-experts bundles,
 measures this machine's sgemm peak and read bandwidth, then times W1-W5 for the in-process

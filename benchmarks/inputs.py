@@ -17,7 +17,7 @@ import numpy as np
 
 from moe_embed.workers.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual.json"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 BOS, EOS, FIRST_PIECE, LAST_PIECE = 0, 2, 4, 250001  # XLM-R: 0..3 are specials, 250002 real ids
 SHORT_MAX_TOKENS = 32
 

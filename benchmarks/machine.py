@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("moe-embed", "torch", "onnxruntime", "onnx", "numpy", "grpcio", "tokenizers",
             "protobuf", "matplotlib", "psutil")
 

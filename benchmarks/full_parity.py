@@ -1,6 +1,6 @@
 """Script, not a CI test: the full-size (475M) synthetic model, runtime vs PyTorch reference.
 
-    .venv/bin/python tests/check_full_parity.py [--workdir DIR] [--threads 2]
+    .venv/bin/python benchmarks/full_parity.py [--workdir DIR] [--threads 2]
 
 Builds (or reuses) the `full` synthetic checkpoint and its routed bundle, embeds every text of
 tests/data/multilingual.json one at a time and as one padded batch, and checks cos >= 0.99999,
@@ -26,7 +26,7 @@ from moe_embed.export.synthetic import write_synthetic
 from moe_embed.workers.runtime import Runtime
 from moe_embed.workers.tokenizer import Tokenizer
 
-TEXTS = Path(__file__).parent / "data" / "multilingual.json"
+TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 
 
 def _bundle(workdir: Path) -> tuple[Path, Path]:

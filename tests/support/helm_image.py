@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from helm_chart import REPO
+from .helm_chart import REPO
 
 
 def dockerfile_stages() -> list[list[tuple[str, str]]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm"
 RELEASE = "emb"
 NAMESPACE = "search"
