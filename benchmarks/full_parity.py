@@ -23,8 +23,9 @@ from moe_embed.export.checkpoint import load_checkpoint
 from moe_embed.export.reference import ReferenceModel, pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import write_synthetic
-from moe_embed.workers.runtime import Runtime
-from moe_embed.workers.tokenizer import Tokenizer
+from moe_embed.workers.runtime.runtime import Runtime, pack
+from moe_embed.workers.runtime.tasks import task_named
+from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 
@@ -51,17 +52,18 @@ def main() -> int:
     ck = load_checkpoint(str(ckpt))
     ref = ReferenceModel.from_tensors(ck.config, ck.tensors)
     texts = json.loads(TEXTS.read_text())
-    ids = Tokenizer.from_bundle(rt.bundle).encode(texts, "search_document")
+    ids = [x.tolist() for x in Tokenizer.from_bundle(rt.bundle).encode(
+        texts, task_named("search_document"))]
     worst_cos, worst_abs, mismatches = 1.0, 0.0, 0
     t0 = time.perf_counter()
     for batch in [[x] for x in ids] + [ids]:
         input_ids, mask = pad_batch(batch)
         hidden, routing = ref(input_ids, mask)
-        r = rt.forward(batch)
+        r = rt.forward(*pack(batch))
         m = mask.numpy().astype(bool)
         for layer, experts in routing.items():
             mismatches += int((experts.numpy()[m] != r.expert_ids[layer]).any(axis=1).sum())
-        ours = rt.embed_ids(batch).embeddings
+        ours = np.stack(rt.embed(*pack(batch)).vectors)
         theirs = ref.embed(input_ids, mask).numpy()
         worst_cos = min(worst_cos, float((ours * theirs).sum(axis=1).min()))
         worst_abs = max(worst_abs, float(np.abs(ours - theirs).max()))

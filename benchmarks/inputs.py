@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_embed.workers.tokenizer import Tokenizer
+from moe_embed.workers.runtime.tasks import task_named
+from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 BOS, EOS, FIRST_PIECE, LAST_PIECE = 0, 2, 4, 250001  # XLM-R: 0..3 are specials, 250002 real ids
@@ -42,6 +43,11 @@ class TextSet:
         return token_budget_batches(self.ids, budget)
 
 
+def encode(tok: Tokenizer, texts: list[str], task: str) -> list[list[int]]:
+    """Token id lists, as the service's tokenizer makes them."""
+    return [x.tolist() for x in tok.encode(texts, task_named(task))]
+
+
 def multilingual_texts() -> list[str]:
     return json.loads(DATA.read_text())
 
@@ -49,13 +55,13 @@ def multilingual_texts() -> list[str]:
 def w1_set(tok: Tokenizer, limit: int | None = None) -> TextSet:
     """W1: the fixed multilingual set, one text at a time, task search_query."""
     texts = multilingual_texts()[:limit]
-    return TextSet(texts, "search_query", tok.encode(texts, "search_query"))
+    return TextSet(texts, "search_query", encode(tok, texts, "search_query"))
 
 
 def short_set(tok: Tokenizer) -> TextSet:
     """The short requests of W4/W5: multilingual texts of at most 32 tokens as queries."""
     texts = multilingual_texts()
-    ids = tok.encode(texts, "search_query")
+    ids = encode(tok, texts, "search_query")
     keep = [i for i, x in enumerate(ids) if len(x) <= SHORT_MAX_TOKENS]
     return TextSet([texts[i] for i in keep], "search_query", [ids[i] for i in keep])
 
@@ -76,7 +82,7 @@ def w3_corpus(tok: Tokenizer, n: int = 256, lo: int = 8, hi: int = 512, seed: in
     """
     rng = np.random.default_rng(seed)
     words = sorted({w for t in multilingual_texts() for w in t.split()})
-    word_len = [len(x) - 2 for x in tok.encode(words, "none")]
+    word_len = [len(x) - 2 for x in encode(tok, words, "none")]
     targets = np.exp(rng.uniform(math.log(lo), math.log(hi), size=n)).round().astype(int)
     texts = []
     for target in targets:
@@ -86,7 +92,7 @@ def w3_corpus(tok: Tokenizer, n: int = 256, lo: int = 8, hi: int = 512, seed: in
             parts.append(words[j])
             count += word_len[j]
         texts.append(" ".join(parts))
-    return TextSet(texts, "none", tok.encode(texts, "none"))
+    return TextSet(texts, "none", encode(tok, texts, "none"))
 
 
 def token_budget_batches(ids: list[list[int]], budget: int) -> list[list[int]]:

@@ -85,7 +85,7 @@ def _ort_matmul_session(m: int, k: int, n: int, threads: int):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from moe_embed.workers.sessions import create_session
+    from moe_embed.workers.runtime.sessions import create_session
 
     b = numpy_helper.from_array(np.random.default_rng(1).standard_normal((k, n), np.float32), "B")
     graph = helper.make_graph(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moe_embed.export.bundle import Bundle
-from moe_embed.workers.runtime import Runtime
+from moe_embed.workers.runtime.runtime import Runtime, pack
 
 PEERS = ("routed", "all-experts", "torch")
 
@@ -27,8 +27,8 @@ class OrtPeer:
         self.runtime = Runtime(bundle, threads=threads)
 
     def run(self, ids: Sequence[Sequence[int]]) -> np.ndarray | None:
-        r = self.runtime.embed_ids(ids)
-        return r.expert_tokens if self.runtime.bundle.moe_mode == "routed" else None
+        r = self.runtime.embed(*pack(ids))
+        return r.expert_tokens if self.runtime.moe_mode == "routed" else None
 
     def close(self) -> None:
         del self.runtime

@@ -16,7 +16,9 @@ from plan import Plan
 from timing import median, percentile, repeat, summary_ms, timed_passes
 
 from moe_embed.export.config import ModelConfig
-from moe_embed.workers.tokenizer import Tokenizer
+from moe_embed.workers.runtime.runtime import pack
+from moe_embed.workers.runtime.tasks import task_named
+from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 
 @dataclass
@@ -105,7 +107,7 @@ def _inprocess_calls(ctx: Context, peer, texts: TextSet) -> list:
     calls = []
     for text in texts.texts:
         def call(text: str = text) -> None:
-            peer.runtime.embed_ids(ctx.tok.encode([text], texts.task))
+            peer.runtime.embed(*pack(ctx.tok.encode([text], task_named(texts.task))))
         calls.append(call)
     return calls
 

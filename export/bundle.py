@@ -1,15 +1,16 @@
 """The bundle format: one module writes and reads `manifest.json`, nobody else parses it.
 
 A bundle is a directory: manifest.json, tokenizer.json, and the graphs/weights it lists, each
-with its sha256. Loading verifies the format version and every hash, so a tampered or truncated
-file is refused before any session is created.
+with its sha256. The manifest is typed (`Manifest` and the dataclasses it holds); readers use
+its fields, never raw JSON keys. Loading verifies the format version and every hash, so a
+tampered or truncated file is refused before any session is created.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from .config import ModelConfig
 FORMAT = "moe-embed-bundle"
 FORMAT_VERSION = 2  # 2: routed segments take packed [N, H] hidden states
 MANIFEST = "manifest.json"
+MOE_MODES = ("routed", "all-experts")
 
 
 class BundleError(RuntimeError):
@@ -32,24 +34,127 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path, fields: dict[str, Any], files: list[str]) -> Path:
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    """A dense segment graph: closes MoE layer `moe_residual` (if any), runs `full_layers`,
+    then the attention half of `attn_layer` (if any)."""
+
+    file: str
+    moe_residual: int | None
+    full_layers: tuple[int, ...]
+    attn_layer: int | None
+    needs_mask: bool
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """What the runtime loads: `routed` bundles have segments, experts and router weights;
+    `all-experts` bundles one `model` graph."""
+
+    segments: tuple[SegmentEntry, ...] = ()
+    experts: dict[int, tuple[str, ...]] = field(default_factory=dict)  # MoE layer -> files
+    router: str | None = None
+    model: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.model is not None:
+            return {"model": self.model}
+        return {"segments": [{**asdict(s), "full_layers": list(s.full_layers)}
+                             for s in self.segments],
+                "experts": {str(k): list(v) for k, v in self.experts.items()},
+                "router": self.router}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Graphs:
+        if "model" in d:
+            return cls(model=d["model"])
+        segments = tuple(SegmentEntry(s["file"], s["moe_residual"], tuple(s["full_layers"]),
+                                      s["attn_layer"], s["needs_mask"]) for s in d["segments"])
+        experts = {int(k): tuple(v) for k, v in d["experts"].items()}
+        return cls(segments, experts, d["router"])
+
+
+@dataclass(frozen=True)
+class DimensionRange:
+    """The Matryoshka output sizes the model supports."""
+
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_id: str
+    source: dict[str, Any]  # {"kind": "hub", "id", "revision"} or {"kind": "local", "path"}
+    created: str
+    precision: str
+    moe_mode: str
+    config: ModelConfig
+    max_tokens: int
+    dimensions: DimensionRange
+    tokenizer: str
+    graphs: Graphs
+    exporter: dict[str, Any]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": self.format_version,
+            "model_id": self.model_id, "source": self.source, "created": self.created,
+            "precision": self.precision, "moe_mode": self.moe_mode,
+            "config": self.config.to_dict(), "max_tokens": self.max_tokens,
+            "dimensions": asdict(self.dimensions), "tokenizer": self.tokenizer,
+            "graphs": self.graphs.to_json(), "exporter": self.exporter,
+            "files": {k: asdict(v) for k, v in self.files.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: Path) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"{where}: 'format' is {d.get('format')!r}, not {FORMAT!r}")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: format_version {d.get('format_version')!r} is not supported "
+                f"(this build reads version {FORMAT_VERSION}); re-export the bundle")
+        try:
+            return cls(
+                model_id=d["model_id"], source=d["source"], created=d["created"],
+                precision=d["precision"], moe_mode=d["moe_mode"],
+                config=ModelConfig.from_dict(d["config"]), max_tokens=d["max_tokens"],
+                dimensions=DimensionRange(**d["dimensions"]), tokenizer=d["tokenizer"],
+                graphs=Graphs.from_json(d["graphs"]), exporter=d["exporter"],
+                files={k: FileEntry(**v) for k, v in d["files"].items()},
+                format_version=d["format_version"])
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"{where}: malformed manifest ({exc!r}); re-export the bundle") \
+                from exc
+
+
+def write_manifest(directory: Path, manifest: Manifest, files: list[str]) -> Path:
     """Hash every listed file (relative paths) and write manifest.json last."""
     entries = {}
     for rel in sorted(files):
         p = directory / rel
-        entries[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "files": entries}
+        entries[rel] = FileEntry(sha256_file(p), p.stat().st_size)
     path = directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    body = replace(manifest, files=entries).to_json()
+    path.write_text(json.dumps(body, indent=2) + "\n")
     return path
 
 
 @dataclass
 class Bundle:
-    """A verified bundle directory and the facts the runtime and service need from it."""
+    """A verified bundle directory: its path, typed manifest and the manifest's sha256."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     digest: str
 
     @classmethod
@@ -60,66 +165,32 @@ class Bundle:
             raise BundleError(f"{path}: not a bundle ({MANIFEST} not found)")
         raw = mpath.read_bytes()
         try:
-            manifest = json.loads(raw)
+            data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise BundleError(f"{mpath}: not valid JSON: {exc}") from exc
-        if manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath}: 'format' is {manifest.get('format')!r}, not {FORMAT!r}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
-                f"(this build reads version {FORMAT_VERSION}); re-export the bundle"
-            )
-        bundle = cls(path, manifest, hashlib.sha256(raw).hexdigest())
+        if not isinstance(data, dict):
+            raise BundleError(f"{mpath}: not a JSON object")
+        bundle = cls(path, Manifest.from_json(data, mpath), hashlib.sha256(raw).hexdigest())
         if verify:
             bundle.verify()
         return bundle
 
     def verify(self) -> None:
         """Check every file's size and sha256 against the manifest."""
-        for rel, entry in self.manifest["files"].items():
+        for rel, entry in self.manifest.files.items():
             p = self.path / rel
             if not p.is_file():
                 raise BundleError(f"{self.path}: file '{rel}' listed in the manifest is missing")
-            if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+            if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
                 raise BundleError(
                     f"{self.path}: file '{rel}' does not match its sha256 in the manifest "
-                    "(modified or corrupted); re-export the bundle"
-                )
+                    "(modified or corrupted); re-export the bundle")
 
     def file(self, rel: str) -> Path:
-        if rel not in self.manifest["files"]:
+        if rel not in self.manifest.files:
             raise BundleError(f"{self.path}: '{rel}' is not listed in the manifest")
         return self.path / rel
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.manifest["config"])
-
-    @property
-    def model_id(self) -> str:
-        return self.manifest["model_id"]
-
-    @property
-    def precision(self) -> str:
-        return self.manifest["precision"]
-
-    @property
-    def moe_mode(self) -> str:
-        return self.manifest["moe_mode"]
-
-    @property
-    def dims_min(self) -> int:
-        return self.manifest["dimensions"]["min"]
-
-    @property
-    def dims_max(self) -> int:
-        return self.manifest["dimensions"]["max"]
-
-    @property
-    def max_tokens(self) -> int:
-        return self.manifest["max_tokens"]
-
-    @property
-    def graphs(self) -> dict[str, Any]:
-        return self.manifest["graphs"]
+        return self.manifest.config

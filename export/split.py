@@ -17,13 +17,21 @@ import onnx
 import torch
 from safetensors.torch import save_file
 
-from .bundle import FORMAT_VERSION, write_manifest
+from .bundle import (
+    FORMAT_VERSION,
+    MOE_MODES,
+    DimensionRange,
+    Graphs,
+    Manifest,
+    SegmentEntry,
+    write_manifest,
+)
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .onnx_graphs import OPSET, all_experts_graph, expert_graph, expert_weights, plan_segments
 from .onnx_graphs import segment_graph as build_segment
 
-MOE_MODES = ("routed", "all-experts")
+__all__ = ["MOE_MODES", "export_bundle"]
 ProgressFn = Callable[[int, int, str], None]
 _PROTO_LIMIT = 1 << 30  # above this, weights go to an external-data file beside the graph
 
@@ -67,7 +75,6 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
     tmp.mkdir(parents=True)
     files: list[str] = []
     report = progress or (lambda step, total, what: None)
-    graphs: dict = {}
 
     def emit(step: int, total: int, rel: str, model: onnx.ModelProto) -> list[str]:
         names = _save(model, tmp / rel)
@@ -77,18 +84,17 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
         return rels
 
     if moe_mode == "routed":
-        segments = plan_segments(cfg)
-        total = len(segments) + len(cfg.moe_layers) * cfg.num_experts + 1
+        plan = plan_segments(cfg)
+        total = len(plan) + len(cfg.moe_layers) * cfg.num_experts + 1
         step = 0
-        graphs["segments"] = []
-        for seg in segments:
+        segments = []
+        for seg in plan:
             step += 1
             rel = f"segments/segment_{seg.index:02d}.onnx"
             emit(step, total, rel, build_segment(cfg, seg, tensors))
-            graphs["segments"].append({"file": rel, "moe_residual": seg.moe_residual,
-                                       "full_layers": list(seg.full_layers),
-                                       "attn_layer": seg.attn_layer, "needs_mask": seg.needs_mask})
-        graphs["experts"] = {}
+            segments.append(SegmentEntry(rel, seg.moe_residual, tuple(seg.full_layers),
+                                         seg.attn_layer, seg.needs_mask))
+        experts: dict[int, tuple[str, ...]] = {}
         router: dict[str, torch.Tensor] = {}
         for layer in cfg.moe_layers:
             w1, w2 = expert_weights(cfg, tensors, layer)
@@ -98,35 +104,35 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
                 rel = f"experts/layer_{layer:02d}/expert_{e}.onnx"
                 emit(step, total, rel, expert_graph(w1[e], w2[e], f"l{layer}_e{e}"))
                 rels.append(rel)
-            graphs["experts"][str(layer)] = rels
+            experts[layer] = tuple(rels)
             p = f"encoder.layers.{layer}.mlp."
             router[f"{layer}.router"] = tensors[p + "router.layer.weight"].contiguous()
             router[f"{layer}.expert_bias"] = tensors[p + "experts.bias"].contiguous()
         save_file(router, str(tmp / "router.safetensors"))
         files.append("router.safetensors")
-        graphs["router"] = "router.safetensors"
+        graphs = Graphs(tuple(segments), experts, "router.safetensors")
         report(total, total, "router.safetensors")
     else:
-        graphs["model"] = emit(1, 1, "model.onnx", all_experts_graph(cfg, tensors))[0]
+        graphs = Graphs(model=emit(1, 1, "model.onnx", all_experts_graph(cfg, tensors))[0])
 
     shutil.copyfile(ck.tokenizer_path, tmp / "tokenizer.json")
     (tmp / "config.json").write_text(json.dumps(ck.raw_config, indent=2) + "\n")
     files += ["tokenizer.json", "config.json"]
     lo, hi = default_dims_range(cfg)
-    write_manifest(tmp, {
-        "model_id": _model_id(ck),
-        "source": ck.source,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "precision": "fp32",
-        "moe_mode": moe_mode,
-        "config": cfg.to_dict(),
-        "max_tokens": cfg.max_tokens,
-        "dimensions": {"min": lo, "max": hi},
-        "tokenizer": "tokenizer.json",
-        "graphs": graphs,
-        "exporter": {"format_version": FORMAT_VERSION, "onnx_opset": OPSET,
-                     "onnx": onnx.__version__, "torch": torch.__version__},
-    }, files)
+    write_manifest(tmp, Manifest(
+        model_id=_model_id(ck),
+        source=ck.source,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        precision="fp32",
+        moe_mode=moe_mode,
+        config=cfg,
+        max_tokens=cfg.max_tokens,
+        dimensions=DimensionRange(lo, hi),
+        tokenizer="tokenizer.json",
+        graphs=graphs,
+        exporter={"format_version": FORMAT_VERSION, "onnx_opset": OPSET,
+                  "onnx": onnx.__version__, "torch": torch.__version__},
+    ), files)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -9,7 +9,6 @@ Texts beyond the server's per-request limit are sent in several requests, in ord
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,16 +17,9 @@ import numpy as np
 
 from ..v1 import embedder_pb2 as pb
 from ..v1 import embedder_pb2_grpc as pb_grpc
-from ..workers.errors import InvalidInput
-
-TASKS = {
-    "none": pb.TASK_NONE,
-    "search_query": pb.TASK_SEARCH_QUERY,
-    "search_document": pb.TASK_SEARCH_DOCUMENT,
-    "classification": pb.TASK_CLASSIFICATION,
-    "clustering": pb.TASK_CLUSTERING,
-}
-_WHERE = re.compile(r"^(?P<field>[a-z_]+)(\[(?P<index>\d+)\])?: (?P<detail>.*)$", re.S)
+from ..workers.runtime.errors import InvalidInput
+from ..workers.runtime.tasks import task_named
+from .errors import bad_request
 
 
 class RemoteError(RuntimeError):
@@ -43,10 +35,11 @@ def _raise(target: str, err: grpc.RpcError, offset: int = 0) -> None:
     """INVALID_ARGUMENT -> InvalidInput naming the field (and the caller's index), as the
     in-process embedder would; anything else -> RemoteError."""
     if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        m = _WHERE.match(err.details() or "")
-        if m:
-            index = int(m["index"]) + offset if m["index"] is not None else None
-            raise InvalidInput(m["field"], m["detail"], index=index) from None
+        violation = bad_request(err)
+        if violation is not None:
+            field, index, detail = violation
+            index = index + offset if index is not None else None
+            raise InvalidInput(field, detail, index=index) from None
     raise RemoteError(target, err.code(), err.details() or "") from None
 
 
@@ -80,13 +73,12 @@ class EmbedClient:
     def embed_response(self, texts: Sequence[str], task: str, dimensions: int = 0,
                        truncate: bool = True, normalize: bool = True) -> list[pb.EmbedResponse]:
         """The raw responses, one per chunk of at most the server's max_inputs texts."""
-        if task not in TASKS:
-            raise InvalidInput("task", f"unknown task {task!r}; expected one of {list(TASKS)}")
+        proto_task = pb.Task.Value(task_named(task).proto)
         texts = list(texts)
         step = max(1, self.info().max_inputs) if len(texts) > 1 else 1
         out = []
         for start in range(0, max(1, len(texts)), step):
-            req = pb.EmbedRequest(inputs=texts[start:start + step], task=TASKS[task],
+            req = pb.EmbedRequest(inputs=texts[start:start + step], task=proto_task,
                                   dimensions=dimensions, truncate=truncate, normalize=normalize)
             try:
                 out.append(self._stub.Embed(req, timeout=self.timeout_s))

@@ -56,6 +56,7 @@ class ServeConfig:
     max_inputs: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
     drain_grace_s: float = 20.0
+    batch_timeout_s: float = 10.0
     cache_dir: str = "~/.cache/moe-embed"
     log_level: str = "info"
 
@@ -71,6 +72,7 @@ class ServeConfig:
             "max_inputs": self.max_inputs >= 1,
             "max_message_bytes": self.max_message_bytes >= 1024,
             "drain_grace_s": self.drain_grace_s >= 0,
+            "batch_timeout_s": self.batch_timeout_s > 0,
             "log_level": self.log_level in LOG_LEVELS,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -108,7 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads_per_worker", "--threads-per-worker", "MOE_EMBED_THREADS_PER_WORKER", int,
             "ONNX Runtime / torch threads in each worker", "N"),
     Setting("max_batch_tokens", "--max-batch-tokens", "MOE_EMBED_MAX_BATCH_TOKENS", int,
-            "token budget of one batch, counted with padding (longest input x inputs)", "N"),
+            "real tokens in one batch (what its linear layers compute: padding never reaches "
+            "them); attention's padded width is bounded separately, per 512-token chunk in "
+            "the worker", "N"),
     Setting("max_wait_ms", "--max-wait-ms", "MOE_EMBED_MAX_WAIT_MS", float,
             "longest a batch waits for companions before it is queued behind a busy worker "
             "(an idle worker gets work at once)", "MS"),
@@ -120,6 +124,10 @@ SETTINGS: tuple[Setting, ...] = (
             "largest gRPC message received or sent", "BYTES"),
     Setting("drain_grace_s", "--drain-grace-s", "MOE_EMBED_DRAIN_GRACE_S", float,
             "on SIGTERM, seconds allowed for in-flight work to finish", "SECONDS"),
+    Setting("batch_timeout_s", "--batch-timeout-s", "MOE_EMBED_BATCH_TIMEOUT_S", float,
+            "a batch still running this long plus 20x its expected time (from recent batches' "
+            "time per token) is taken for stuck: its worker is killed and restarted, the "
+            "batch sent once more", "SECONDS"),
     Setting("cache_dir", "--cache-dir", "MOE_EMBED_CACHE_DIR", str,
             "where the demo model is built and cached", "DIR"),
     Setting("log_level", "--log-level", "MOE_EMBED_LOG_LEVEL", str,

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from ..workers.errors import InvalidInput
-from ..workers.tokenizer import TASKS
+from ..workers.runtime.errors import InvalidInput
+from ..workers.runtime.tasks import TASK_NAMES
 from .client import RemoteError
 
 
@@ -30,7 +30,7 @@ def _embed(args: argparse.Namespace) -> int:
 
             result = embed_remote(args.server, texts, args.task, args.dimensions)
         else:
-            from ..workers.embedder import LocalEmbedder
+            from ..workers.runtime.embedder import LocalEmbedder
             from .demo import ensure_demo_bundle
 
             embedder = LocalEmbedder(args.bundle or ensure_demo_bundle(), args.threads)
@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("texts", nargs="*", help="texts to embed")
     p.add_argument("--input-json", metavar="FILE",
                    help="JSON list of texts to embed ('-' = stdin), after any positional texts")
-    p.add_argument("--task", required=True, choices=TASKS,
+    p.add_argument("--task", required=True, choices=TASK_NAMES,
                    help="task prefix the model was trained with; 'none' = text used as given")
     p.add_argument("--dimensions", type=int, default=0,
                    help="Matryoshka output size (0 = full; the real model supports 256..768)")

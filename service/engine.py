@@ -1,14 +1,16 @@
-"""The engine: the one API behind the gRPC adapter (validate -> tokenize -> batch -> dispatch).
+"""The engine: the one API behind every protocol adapter (validate -> tokenize -> queue ->
+vectors).
 
-It knows nothing of protobuf. Everything a request can get wrong is checked here, before any
-work is queued, so a bad request never costs a worker or another request's result.
+It knows nothing of protobuf. A request is checked by the same validator as the in-process
+API before any work is queued, so a bad request never costs a worker or another request's
+result; tokenization of anything but small requests runs off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +18,17 @@ import numpy as np
 import structlog
 
 from ..export.bundle import Bundle
-from ..workers import protocol
-from ..workers.dimensions import resolve_dimensions
-from ..workers.errors import InvalidInput
-from ..workers.tokenizer import TASKS, Tokenizer
+from ..workers.runtime.requests import Input, Limits, validate_embed
+from ..workers.runtime.tasks import task_named
+from ..workers.runtime.tokenizer import Tokenizer
 from . import errors
-from .batcher import Batch, Batcher, Job
+from .batching import BatchQueue, Job
 from .config import ServeConfig
-from .errors import ServiceError
 from .metrics import Metrics
-from .pool import WorkerPool
+from .scheduler import Scheduler
+from .worker_pool import WorkerPool
 
-THREAD_TOKENIZE_CHARS = 16384  # larger requests are tokenized off the event loop
+INLINE_TOKENIZE_CHARS = 4096  # larger requests are tokenized in a thread
 
 log = structlog.get_logger("moe_embed.engine")
 
@@ -42,32 +43,33 @@ class EmbedOutcome:
     total_ms: float
 
 
+def _chars(inputs: Sequence[Input]) -> int:
+    return sum(len(x) for x in inputs if isinstance(x, str))
+
+
 class Engine:
-    """Owns the tokenizer, the batcher and the worker pool of one server."""
+    """Owns the tokenizer, the queue, the scheduler and the worker pool of one server."""
 
     def __init__(self, config: ServeConfig, bundle_path: str | Path, metrics: Metrics) -> None:
         self.config = config
         self.bundle = Bundle.load(bundle_path, verify=False)  # workers verify every hash
+        self.limits = Limits.of(self.bundle, config.max_inputs)
         self.tokenizer = Tokenizer.from_bundle(self.bundle)
         self.metrics = metrics
         self.draining = False
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.batcher = Batcher(config.max_batch_tokens, config.max_wait_ms / 1e3,
-                               config.max_queue, on_depth=metrics.queue_depth.set,
-                               on_dropped=metrics.inputs_dropped.inc)
-        self.pool = WorkerPool(
-            self.bundle.path, config.workers, config.threads_per_worker, config.log_level,
-            on_result=self._on_result, on_error=self._on_error,
-            on_capacity=self._on_capacity, on_requeue=self._on_requeue,
-            on_sent=self._on_sent, on_restart=self._on_restart)
-        self.batcher.attach(self.pool)
+        self.pool = WorkerPool(self.bundle.path, config.workers, config.threads_per_worker,
+                               config.log_level, metrics)
+        self.scheduler = Scheduler(BatchQueue(config.max_batch_tokens, config.max_queue),
+                                   self.pool, metrics, config.max_wait_ms / 1e3,
+                                   config.batch_timeout_s)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         await self.pool.start()
-        self.metrics.workers_ready.set(self.pool.ready_count)
+        self.scheduler.start()
 
     @property
     def ready(self) -> bool:
@@ -88,122 +90,75 @@ class Engine:
             return False
 
     async def close(self) -> None:
+        await self.scheduler.close()
         await self.pool.close()
 
-    # -- validation -----------------------------------------------------------------------
-    def check_inputs(self, inputs: Sequence[str]) -> None:
-        if not inputs:
-            raise errors.invalid_argument("inputs", "at least one input is required")
-        if len(inputs) > self.config.max_inputs:
-            raise errors.invalid_argument(
-                "inputs", f"{len(inputs)} inputs exceed the limit of {self.config.max_inputs} "
-                "per request (max_inputs); split the request")
-        for i, text in enumerate(inputs):
-            if not text:
-                raise errors.invalid_argument("inputs", "empty string", index=i)
-
-    def check_task(self, task: str) -> None:
-        if task not in TASKS:
-            raise errors.invalid_argument("task", f"unknown task {task!r}; expected one of "
-                                          + ", ".join(TASKS))
-
-    def check_dimensions(self, dimensions: int) -> int:
-        """The output size for `dimensions` (0 = full), by the runtime's own rule."""
-        try:
-            return resolve_dimensions(self.bundle, dimensions)
-        except InvalidInput as exc:
-            raise errors.to_service_error(exc) from exc
-
-    async def _encode(self, inputs: Sequence[str], task: str,
-                      truncate: bool) -> list[list[int]]:
-        try:
-            if sum(len(t) for t in inputs) > THREAD_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode, inputs, task, truncate)
-            return self.tokenizer.encode(inputs, task, truncate)
-        except Exception as exc:
-            raise errors.to_service_error(exc) from exc
-
     # -- the API --------------------------------------------------------------------------
-    async def embed(self, inputs: Sequence[str], task: str, dimensions: int = 0,
-                    truncate: bool = True, normalize: bool = True,
-                    timeout_s: float | None = None) -> EmbedOutcome:
-        """Embed `inputs`; raises ServiceError with the status the client should see."""
-        start = time.monotonic()
+    def _admitting(self) -> None:
         if self.draining:
             raise errors.unavailable("server is draining (shutting down); retry elsewhere")
         if not self.ready:
             raise errors.unavailable("workers are still loading; retry shortly")
-        self.check_inputs(inputs)
-        self.check_task(task)
-        dims = self.check_dimensions(dimensions)
-        ids = await self._encode(inputs, task, truncate)
+
+    async def _encode(self, inputs: Sequence[Input], task: str,
+                      truncate: bool) -> list[np.ndarray]:
+        t = task_named(task)
+        if _chars(inputs) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, inputs, t, truncate)
+        return self.tokenizer.encode(inputs, t, truncate)
+
+    async def embed(self, inputs: Sequence[Input], task: str, dimensions: int = 0,
+                    truncate: bool = True, normalize: bool = True,
+                    timeout_s: float | None = None,
+                    caller: Hashable = "") -> EmbedOutcome:
+        """Embed `inputs` for `caller` (the fairness unit: a connection or a stream); raises
+        ServiceError with the status the client should see."""
+        start = time.monotonic()
+        self._admitting()
+        try:
+            spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+            ids = await self._encode(inputs, task, truncate)
+        except Exception as exc:
+            raise errors.service_error(exc) from exc
+        self._admitting()  # the drain may have begun while tokenizing
         deadline = start + timeout_s if timeout_s is not None else None
-        job = Job([np.asarray(x, dtype=np.int32) for x in ids], dims, normalize,
-                  asyncio.get_running_loop().create_future(), deadline)
-        self.batcher.admit(job)
+        job = Job(ids, spec.dimensions, spec.normalize, caller,
+                  asyncio.get_running_loop().create_future(), time.monotonic(), deadline)
+        self.scheduler.submit(job)
         self._active += 1
         self._idle.clear()
         try:
             await job.future
         except BaseException:  # cancelled, deadline, or a batch of it failed
-            self.batcher.cancel(job)  # its inputs still queued never reach a worker
+            self.scheduler.cancel(job)  # its inputs still queued never reach a worker
             raise
         finally:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
         self.metrics.queue_time.observe(job.queue_ms / 1e3)
-        return EmbedOutcome(job.vectors, [len(x) for x in ids], dims, job.queue_ms,
+        return EmbedOutcome(job.vectors, [len(x) for x in ids], spec.dimensions, job.queue_ms,
                             job.compute_ms, (time.monotonic() - start) * 1e3)
 
-    def tokenize(self, inputs: Sequence[str], task: str) -> list[tuple[list[int], list[str]]]:
-        self.check_inputs(inputs)
-        self.check_task(task)
+    async def tokenize(self, inputs: Sequence[str], task: str,
+                       truncate: bool = True) -> list[tuple[list[int], list[str]]]:
+        """The ids and pieces the model would see."""
         try:
-            return self.tokenizer.tokenize(inputs, task)
+            validate_embed(inputs, task, 0, self.limits, truncate)
+            t = task_named(task)
+            if _chars(inputs) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.tokenize, inputs, t, truncate)
+            return self.tokenizer.tokenize(inputs, t, truncate)
         except Exception as exc:
-            raise errors.to_service_error(exc) from exc
+            raise errors.service_error(exc) from exc
 
     def info(self) -> dict:
-        b = self.bundle
+        m = self.bundle.manifest
         return {
-            "model_id": b.model_id, "dimensions": b.dims_max, "min_dimensions": b.dims_min,
-            "max_dimensions": b.dims_max, "max_tokens": b.max_tokens,
-            "precision": b.precision, "workers": self.config.workers,
-            "bundle_hash": b.digest, "moe_mode": b.moe_mode,
-            "max_inputs": self.config.max_inputs,
+            "model_id": m.model_id, "dimensions": m.dimensions.max,
+            "min_dimensions": m.dimensions.min, "max_dimensions": m.dimensions.max,
+            "max_tokens": m.max_tokens, "precision": m.precision,
+            "workers": self.config.workers, "bundle_hash": self.bundle.digest,
+            "moe_mode": m.moe_mode, "max_inputs": self.config.max_inputs,
             "max_batch_tokens": self.config.max_batch_tokens,
         }
-
-    # -- pool callbacks (event loop) ------------------------------------------------------
-    def _on_capacity(self) -> None:
-        self.metrics.workers_ready.set(self.pool.ready_count)
-        self.batcher.schedule()
-
-    def _on_sent(self, batch: Batch) -> None:
-        m = self.metrics
-        m.batch_requests.observe(batch.requests())
-        m.batch_inputs.observe(len(batch.items))
-        m.batch_tokens.observe(batch.tokens)
-        m.batch_padded_tokens.observe(batch.padded)
-
-    def _on_result(self, batch: Batch, result: protocol.ResultMessage) -> None:
-        for item, vector in zip(batch.items, result.vectors(), strict=True):
-            item.job.deliver(item.index, vector, result.compute_ms)
-        self.metrics.compute_time.observe(result.compute_ms / 1e3)
-        self.metrics.observe_experts(result.moe_layers, result.expert_tokens)
-
-    def _on_error(self, batch: Batch, error: ServiceError) -> None:
-        log.error("batch_failed", batch_id=batch.batch_id, code=error.code.name,
-                  error=error.message)
-        for item in batch.items:
-            item.job.fail(error)
-
-    def _on_requeue(self, batch: Batch) -> None:
-        self.metrics.batches_resent.inc()
-        log.warning("batch_resent", batch_id=batch.batch_id, inputs=len(batch.items))
-        self.batcher.requeue(batch)
-
-    def _on_restart(self, index: int) -> None:
-        self.metrics.worker_restarts.labels(str(index)).inc()
-        self.metrics.workers_ready.set(self.pool.ready_count)

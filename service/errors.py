@@ -1,38 +1,68 @@
-"""Service failures and their gRPC status codes, mapped in this one place.
+"""Service failures and their gRPC statuses, mapped in this one place.
 
-The engine raises ServiceError (or lets a typed core error through); the gRPC adapter turns
-either into a status with `to_service_error`. Messages name the field and, for lists, the index.
+Everything below the gRPC adapter raises `ServiceError` (or a typed runtime error, turned into
+one by `service_error`). A bad field travels as a structured `google.rpc.BadRequest` detail
+whose field path names the field and the index in the caller's request (`inputs[3]`), next to
+the readable message; clients read the detail, never the message.
 """
 
 from __future__ import annotations
 
-import grpc
+import re
 
-from ..workers.errors import BundleError, InvalidInput
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..workers.runtime.errors import BundleError, InvalidInput
+
+_PATH = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_.]*)(\[(?P<index>\d+)\])?$")
 
 
 class ServiceError(Exception):
-    """A failure with the gRPC status code the client should see."""
+    """A failure with the gRPC status the client should see; `field`/`index` name the
+    request value at fault, if any."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None,
+                 index: int | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
+        self.index = index
+        self.detail = message if detail is None else detail  # the message without the path
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.message!r})"
 
+    @property
+    def path(self) -> str | None:
+        """`field` or `field[index]`."""
+        if self.field is None:
+            return None
+        return self.field if self.index is None else f"{self.field}[{self.index}]"
+
+    def rpc_status(self) -> grpc.Status:
+        """The status with its BadRequest detail, for `context.abort_with_status`."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.field is not None:
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=self.path,
+                                                            description=self.detail)]))
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
 
 def invalid_argument(field: str, message: str, index: int | None = None) -> ServiceError:
     where = field if index is None else f"{field}[{index}]"
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {message}")
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {message}", field, index,
+                        message)
 
 
-def queue_full(waiting: int, asked: int, limit: int) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"queue full: {waiting} inputs waiting + {asked} asked > max_queue {limit}; retry later",
-    )
+def queue_full(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {message}; retry later")
 
 
 def unavailable(message: str) -> ServiceError:
@@ -47,17 +77,34 @@ def internal(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, message)
 
 
-def to_service_error(exc: BaseException) -> ServiceError:
+def service_error(exc: BaseException) -> ServiceError:
     """Map any exception raised below the gRPC adapter to the status a client sees."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, InvalidInput):
-        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return invalid_argument(exc.field, exc.detail, exc.index)
     if isinstance(exc, BundleError):
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+    return internal(f"internal error: {exc!r}")
 
 
 def status_number(code: grpc.StatusCode) -> int:
     """The google.rpc.Code number of a status (for EmbedStream's per-response `error`)."""
     return code.value[0]
+
+
+def bad_request(err: grpc.RpcError) -> tuple[str, int | None, str] | None:
+    """(field, index, description) of a status's BadRequest detail, or None."""
+    status = rpc_status.from_call(err)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            for v in br.field_violations:
+                m = _PATH.match(v.field)
+                if m:
+                    index = int(m["index"]) if m["index"] is not None else None
+                    return m["field"], index, v.description
+    return None

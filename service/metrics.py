@@ -45,9 +45,6 @@ class Metrics:
         self.batch_tokens = Histogram(
             "moe_embed_batch_size_tokens", "Real (unpadded) tokens in a batch",
             buckets=_TOKEN_BUCKETS, registry=r)
-        self.batch_padded_tokens = Histogram(
-            "moe_embed_batch_padded_tokens", "Tokens in a batch counted with padding",
-            buckets=_TOKEN_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "moe_embed_queue_depth", "Inputs waiting for a worker", registry=r)
         self.inputs_dropped = Counter(

@@ -2,56 +2,78 @@
 metrics and the drain on SIGTERM.
 
 Health (overall "" and "moe_embed.v1.Embedder") is NOT_SERVING until every worker has loaded,
-SERVING after, and NOT_SERVING again from the moment a drain starts.
+SERVING while at least one worker can serve, NOT_SERVING when none can (all dead or
+restarting), and NOT_SERVING for good from the moment a drain starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ..v1 import embedder_pb2 as pb
 from ..v1 import embedder_pb2_grpc as pb_grpc
+from ..workers.runtime.tasks import TASKS
 from . import errors
 from .config import ServeConfig
 from .engine import EmbedOutcome, Engine
 from .errors import ServiceError
 from .logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
 from .metrics import Metrics
-from .pool import WorkerStartError
+from .worker_pool import WorkerStartError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
 HEALTH_SERVICES = ("", SERVICE_NAME)
 LAME_DUCK_S = 0.5  # after a drain, refusing new work before the port closes
 FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
-STREAM_WINDOW = 512  # requests in flight per stream; past it the stream is read no further
-TASK_NAMES = {
-    pb.TASK_NONE: "none",
-    pb.TASK_SEARCH_QUERY: "search_query",
-    pb.TASK_SEARCH_DOCUMENT: "search_document",
-    pb.TASK_CLASSIFICATION: "classification",
-    pb.TASK_CLUSTERING: "clustering",
-}
+STREAM_WINDOW = 512  # requests per stream not yet answered; past it the stream is read no further
+TASK_NAMES = {pb.Task.Value(t.proto): t.name for t in TASKS}
 
 log = structlog.get_logger("moe_embed.server")
 _DONE = object()
+_streams = itertools.count(1)
+
+
+class Malformed:
+    """A request message that could not be parsed (bad bytes, invalid UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def service_error(self) -> ServiceError:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"malformed request message: {self.error}")
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that hands a parse failure to the handler instead of failing the call
+    (gRPC would answer UNKNOWN, and end a whole stream)."""
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as exc:
+            return Malformed(exc)
+    return deserialize
 
 
 def task_name(task: int) -> str:
     name = TASK_NAMES.get(task)
     if name is not None:
         return name
-    choices = ", ".join(pb.Task.Name(t) for t in TASK_NAMES)
+    choices = ", ".join(t.proto for t in TASKS)
     if task == pb.TASK_UNSPECIFIED:
         raise errors.invalid_argument("task", f"is required: one of {choices}")
     raise errors.invalid_argument("task", f"unknown value {task}; expected one of {choices}")
@@ -68,6 +90,14 @@ def to_response(request_id: str, model: str, out: EmbedOutcome) -> pb.EmbedRespo
     return resp
 
 
+def error_response(request_id: str, err: ServiceError) -> pb.EmbedResponse:
+    error = pb.Error(code=errors.status_number(err.code), message=err.message,
+                     field=err.field or "")
+    if err.index is not None:
+        error.index = err.index
+    return pb.EmbedResponse(id=request_id, error=error)
+
+
 def _cancel_code(context: grpc.aio.ServicerContext) -> str:
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
@@ -79,15 +109,17 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.model = engine.bundle.model_id
+        self.model = engine.bundle.manifest.model_id
 
-    async def _embed(self, request: pb.EmbedRequest,
-                     timeout_s: float | None) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest | Malformed, timeout_s: float | None,
+                     caller: str) -> pb.EmbedResponse:
+        if isinstance(request, Malformed):
+            raise request.service_error()
         out = await self.engine.embed(
             list(request.inputs), task_name(request.task), request.dimensions,
             truncate=request.truncate if request.HasField("truncate") else True,
             normalize=request.normalize if request.HasField("normalize") else True,
-            timeout_s=timeout_s)
+            timeout_s=timeout_s, caller=caller)
         return to_response(request.id, self.model, out)
 
     def _begin(self, context: grpc.aio.ServicerContext) -> str:
@@ -96,47 +128,53 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         return request_id
 
-    async def Embed(self, request: pb.EmbedRequest,
+    async def Embed(self, request: pb.EmbedRequest | Malformed,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         start = time.perf_counter()
         self._begin(context)
         code = "OK"
         try:
-            resp = await self._embed(request, context.time_remaining())
-            log.debug("request_done", method="Embed", inputs=len(request.inputs),
+            resp = await self._embed(request, context.time_remaining(), context.peer())
+            log.debug("request_done", method="Embed", inputs=len(resp.embeddings),
                       tokens=resp.total_tokens, total_ms=round(resp.timing.total_ms, 3))
             return resp
         except ServiceError as exc:
             code = exc.code.name
             log.info("request_failed", method="Embed", code=code, error=exc.message)
-            await context.abort(exc.code, exc.message)
+            await context.abort_with_status(exc.rpc_status())
         except asyncio.CancelledError:
             code = _cancel_code(context)
             raise
         finally:
             self.metrics.observe_request("Embed", code, time.perf_counter() - start)
 
-    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest],
+    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest | Malformed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
+        """Requests are read while fewer than STREAM_WINDOW are unanswered: a slot is given
+        back when its response has been written, so a client that stops reading stops the
+        server from reading (and from buffering) more."""
         self._begin(context)
+        caller = f"{context.peer()}/stream-{next(_streams)}"
         out: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         tasks: set[asyncio.Task] = set()
         counts = {"requests": 0, "errors": 0}
 
-        async def one(request: pb.EmbedRequest) -> None:
+        async def one(request: pb.EmbedRequest | Malformed) -> None:
             start = time.perf_counter()
+            request_id = "" if isinstance(request, Malformed) else request.id
             code = "OK"
             try:
-                resp = await self._embed(request, None)
+                resp = await self._embed(request, None, caller)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
             except Exception as exc:  # reported in this response; the stream goes on
-                err = errors.to_service_error(exc)
+                err = errors.service_error(exc)
                 code = err.code.name
                 counts["errors"] += 1
-                resp = pb.EmbedResponse(id=request.id, error=pb.Error(
-                    code=errors.status_number(err.code), message=err.message))
+                resp = error_response(request_id, err)
             finally:
-                window.release()
                 self.metrics.observe_request("EmbedStream", code, time.perf_counter() - start)
             out.put_nowait(resp)
 
@@ -157,6 +195,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         try:
             while (item := await out.get()) is not _DONE:
                 yield item
+                window.release()  # written: the client has taken it
             await reader
             log.info("stream_closed", requests=counts["requests"], errors=counts["errors"])
         finally:
@@ -164,28 +203,53 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def Tokenize(self, request: pb.TokenizeRequest,
+    async def Tokenize(self, request: pb.TokenizeRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         start = time.perf_counter()
         self._begin(context)
         code = "OK"
         try:
-            pairs = self.engine.tokenize(list(request.inputs), task_name(request.task))
+            if isinstance(request, Malformed):
+                raise request.service_error()
+            pairs = await self.engine.tokenize(list(request.inputs), task_name(request.task))
             return pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
                                                for ids, pieces in pairs])
         except ServiceError as exc:
             code = exc.code.name
-            await context.abort(exc.code, exc.message)
+            await context.abort_with_status(exc.rpc_status())
+        except asyncio.CancelledError:
+            code = _cancel_code(context)
+            raise
         finally:
             self.metrics.observe_request("Tokenize", code, time.perf_counter() - start)
 
-    async def Info(self, request: pb.InfoRequest,
+    async def Info(self, request: pb.InfoRequest | Malformed,
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         start = time.perf_counter()
         try:
             return pb.InfoResponse(version=package_version(), **self.engine.info())
         finally:
             self.metrics.observe_request("Info", "OK", time.perf_counter() - start)
+
+
+def add_servicer(servicer: EmbedderServicer, server: grpc.aio.Server) -> None:
+    """Register the Embedder service with lenient request parsing (see `_lenient`)."""
+    handlers = {
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed, _lenient(pb.EmbedRequest.FromString),
+            pb.EmbedResponse.SerializeToString),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EmbedStream, _lenient(pb.EmbedRequest.FromString),
+            pb.EmbedResponse.SerializeToString),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, _lenient(pb.TokenizeRequest.FromString),
+            pb.TokenizeResponse.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, _lenient(pb.InfoRequest.FromString),
+            pb.InfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                         handlers),))
 
 
 @functools.cache
@@ -212,6 +276,8 @@ class EmbedServer:
         self._server: grpc.aio.Server | None = None
         self._stop_metrics = None
         self._drained: asyncio.Event | None = None
+        self._health_task: asyncio.Task | None = None
+        self._serving: int | None = None
 
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), then load the workers (health SERVING)."""
@@ -228,8 +294,7 @@ class EmbedServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_EmbedderServicer_to_server(EmbedderServicer(self.engine, self.metrics),
-                                               server)
+        add_servicer(EmbedderServicer(self.engine, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((
             SERVICE_NAME,
@@ -251,17 +316,37 @@ class EmbedServer:
         return self.port
 
     async def load(self) -> None:
-        """Start the workers and wait for every one to load; then health is SERVING."""
+        """Start the workers and wait for every one to load; then health follows the workers
+        (SERVING while one can serve)."""
         assert self.engine is not None
         try:
             await self.engine.start()
         except BaseException:
             await self._shutdown(grace_s=0)
             raise
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._follow_workers()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_workers())
         log.info("serving", workers=self.engine.pool.ready_count)
 
+    async def _follow_workers(self) -> None:
+        assert self.engine is not None
+        if self.engine.draining:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if self.engine.pool.ready_count
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != self._serving:
+            await self._set_health(status)
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                log.warning("no_worker_can_serve")
+
+    async def _watch_workers(self) -> None:
+        assert self.engine is not None
+        while True:
+            await self.engine.pool.changes.wait()
+            await self._follow_workers()
+
     async def _set_health(self, status: int) -> None:
+        self._serving = status
         for service in HEALTH_SERVICES:
             await self.health.set(service, status)
 
@@ -270,6 +355,8 @@ class EmbedServer:
         then stop. Returns whether everything admitted finished in time."""
         grace_s = self.config.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace_s
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
         finished = True
         if self.engine is not None:
@@ -285,6 +372,8 @@ class EmbedServer:
         return finished
 
     async def _shutdown(self, grace_s: float) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self._server is not None:
             await self._server.stop(grace_s)
         if self.engine is not None:

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from moe_embed.export.bundle import FORMAT_VERSION, Bundle, BundleError
-from moe_embed.workers.runtime import Runtime
+from moe_embed.export.bundle import FORMAT_VERSION, Bundle, BundleError, Manifest
+from moe_embed.workers.runtime.runtime import Runtime
 
 
 @pytest.fixture
@@ -22,16 +22,18 @@ def bundle_copy(tiny_bundle, tmp_path):
 def test_manifest_lists_every_graph_with_its_sha256(tiny_bundle):
     b = Bundle.load(tiny_bundle)
     m = b.manifest
-    assert m["format_version"] == FORMAT_VERSION and m["precision"] == "fp32"
-    assert m["source"]["kind"] == "local" and m["model_id"] == "synthetic-tiny"
-    assert m["config"]["n_embd"] == 64 and (b.dims_min, b.dims_max) == (16, 64)
-    assert len(m["graphs"]["segments"]) == 3  # cut at MoE layers 1 and 3
-    assert {k: len(v) for k, v in m["graphs"]["experts"].items()} == {"1": 8, "3": 8}
-    for rel, entry in m["files"].items():
-        assert hashlib.sha256((tiny_bundle / rel).read_bytes()).hexdigest() == entry["sha256"]
+    assert m.format_version == FORMAT_VERSION and m.precision == "fp32"
+    assert m.source["kind"] == "local" and m.model_id == "synthetic-tiny"
+    assert m.config.n_embd == 64 and (m.dimensions.min, m.dimensions.max) == (16, 64)
+    assert len(m.graphs.segments) == 3  # cut at MoE layers 1 and 3
+    assert {k: len(v) for k, v in m.graphs.experts.items()} == {1: 8, 3: 8}
+    for rel, entry in m.files.items():
+        assert hashlib.sha256((tiny_bundle / rel).read_bytes()).hexdigest() == entry.sha256
     on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*")
                if p.is_file()} - {"manifest.json"}
-    assert on_disk == set(m["files"])
+    assert on_disk == set(m.files)
+    raw = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert Manifest.from_json(raw, tiny_bundle).to_json() == raw  # typed round trip
 
 
 def test_tampered_graph_is_refused(bundle_copy):
@@ -61,6 +63,14 @@ def test_unknown_format_version_is_refused(bundle_copy):
     m["format_version"] = FORMAT_VERSION + 1
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="format_version"):
+        Bundle.load(bundle_copy)
+
+
+def test_malformed_manifest_is_refused(bundle_copy):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    del m["graphs"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="malformed manifest"):
         Bundle.load(bundle_copy)
 
 

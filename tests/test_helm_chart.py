@@ -581,7 +581,7 @@ def test_export_init_script_exports_once_and_reuses_the_bundle(
 
     assert "bundle exported" in run_init()
     bundle = Path(env["BUNDLE_DIR"])
-    assert Bundle.load(bundle, verify=True).moe_mode == env["MOE_MODE"]
+    assert Bundle.load(bundle, verify=True).manifest.moe_mode == env["MOE_MODE"]
     assert [p.name for p in volume.iterdir()] == [bundle.name]  # no partial dir left behind
     before = (bundle / "manifest.json").stat().st_mtime_ns
     assert "already exported" in run_init()

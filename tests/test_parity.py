@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from moe_embed.export.reference import pad_batch
-from moe_embed.workers.chunks import chunks
-from moe_embed.workers.embedder import LocalEmbedder
-from moe_embed.workers.errors import InvalidInput
-from moe_embed.workers.runtime import Runtime
+from moe_embed.workers.runtime.chunks import chunks
+from moe_embed.workers.runtime.embedder import LocalEmbedder
+from moe_embed.workers.runtime.errors import InvalidInput
+from moe_embed.workers.runtime.runtime import Runtime, pack
+from moe_embed.workers.runtime.tasks import task_named
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,14 @@ def embedder(tiny_bundle) -> LocalEmbedder:
 @pytest.fixture(scope="module")
 def batch_ids(embedder, multilingual_texts) -> list[list[int]]:
     long_text = " ".join(multilingual_texts) * 3  # > 512 tokens: exercises truncation too
-    return embedder.tokenizer.encode(multilingual_texts + [long_text], "search_document")
+    return [x.tolist() for x in embedder.tokenizer.encode(multilingual_texts + [long_text],
+                                                           task_named("search_document"))]
+
+
+def embed_ids(rt, ids, dimensions=0, normalize=True):
+    """The runtime's vectors [B, d] for id lists, and its whole result."""
+    r = rt.embed(*pack(ids), dimensions, normalize)
+    return np.stack(r.vectors), r
 
 
 def _reference(reference, ids):
@@ -40,9 +48,9 @@ def test_batch_has_mixed_lengths_up_to_512(batch_ids):
 
 
 def test_hidden_states_and_expert_choices_match_reference(runtime, reference, batch_ids):
-    r = runtime.forward(batch_ids)
+    r = runtime.forward(*pack(batch_ids))
     ref_hidden, mask, routing = _reference(reference, batch_ids)
-    assert np.abs(r.hidden[mask] - ref_hidden[mask]).max() <= 1e-4
+    assert np.abs(r.hidden - ref_hidden[mask]).max() <= 1e-4
     for layer, ref_experts in routing.items():
         ours = r.expert_ids[layer]
         theirs = ref_experts.numpy()[mask]
@@ -57,16 +65,15 @@ def test_chunked_segments_match_reference(tiny_bundle, reference, batch_ids, chu
     rt = Runtime(tiny_bundle, threads=2)
     rt.chunk_tokens = chunk_tokens
     ids = sorted(batch_ids, key=len)[::3]  # mixed lengths, the 512-token text among them
-    r = rt.forward(ids)
+    r = rt.forward(*pack(ids))
     ref_hidden, mask, _ = _reference(reference, ids)
-    assert np.abs(r.hidden[mask] - ref_hidden[mask]).max() <= 1e-4
-    assert not r.hidden[~mask].any()  # padding rows come back as zeros
+    assert r.hidden.shape == (mask.sum(), 64)  # packed: real tokens only, no padding rows
+    assert np.abs(r.hidden - ref_hidden[mask]).max() <= 1e-4
 
 
 def test_chunks_are_whole_sequences_within_budget():
     lengths = np.array([3, 4, 600, 2, 2, 2, 9])
-    mask = (np.arange(600)[None, :] < lengths[:, None]).astype(np.int64)
-    parts = chunks(lengths, mask, budget=8)
+    parts = chunks(lengths, budget=8)
     assert [(p.rows.start, p.rows.stop) for p in parts] == [(0, 7), (7, 607), (607, 613),
                                                           (613, 622)]
     assert [p.layout["attention_mask"].shape for p in parts] == [(2, 4), (1, 600), (3, 2),
@@ -78,7 +85,7 @@ def test_chunks_are_whole_sequences_within_budget():
 
 
 def test_pooled_embeddings_match_reference(runtime, reference, batch_ids):
-    ours = runtime.embed_ids(batch_ids).embeddings
+    ours, _ = embed_ids(runtime, batch_ids)
     input_ids, mask = pad_batch(batch_ids)
     theirs = reference.embed(input_ids, mask).numpy()
     assert ours.shape == (len(batch_ids), 64)
@@ -87,7 +94,7 @@ def test_pooled_embeddings_match_reference(runtime, reference, batch_ids):
 
 
 def test_padding_is_never_routed_and_each_token_reaches_top_k_experts(runtime, batch_ids):
-    r = runtime.embed_ids(batch_ids)
+    _, r = embed_ids(runtime, batch_ids)
     real_tokens = sum(len(x) for x in batch_ids)
     assert r.expert_tokens.shape == (2, 8)
     assert (r.expert_tokens.sum(axis=1) == 2 * real_tokens).all()
@@ -95,21 +102,21 @@ def test_padding_is_never_routed_and_each_token_reaches_top_k_experts(runtime, b
 
 def test_unused_experts_receive_nothing(runtime):
     # one short text cannot reach all 16 (layer, expert) pairs with 2 experts per token
-    r = runtime.embed_ids([[0, 35378, 2]])
+    _, r = embed_ids(runtime, [[0, 35378, 2]])
     assert (r.expert_tokens.sum(axis=1) == 6).all()
     assert (r.expert_tokens == 0).sum() >= 2 * (8 - 6)
 
 
 def test_batch_invariance(runtime, batch_ids):
-    together = runtime.embed_ids(batch_ids).embeddings
+    together, _ = embed_ids(runtime, batch_ids)
     for i in (0, 3, len(batch_ids) - 1):
-        alone = runtime.embed_ids([batch_ids[i]]).embeddings[0]
+        alone = embed_ids(runtime, [batch_ids[i]])[0][0]
         assert np.abs(alone - together[i]).max() <= 1e-5
 
 
 def test_matryoshka_is_renormalized_prefix(runtime, batch_ids):
-    full = runtime.embed_ids(batch_ids[:6]).embeddings
-    short = runtime.embed_ids(batch_ids[:6], dimensions=16).embeddings
+    full, _ = embed_ids(runtime, batch_ids[:6])
+    short, _ = embed_ids(runtime, batch_ids[:6], dimensions=16)
     assert short.shape == (6, 16)
     expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
     assert np.abs(short - expected).max() <= 1e-6
@@ -118,28 +125,29 @@ def test_matryoshka_is_renormalized_prefix(runtime, batch_ids):
 @pytest.mark.parametrize("dims", [8, 15, 65, 1000, -1])
 def test_dimensions_outside_bundle_range_are_refused(runtime, dims):
     with pytest.raises(InvalidInput, match="dimensions"):
-        runtime.embed_ids([[0, 5, 2]], dimensions=dims)
+        embed_ids(runtime, [[0, 5, 2]], dimensions=dims)
 
 
 def test_token_ids_are_checked(runtime):
     with pytest.raises(InvalidInput, match=r"inputs\[1\]"):
-        runtime.embed_ids([[0, 5, 2], [0, 250048, 2]])
+        embed_ids(runtime, [[0, 5, 2], [0, 250048, 2]])
     with pytest.raises(InvalidInput, match=r"inputs\[0\]"):
-        runtime.embed_ids([list(range(513))])
+        embed_ids(runtime, [list(range(513))])
 
 
 def test_all_experts_bundle_agrees_with_routed(runtime, tiny_all_experts_bundle, batch_ids):
     all_rt = Runtime(tiny_all_experts_bundle, threads=2)
-    assert np.abs(all_rt.embed_ids(batch_ids).embeddings
-                  - runtime.embed_ids(batch_ids).embeddings).max() <= 1e-4
-    ours, theirs = runtime.forward(batch_ids), all_rt.forward(batch_ids)
-    mask = ours.mask.astype(bool)
-    assert np.abs(ours.hidden[mask] - theirs.hidden[mask]).max() <= 1e-4
+    assert np.abs(embed_ids(all_rt, batch_ids)[0] - embed_ids(runtime, batch_ids)[0]).max() \
+        <= 1e-4
+    ours, theirs = runtime.forward(*pack(batch_ids)), all_rt.forward(*pack(batch_ids))
+    assert ours.hidden.shape == theirs.hidden.shape
+    assert np.abs(ours.hidden - theirs.hidden).max() <= 1e-4
 
 
 def test_embedder_prefixes_task_and_matches_reference(embedder, reference):
     out = embedder.embed(["tell me about embeddings"], "search_query")
-    ids = embedder.tokenizer.encode(["search_query: tell me about embeddings"], "none")
+    ids = [x.tolist() for x in embedder.tokenizer.encode(
+        ["search_query: tell me about embeddings"], task_named("none"))]
     input_ids, mask = pad_batch(ids)
     assert out.tokens == [len(ids[0])]
     assert np.abs(out.vectors - reference.embed(input_ids, mask).numpy()).max() <= 1e-5
@@ -150,11 +158,11 @@ def test_embedder_prefixes_task_and_matches_reference(embedder, reference):
 
 def test_normalize_false_returns_the_raw_mean(runtime, batch_ids):
     ids = batch_ids[:4]
-    r = runtime.forward(ids)
-    m = r.mask[..., None].astype(np.float32)
-    mean = (r.hidden * m).sum(1) / m.sum(1)
-    raw = runtime.embed_ids(ids, normalize=False).embeddings
+    r = runtime.forward(*pack(ids))
+    spans = zip(r.offsets[:-1], r.offsets[1:], strict=True)
+    mean = np.stack([r.hidden[a:b].mean(axis=0) for a, b in spans])
+    raw, _ = embed_ids(runtime, ids, normalize=False)
     assert np.abs(raw - mean).max() <= 1e-6
-    short = runtime.embed_ids(ids, 16, normalize=False).embeddings
+    short, _ = embed_ids(runtime, ids, 16, normalize=False)
     assert np.abs(short - mean[:, :16]).max() <= 1e-6
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)

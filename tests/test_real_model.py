@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moe_embed.export.split import export_bundle
-from moe_embed.workers.embedder import LocalEmbedder
+from moe_embed.workers.runtime.embedder import LocalEmbedder
 
 REAL = os.environ.get("MOE_EMBED_REAL_MODEL")
 pytestmark = pytest.mark.skipif(not REAL, reason="set MOE_EMBED_REAL_MODEL to a checkpoint")
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not REAL, reason="set MOE_EMBED_REAL_MODEL to a 
 def test_model_card_example(tmp_path):
     bundle = export_bundle(REAL, tmp_path / "real")
     emb = LocalEmbedder(bundle)
-    assert (emb.bundle.dims_min, emb.bundle.dims_max) == (256, 768)
+    assert (emb.limits.dims_min, emb.limits.dims_max) == (256, 768)
     q = emb.embed(["跟我讲讲嵌入"], "search_query").vectors[0]
     docs = emb.embed(["嵌入很酷", "骆驼很酷"], "search_document").vectors
     sims = docs @ q

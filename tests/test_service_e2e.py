@@ -26,6 +26,7 @@ from support.service import (
 )
 
 from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.workers.runtime.tasks import task_named
 
 ATOL = 1e-5
 
@@ -55,11 +56,12 @@ def test_info_describes_the_bundle(stub, tiny_bundle) -> None:
     from moe_embed.export.bundle import Bundle
 
     b = Bundle.load(tiny_bundle, verify=False)
+    m = b.manifest
     info = stub.Info(pb.InfoRequest())
-    assert (info.model_id, info.bundle_hash, info.moe_mode) == (b.model_id, b.digest, "routed")
+    assert (info.model_id, info.bundle_hash, info.moe_mode) == (m.model_id, b.digest, "routed")
     assert (info.dimensions, info.min_dimensions, info.max_dimensions) == \
-        (b.dims_max, b.dims_min, b.dims_max)
-    assert (info.max_tokens, info.precision, info.workers) == (b.max_tokens, b.precision, 2)
+        (m.dimensions.max, m.dimensions.min, m.dimensions.max)
+    assert (info.max_tokens, info.precision, info.workers) == (m.max_tokens, m.precision, 2)
 
 
 def test_unary_equals_in_process(stub, expected, multilingual_texts) -> None:
@@ -95,7 +97,8 @@ def test_truncate_cuts_long_inputs_by_default(stub) -> None:
 def test_tokenize_returns_ids_and_pieces(stub, expected) -> None:
     resp = stub.Tokenize(pb.TokenizeRequest(inputs=["hello world", "tschüss"],
                                             task=pb.TASK_SEARCH_QUERY))
-    want = expected.embedder.tokenizer.tokenize(["hello world", "tschüss"], "search_query")
+    want = expected.embedder.tokenizer.tokenize(["hello world", "tschüss"],
+                                                task_named("search_query"))
     assert [(list(t.ids), list(t.pieces)) for t in resp.tokens] == want
     assert resp.tokens[0].pieces[0] == "<s>" and resp.tokens[0].pieces[-1] == "</s>"
 
@@ -215,7 +218,7 @@ def test_bad_input_is_invalid_argument_naming_field_and_index(stub, case, tiny_b
 
     _, fields, message = case
     bundle = Bundle.load(tiny_bundle, verify=False)
-    raw = Tokenizer.from_file(str(bundle.file(bundle.manifest["tokenizer"])))
+    raw = Tokenizer.from_file(str(bundle.file(bundle.manifest.tokenizer)))
     raw.no_truncation()
     long_tokens = len(raw.encode("word " * 700).ids)  # the untruncated count, from the source
     with pytest.raises(grpc.RpcError) as exc:
@@ -357,7 +360,7 @@ def test_embed_remote_matches_the_in_process_json(server, expected, multilingual
 
 def test_client_splits_past_max_inputs_and_maps_errors(server, expected) -> None:
     from moe_embed.service.client import EmbedClient
-    from moe_embed.workers.errors import InvalidInput
+    from moe_embed.workers.runtime.errors import InvalidInput
 
     texts = [f"text number {i}" for i in range(150)]  # the server takes 64 per request
     with EmbedClient(server.target) as client:

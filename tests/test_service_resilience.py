@@ -146,7 +146,7 @@ def test_worker_sigkilled_mid_load_loses_nothing(two_workers, tiny_bundle,
         for t in threads:
             t.join(60)
     assert not failures, failures[:3]
-    assert srv.pool.resent_batches >= 1
+    assert srv.scheduler.resent_batches >= 1
     assert srv.pool.pids()[0] != victim
 
 
@@ -159,9 +159,9 @@ def test_batch_that_kills_two_workers_fails_with_internal(two_workers) -> None:
     future = srv.stub().Embed.future(_request(["doomed"]), timeout=120)
     wait_for(lambda: _in_flight(srv, 0) + _in_flight(srv, 1) == 1, 10, "the batch in flight")
     first = 0 if _in_flight(srv, 0) else 1
-    resent = srv.pool.resent_batches
+    resent = srv.scheduler.resent_batches
     os.kill(pids[first], signal.SIGKILL)
-    wait_for(lambda: srv.pool.resent_batches == resent + 1 and _in_flight(srv, 1 - first) == 1,
+    wait_for(lambda: srv.scheduler.resent_batches == resent + 1 and _in_flight(srv, 1 - first) == 1,
              10, "the batch to be sent to the other worker")
     os.kill(pids[1 - first], signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as exc:

@@ -25,12 +25,12 @@ from moe_embed.service.logging import configure_logging
 from moe_embed.service.server import EmbedServer
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
-from moe_embed.workers.embedder import LocalEmbedder
+from moe_embed.workers.runtime.embedder import LocalEmbedder
+from moe_embed.workers.runtime.tasks import TASKS as TASK_TABLE
+from moe_embed.workers.runtime.tasks import task_named
 
 IN_PROCESS_THREADS = 2  # the ORT pool is process-wide: every test module must agree on it
-TASKS = {"none": pb.TASK_NONE, "search_query": pb.TASK_SEARCH_QUERY,
-         "search_document": pb.TASK_SEARCH_DOCUMENT, "classification": pb.TASK_CLASSIFICATION,
-         "clustering": pb.TASK_CLUSTERING}
+TASKS = {t.name: pb.Task.Value(t.proto) for t in TASK_TABLE}  # API name -> proto enum
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -83,6 +83,10 @@ class ServerThread:
     @property
     def pool(self):
         return self.server.engine.pool
+
+    @property
+    def scheduler(self):
+        return self.server.engine.scheduler
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run a plain function on the server's loop (to read its state consistently)."""
@@ -144,4 +148,4 @@ class Expected:
         return np.stack([self._memo[(t, task, dims)] for t in texts])
 
     def tokens(self, texts: list[str], task: str) -> list[int]:
-        return [len(x) for x in self.embedder.tokenizer.encode(texts, task)]
+        return [len(x) for x in self.embedder.tokenizer.encode(texts, task_named(task))]

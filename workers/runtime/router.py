@@ -22,6 +22,8 @@ class ExpertAssignment:
 
 
 class Router:
+    """Top-k routing of packed [N, H] rows and the per-expert dispatch plan."""
+
     def __init__(self, weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int) -> None:
         self.weight_t = weight.to(torch.float32).T.contiguous()  # [H, E]
         self.expert_bias = expert_bias.to(torch.float32).numpy()  # [H], added once per token

@@ -1,0 +1,243 @@
+"""The request queue and how batches are formed from it: plain data, no I/O, no clock of its
+own (callers pass `now`), so the policy can be tested on its own.
+
+Every request's tokenized inputs, unary and stream alike, wait in one bounded queue, kept per
+caller (a connection's unary calls, or one stream) so that callers share it fairly:
+- admission: a caller that already has inputs waiting may hold at most max_queue / (k + 1)
+  of them, k being the callers with inputs waiting (itself included), so there is always room
+  for one more caller; a caller with nothing waiting is admitted while the queue has room;
+- batches: the oldest waiting input always goes first (nothing starves), then callers take
+  turns, one input each, while the batch's real tokens fit `max_batch_tokens`. A heavy caller
+  fills what light callers leave, and a light caller's input rides in the next batch.
+The budget counts real tokens, what the runtime's linear layers compute: padding is never
+computed by a linear layer, and attention's padded width is bounded per chunk in the worker.
+Inputs of cancelled or failed requests are dropped before they reach a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+
+import numpy as np
+
+from ..workers.process import protocol
+from . import errors
+from .errors import ServiceError
+
+
+class Job:
+    """One request's inputs on their way through the queue, the workers and back."""
+
+    __slots__ = ("ids", "dims", "normalize", "caller", "future", "admitted", "deadline",
+                 "vectors", "remaining", "queued", "cancelled", "queue_ms", "compute_ms")
+
+    def __init__(self, ids: list[np.ndarray], dims: int, normalize: bool, caller: Hashable,
+                 future: asyncio.Future, admitted: float, deadline: float | None = None) -> None:
+        self.ids = ids
+        self.dims = dims
+        self.normalize = normalize
+        self.caller = caller
+        self.future = future
+        self.admitted = admitted  # time.monotonic()
+        self.deadline = deadline  # time.monotonic() based, None = no deadline
+        self.vectors: list[np.ndarray | None] = [None] * len(ids)
+        self.remaining = len(ids)
+        self.queued = 0
+        self.cancelled = False
+        self.queue_ms = 0.0
+        self.compute_ms = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.future.done()
+
+    def dispatched(self, now: float) -> None:
+        self.queue_ms = max(self.queue_ms, (now - self.admitted) * 1e3)
+
+    def deliver(self, index: int, vector: np.ndarray, compute_ms: float) -> None:
+        if self.done or self.vectors[index] is not None:
+            return
+        self.vectors[index] = vector
+        self.compute_ms = max(self.compute_ms, compute_ms)
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(None)
+
+    def fail(self, error: ServiceError) -> None:
+        if not self.done:
+            self.future.set_exception(error)
+
+
+class Item:
+    """One input of a job, as queued."""
+
+    __slots__ = ("job", "index", "length")
+
+    def __init__(self, job: Job, index: int) -> None:
+        self.job = job
+        self.index = index
+        self.length = len(job.ids[index])
+
+
+class Batch:
+    """Inputs that travel to a worker together."""
+
+    __slots__ = ("batch_id", "items", "attempts", "tokens")
+
+    def __init__(self, batch_id: int, items: list[Item]) -> None:
+        self.batch_id = batch_id
+        self.items = items
+        self.attempts = 0  # workers it has been sent to
+        self.tokens = sum(it.length for it in items)
+
+    def live(self) -> Batch | None:
+        """This batch without the inputs of finished requests (None if nothing is left)."""
+        items = [it for it in self.items if not it.job.done]
+        if len(items) == len(self.items):
+            return self
+        if not items:
+            return None
+        kept = Batch(self.batch_id, items)
+        kept.attempts = self.attempts
+        return kept
+
+    def requests(self) -> int:
+        return len({id(it.job) for it in self.items})
+
+    def message(self) -> protocol.Batch:
+        """The batch as the worker takes it: packed ids, offsets, dims, normalize."""
+        parts = [it.job.ids[it.index] for it in self.items]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+        np.cumsum([p.size for p in parts], out=offsets[1:])
+        dims = np.fromiter((it.job.dims for it in self.items), np.int32, len(parts))
+        norm = np.fromiter((it.job.normalize for it in self.items), np.bool_, len(parts))
+        return protocol.Batch(self.batch_id, np.concatenate(parts), offsets, dims, norm)
+
+
+class BatchQueue:
+    """The bounded, per-caller queue and batch formation."""
+
+    def __init__(self, max_batch_tokens: int, max_queue: int) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self.waiting = 0  # inputs in the queue
+        self.queued_tokens = 0  # their real tokens
+        self.dropped = 0  # inputs dropped before reaching a worker, since the start
+        self._callers: OrderedDict[Hashable, deque[Item]] = OrderedDict()  # in turn order
+        self._ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._deadlines: list[tuple[float, int, Job]] = []  # min-heap of waiting requests
+
+    # -- admission ------------------------------------------------------------------------
+    def share(self, caller: Hashable) -> int:
+        """The most inputs `caller` may have waiting: room is always left for one more."""
+        k = len(self._callers) + (caller not in self._callers)
+        return self.max_queue // (k + 1)
+
+    def admit(self, job: Job) -> None:
+        """Queue every input of `job`, or raise RESOURCE_EXHAUSTED at once."""
+        n = len(job.ids)
+        held = len(self._callers.get(job.caller, ()))
+        if self.waiting + n > self.max_queue:
+            raise errors.queue_full(f"{self.waiting} inputs waiting + {n} asked > "
+                                    f"max_queue {self.max_queue}")
+        if held and held + n > self.share(job.caller):
+            raise errors.queue_full(
+                f"this caller has {held} inputs waiting + {n} asked > its fair share "
+                f"{self.share(job.caller)} of max_queue {self.max_queue} "
+                f"({len(self._callers) - 1} other callers waiting)")
+        items = self._callers.setdefault(job.caller, deque())
+        for i in range(n):
+            item = Item(job, i)
+            items.append(item)
+            self.queued_tokens += item.length
+        job.queued = n
+        self.waiting += n
+        if job.deadline is not None:
+            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+
+    def cancel(self, job: Job) -> int:
+        """Drop a request's inputs that have not reached a worker yet; returns how many."""
+        if job.cancelled:
+            return 0
+        job.cancelled = True
+        dropped, job.queued = job.queued, 0
+        if dropped:
+            items = self._callers[job.caller]
+            kept = deque(it for it in items if it.job is not job)
+            self.queued_tokens -= sum(it.length for it in items if it.job is job)
+            if kept:
+                self._callers[job.caller] = kept
+            else:
+                del self._callers[job.caller]
+            self.waiting -= dropped
+            self.dropped += dropped
+        return dropped
+
+    def _live_deadlines(self) -> None:
+        """Drop heap entries of requests with nothing left waiting."""
+        while self._deadlines and (self._deadlines[0][2].queued == 0
+                                   or self._deadlines[0][2].done):
+            heapq.heappop(self._deadlines)
+
+    def expired(self, now: float) -> list[Job]:
+        """Requests with inputs waiting whose deadline has passed (the caller fails and
+        cancels them)."""
+        jobs = []
+        self._live_deadlines()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            jobs.append(heapq.heappop(self._deadlines)[2])
+            self._live_deadlines()
+        return jobs
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a request with inputs waiting."""
+        self._live_deadlines()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # -- batches --------------------------------------------------------------------------
+    def oldest(self) -> float | None:
+        """When the oldest waiting input was admitted (None: nothing waits)."""
+        return min((items[0].job.admitted for items in self._callers.values()), default=None)
+
+    def full(self) -> bool:
+        """A batch would be full right now."""
+        return self.queued_tokens >= self.max_batch_tokens
+
+    def take(self, now: float) -> Batch | None:
+        """Form the next batch (None if nothing waits). Finished requests' inputs must have
+        been cancelled first."""
+        if not self._callers:
+            return None
+        first = min(self._callers, key=lambda c: self._callers[c][0].job.admitted)
+        order = list(self._callers)
+        turn = order[order.index(first):] + order[:order.index(first)]
+        taken: list[Item] = []
+        tokens = 0
+        progress = True
+        while progress:
+            progress = False
+            for caller in turn:
+                items = self._callers.get(caller)
+                if not items or (taken and tokens + items[0].length > self.max_batch_tokens):
+                    continue
+                item = items.popleft()
+                taken.append(item)
+                tokens += item.length
+                progress = True
+        for caller in turn:  # callers served go to the back of the turn order
+            if caller in self._callers:
+                if self._callers[caller]:
+                    self._callers.move_to_end(caller)
+                else:
+                    del self._callers[caller]
+        for it in taken:
+            it.job.queued -= 1
+            it.job.dispatched(now)
+        self.queued_tokens -= tokens
+        self.waiting -= len(taken)
+        return Batch(next(self._ids), taken)

@@ -1,0 +1,335 @@
+"""The worker processes behind one awaitable: "run this batch on a worker, return its result or
+raise `WorkerDied`".
+
+Each worker is a "spawn" process (torch and ONNX Runtime are not fork-safe) with two pipes:
+batches go down one, results come up the other, read by the event loop when readable. A
+worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe): a caller
+first `acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
+that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
+is restarted with backoff; what to do with those batches is the caller's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import multiprocessing
+import os
+import signal
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import structlog
+
+from ..workers.process import protocol
+from ..workers.process.main import worker_main
+from .metrics import Metrics
+
+MAX_IN_FLIGHT = 2  # batches per worker: one running, one waiting in its pipe
+PIPE_BYTES = 1 << 20  # grown pipes: a batch message never blocks the event loop on write
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+log = structlog.get_logger("moe_embed.pool")
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not load its runtime at startup (bad bundle, out of memory...)."""
+
+
+class WorkerDied(Exception):
+    """The worker running a batch died (or was killed for running far too long)."""
+
+
+class BatchFailed(Exception):
+    """The worker ran the batch and it raised; the worker lives on."""
+
+    def __init__(self, failure: protocol.Failed, worker: int) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.worker = worker
+
+
+class Changes:
+    """Wakes every waiter when the pool's state changes (a slot frees, a worker becomes ready
+    or dies)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def _grow_pipe(conn: Connection) -> None:
+    try:
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass  # capped by /proc/sys/fs/pipe-max-size: writes may then wait on a busy worker
+
+
+class Worker:
+    """The frontend's handle on one worker process (a restart makes a new handle)."""
+
+    def __init__(self, index: int, process: multiprocessing.Process, requests: Connection,
+                 results: Connection) -> None:
+        self.index = index
+        self.process = process
+        self.requests = requests
+        self.results = results
+        self.ready = False
+        self.dead = False
+        self.killed = False  # killed by the pool (stuck): gets no more work, death pending
+        self.pid: int | None = process.pid
+        self.slots = 0  # acquired: batches running or about to be sent
+        self.tokens = 0  # real tokens of the batches it holds
+        self.in_flight: dict[int, asyncio.Future] = {}
+
+    @property
+    def busy(self) -> bool:
+        return self.slots > 0
+
+
+class WorkerPool:
+    def __init__(self, bundle_path: str | Path, workers: int, threads: int, log_level: str,
+                 metrics: Metrics) -> None:
+        self.bundle_path = str(bundle_path)
+        self.size = workers
+        self.threads = threads
+        self.log_level = log_level
+        self.metrics = metrics
+        self.changes = Changes()
+        self._ctx = multiprocessing.get_context("spawn")
+        self.workers: list[Worker | None] = [None] * workers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Future | None = None
+        self._closing = False
+        self._early_deaths = [0] * workers  # consecutive deaths before READY, per slot
+        self._priority_waiting = 0
+        self.restarts = 0
+        self.started = False  # every worker loaded once; later restarts do not reset it
+        self.load_failures = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, timeout_s: float = 600.0) -> None:
+        """Spawn every worker and wait until all have loaded; WorkerStartError otherwise."""
+        self._loop = asyncio.get_running_loop()
+        self._starting = self._loop.create_future()
+        for i in range(self.size):
+            self._spawn(i)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting), timeout_s)
+        except TimeoutError:
+            raise WorkerStartError(f"workers not ready after {timeout_s:.0f}s") from None
+        self.started = True
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers
+                   if w is not None and w.ready and not w.dead and not w.killed)
+
+    def pids(self) -> list[int | None]:
+        return [w.pid if w is not None else None for w in self.workers]
+
+    def _spawn(self, index: int) -> None:
+        req_r, req_w = self._ctx.Pipe(duplex=False)
+        res_r, res_w = self._ctx.Pipe(duplex=False)
+        _grow_pipe(req_w)
+        _grow_pipe(res_w)
+        process = self._ctx.Process(
+            target=worker_main, name=f"moe-embed-worker-{index}", daemon=True,
+            args=(req_r, res_w, self.bundle_path, self.threads, index, self.log_level))
+        process.start()
+        req_r.close()
+        res_w.close()  # the worker holds the only write end: its death reads as EOF here
+        worker = self.workers[index] = Worker(index, process, req_w, res_r)
+        assert self._loop is not None
+        self._loop.add_reader(res_r.fileno(), self._readable, worker)
+        log.info("worker_spawned", worker=index, pid=process.pid)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker (Stop, then SIGKILL after timeout_s)."""
+        self._closing = True
+        for w in self.workers:
+            if w is not None:
+                try:
+                    w.requests.send_bytes(protocol.Stop().encode())
+                except OSError:
+                    pass
+        loop = asyncio.get_running_loop()
+        for w in self.workers:
+            if w is None:
+                continue
+            await loop.run_in_executor(None, w.process.join, timeout_s)
+            if w.process.is_alive():
+                w.process.kill()
+                await loop.run_in_executor(None, w.process.join, timeout_s)
+            w.requests.close()
+            self._stop_reading(w)
+            self._fail_pending(w, "server shut down")
+
+    # -- the awaitable ---------------------------------------------------------------------
+    def _best(self) -> Worker | None:
+        best = None
+        for w in self.workers:
+            if w is None or not w.ready or w.dead or w.killed or w.slots >= MAX_IN_FLIGHT:
+                continue
+            if best is None or (w.slots, w.tokens) < (best.slots, best.tokens):
+                best = w
+        return best
+
+    def free_slot(self) -> Worker | None:
+        """The worker `acquire` would return now, without taking its slot."""
+        return None if self._priority_waiting else self._best()
+
+    async def acquire(self, priority: bool = False) -> Worker:
+        """A slot on the least-loaded ready worker, waiting for one if needed. Priority
+        callers (batches sent again after a death) are served before the others."""
+        while True:
+            if priority or not self._priority_waiting:
+                worker = self._best()
+                if worker is not None:
+                    worker.slots += 1
+                    return worker
+            if priority:
+                self._priority_waiting += 1
+            try:
+                await self.changes.wait()
+            finally:
+                if priority:
+                    self._priority_waiting -= 1
+
+    def release(self, worker: Worker) -> None:
+        worker.slots -= 1
+        self.changes.fire()
+
+    async def run(self, worker: Worker, batch: protocol.Batch, tokens: int,
+                  timeout_s: float | None = None) -> protocol.Result:
+        """Run `batch` on `worker` (a slot acquired beforehand). Raises WorkerDied if the worker
+        dies meanwhile or runs past `timeout_s` (then it is killed: a stuck worker is treated
+        as a dead one), BatchFailed if the batch raised in the worker."""
+        if worker.dead or worker.killed:
+            raise WorkerDied(f"worker {worker.index} is dead")
+        assert self._loop is not None
+        future = self._loop.create_future()
+        worker.in_flight[batch.batch_id] = future
+        worker.tokens += tokens
+        try:
+            try:
+                worker.requests.send_bytes(batch.encode())
+            except OSError:
+                pass  # the worker is dead; its reader reports EOF and fails the future
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            except TimeoutError:
+                log.error("worker_stuck", worker=worker.index, pid=worker.pid,
+                          batch_id=batch.batch_id, tokens=tokens, limit_s=timeout_s)
+                self.kill(worker)
+                raise WorkerDied(f"worker {worker.index} ran batch {batch.batch_id} "
+                                 f"({tokens} tokens) past its limit of {timeout_s:.1f} s "
+                                 "and was killed") from None
+        finally:
+            worker.in_flight.pop(batch.batch_id, None)
+            worker.tokens -= tokens
+
+    def kill(self, worker: Worker) -> None:
+        """SIGKILL (and SIGCONT, in case it is stopped): its death is then handled as any."""
+        worker.killed = True
+        if worker.pid is not None and not worker.dead:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(worker.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # -- events from workers (on the event loop) ------------------------------------------
+    def _readable(self, worker: Worker) -> None:
+        """A worker's result pipe is readable: one message, or EOF when the worker is gone.
+        Read on the event loop itself (no reader thread): a worker writes each message whole,
+        so the read never waits on the worker's compute."""
+        try:
+            msg = protocol.decode(worker.results.recv_bytes())
+        except (EOFError, OSError):
+            self._stop_reading(worker)
+            self._died(worker)
+            return
+        if isinstance(msg, protocol.Ready):
+            self._ready(worker, msg)
+        elif isinstance(msg, protocol.Result | protocol.Failed):
+            future = worker.in_flight.get(msg.batch_id)
+            if future is not None and not future.done():
+                if isinstance(msg, protocol.Result):
+                    future.set_result(msg)
+                else:
+                    future.set_exception(BatchFailed(msg, worker.index))
+        elif isinstance(msg, protocol.LoadFailed):
+            self._load_failed(worker, msg)
+
+    def _ready(self, worker: Worker, msg: protocol.Ready) -> None:
+        worker.ready = True
+        worker.pid = msg.pid
+        self._early_deaths[worker.index] = 0
+        log.info("worker_ready", worker=worker.index, pid=worker.pid,
+                 load_s=round(msg.load_s, 3), ready=self.ready_count, of=self.size)
+        if self._starting is not None and not self._starting.done() \
+                and self.ready_count == self.size:
+            self._starting.set_result(None)
+        self.metrics.workers_ready.set(self.ready_count)
+        self.changes.fire()
+
+    def _load_failed(self, worker: Worker, msg: protocol.LoadFailed) -> None:
+        worker.dead = True
+        self.load_failures += 1
+        message = f"worker {worker.index} could not load {self.bundle_path}: {msg.message}"
+        if self._starting is not None and not self._starting.done():
+            self._starting.set_exception(WorkerStartError(message))
+        log.error("worker_load_failed", worker=worker.index, error=msg.message)
+        self.changes.fire()
+
+    def _stop_reading(self, worker: Worker) -> None:
+        conn = worker.results
+        if not conn.closed:
+            assert self._loop is not None
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+
+    def _fail_pending(self, worker: Worker, why: str) -> None:
+        for future in worker.in_flight.values():
+            if not future.done():
+                future.set_exception(WorkerDied(f"worker {worker.index}: {why}"))
+
+    def _died(self, worker: Worker) -> None:
+        """EOF on a worker's pipe: it exited or was killed. Fail its batches, restart it."""
+        if self._closing or self.workers[worker.index] is not worker:
+            return
+        was_ready = worker.ready
+        worker.dead = True
+        worker.ready = False
+        worker.process.join(timeout=0.2)  # it closed its pipe: it is exiting
+        log.warning("worker_died", worker=worker.index, pid=worker.pid,
+                    exitcode=worker.process.exitcode, in_flight=len(worker.in_flight))
+        self._fail_pending(worker, f"died (exit code {worker.process.exitcode})")
+        self.metrics.workers_ready.set(self.ready_count)
+        self.changes.fire()
+        if self._starting is not None and not self._starting.done():
+            self._starting.set_exception(WorkerStartError(
+                f"worker {worker.index} exited with code {worker.process.exitcode} "
+                "before loading its runtime"))
+            return
+        self.restarts += 1
+        self.metrics.worker_restarts.labels(str(worker.index)).inc()
+        if not was_ready:
+            self._early_deaths[worker.index] += 1
+        n = self._early_deaths[worker.index]
+        delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
+        assert self._loop is not None
+        self._loop.call_later(delay, self._restart, worker.index, worker)
+
+    def _restart(self, index: int, old: Worker) -> None:
+        if self._closing or self.workers[index] is not old:
+            return
+        self._spawn(index)
+        self.changes.fire()

@@ -1,0 +1,44 @@
+"""The in-process API (the CLI and benchmarks use it): validate -> tokenize -> pack -> run.
+
+The same validator and tokenizer as the service's, so a request gets the same answer (or
+the same error) in process as through gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...export.bundle import Bundle
+from .requests import Input, Limits, validate_embed
+from .runtime import Runtime, pack
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32 [B, d]
+    tokens: list[int]  # token count per input, after truncation
+    expert_tokens: np.ndarray  # int64 [n_moe_layers, n_experts]
+
+    def to_json(self) -> dict:
+        return {"embeddings": self.vectors.tolist(), "tokens": self.tokens,
+                "dimensions": int(self.vectors.shape[1])}
+
+
+class LocalEmbedder:
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None) -> None:
+        self.runtime = Runtime(bundle, threads)
+        self.bundle = self.runtime.bundle
+        self.limits = Limits.of(self.bundle)
+        self.tokenizer = Tokenizer.from_bundle(self.bundle)
+
+    def embed(self, inputs: Sequence[Input], task: str, dimensions: int = 0,
+              truncate: bool = True, normalize: bool = True) -> Embeddings:
+        spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+        ids = self.tokenizer.encode(inputs, spec.task, spec.truncate)
+        r = self.runtime.embed(*pack(ids), spec.dimensions, spec.normalize)
+        return Embeddings(np.stack(r.vectors), [len(x) for x in ids], r.expert_tokens)

@@ -1,0 +1,99 @@
+"""The one request validator, shared by the service (before anything is queued) and the
+in-process API: inputs, task, Matryoshka dimensions.
+
+An input is a text or, for callers that tokenize themselves, a list of token ids (used as
+given: no task prefix, no special tokens added). Every error names the field and the index in
+the caller's request. Free of torch and ONNX Runtime: the frontend imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...export.bundle import Bundle
+from .errors import InvalidInput
+from .tasks import Task, task_named
+
+Input = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of one bundle (and, in the service, of one server)."""
+
+    dims_min: int
+    dims_max: int
+    max_tokens: int
+    vocab_size: int
+    max_inputs: int | None = None  # per request; None = no limit (in-process)
+
+    @classmethod
+    def of(cls, bundle: Bundle, max_inputs: int | None = None) -> Limits:
+        m = bundle.manifest
+        return cls(m.dimensions.min, m.dimensions.max, m.max_tokens, m.config.vocab_size,
+                   max_inputs)
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """A validated request's options (the inputs travel separately)."""
+
+    task: Task
+    dimensions: int  # resolved: never 0
+    truncate: bool
+    normalize: bool
+
+
+def resolve_dimensions(dimensions: int, limits: Limits) -> int:
+    """The output size for `dimensions` (0 = full); outside the bundle's range is an error."""
+    lo, hi = limits.dims_min, limits.dims_max
+    if dimensions == 0:
+        return hi
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) \
+            or not lo <= dimensions <= hi:
+        raise InvalidInput("dimensions", f"{dimensions} is outside the supported range "
+                           f"{lo}..{hi} (0 = full {hi})")
+    return dimensions
+
+
+def _check_ids(ids: Sequence[int], index: int, limits: Limits, truncate: bool) -> None:
+    if len(ids) == 0:
+        raise InvalidInput("inputs", "empty list of token ids", index=index)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise InvalidInput("inputs", f"token id {t!r} is not an integer", index=index)
+        if not 0 <= t < limits.vocab_size:
+            raise InvalidInput("inputs", f"token id {t} is outside the vocabulary "
+                               f"0..{limits.vocab_size - 1}", index=index)
+    if len(ids) > limits.max_tokens and not truncate:
+        raise InvalidInput("inputs", f"is {len(ids)} tokens long, more than the model's "
+                           f"{limits.max_tokens} (set truncate=true to cut it)", index=index)
+
+
+def check_inputs(inputs: Sequence[Input], limits: Limits, truncate: bool = True) -> None:
+    """Every input is a non-blank text or a non-empty list of in-vocabulary token ids."""
+    if isinstance(inputs, str | bytes) or len(inputs) == 0:
+        raise InvalidInput("inputs", "at least one input is required")
+    if limits.max_inputs is not None and len(inputs) > limits.max_inputs:
+        raise InvalidInput("inputs", f"{len(inputs)} inputs exceed the limit of "
+                           f"{limits.max_inputs} per request (max_inputs); split the request")
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidInput("inputs", "empty string", index=i)
+            if item.isspace():
+                raise InvalidInput("inputs", "blank string (only whitespace)", index=i)
+        elif isinstance(item, Sequence) and not isinstance(item, bytes):
+            _check_ids(item, i, limits, truncate)
+        else:
+            raise InvalidInput("inputs", f"must be a string or a list of token ids, "
+                               f"not {type(item).__name__}", index=i)
+
+
+def validate_embed(inputs: Sequence[Input], task: str, dimensions: int, limits: Limits,
+                   truncate: bool = True, normalize: bool = True) -> EmbedSpec:
+    """Check a whole embed request; raises InvalidInput naming the first bad field."""
+    check_inputs(inputs, limits, truncate)
+    return EmbedSpec(task_named(task), resolve_dimensions(dimensions, limits), truncate,
+                     normalize)

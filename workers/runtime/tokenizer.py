@@ -1,0 +1,106 @@
+"""Tokenization with the bundle's own tokenizer.json: task prefixes, truncation to max_tokens,
+and work bounded by what max_tokens can need, whatever the input's size.
+
+Tokenizing a 4 MB string whole costs seconds and hundreds of MB, only to keep its first 512
+ids. So a long text is normalized (with the tokenizer's own normalizer) in pieces until the
+normalized prefix is surely long enough for max_tokens + MARGIN tokens (no piece of the
+vocabulary is longer than `max_piece` characters), and only that prefix is tokenized: the ids
+kept after truncation are the ones the whole text would give, because normalization is
+character-local and idempotent and the cut lies MARGIN tokens past the last id kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+from ...export.bundle import Bundle
+from .errors import BundleError, InvalidInput
+from .requests import Input
+from .tasks import Task
+
+MARGIN = 64  # tokens tokenized past the truncation point
+PIECE_CHARS = 1 << 14  # raw characters normalized at a time when cutting a long text
+
+
+def _longest_piece(path: Path) -> int:
+    """Characters in the longest piece of the vocabulary (bounds characters per token)."""
+    model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
+    vocab = model.get("vocab", {})
+    pieces = [p[0] for p in vocab] if isinstance(vocab, list) else list(vocab)
+    return max((len(p) for p in pieces), default=1) or 1
+
+
+class Tokenizer:
+    """XLM-R sentencepiece tokenizer: `<s> pieces </s>`, at most `max_tokens` ids."""
+
+    def __init__(self, path: str | Path, max_tokens: int = 512) -> None:
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+            longest = _longest_piece(Path(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise BundleError(f"{path}: cannot load the tokenizer: {exc}") from exc
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.max_tokens = max_tokens
+        self.window = (max_tokens + MARGIN) * longest  # normalized characters always enough
+        self._normalizer = self._tok.normalizer
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Tokenizer:
+        return cls(bundle.file(bundle.manifest.tokenizer), bundle.manifest.max_tokens)
+
+    def _bounded(self, text: str) -> tuple[str, bool]:
+        """`text`, or a normalized prefix of it long enough for every id kept; and whether it
+        was cut."""
+        if len(text) <= self.window:
+            return text, False
+        parts, size = [], 0
+        for start in range(0, len(text), PIECE_CHARS):
+            piece = text[start:start + PIECE_CHARS]
+            if self._normalizer is not None:
+                piece = self._normalizer.normalize_str(piece)
+            parts.append(piece)
+            size += len(piece)
+            if size > self.window:
+                return "".join(parts), start + PIECE_CHARS < len(text)
+        return "".join(parts), False
+
+    def _truncate(self, ids: list[int], i: int, cut: bool, truncate: bool) -> list[int]:
+        if len(ids) <= self.max_tokens:
+            return ids
+        if not truncate:
+            size = f"at least {len(ids)}" if cut else f"{len(ids)}"
+            raise InvalidInput("inputs", f"is {size} tokens long, more than the model's "
+                               f"{self.max_tokens} (set truncate=true to cut it)", index=i)
+        return ids[: self.max_tokens - 1] + ids[-1:]  # keep </s>
+
+    def encode(self, inputs: Sequence[Input], task: Task,
+               truncate: bool = True) -> list[np.ndarray]:
+        """int32 ids per input. A text gets the task prefix, `<s>` and `</s>`; token ids are
+        used as given. Longer than max_tokens: truncated (a text keeps its `</s>`), or
+        InvalidInput naming the input."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        bounded = [self._bounded(task.apply(t)) for _, t in texts]
+        encodings = self._tok.encode_batch([b for b, _ in bounded]) if texts else []
+        out: list[np.ndarray | None] = [None] * len(inputs)
+        for (i, _), (_, cut), enc in zip(texts, bounded, encodings, strict=True):
+            out[i] = np.asarray(self._truncate(enc.ids, i, cut, truncate), dtype=np.int32)
+        for i, x in enumerate(inputs):
+            if out[i] is None:
+                ids = list(x)
+                if len(ids) > self.max_tokens and not truncate:
+                    self._truncate(ids, i, False, truncate)
+                out[i] = np.asarray(ids[: self.max_tokens], dtype=np.int32)
+        return out  # type: ignore[return-value]
+
+    def tokenize(self, inputs: Sequence[Input], task: Task,
+                 truncate: bool = True) -> list[tuple[list[int], list[str]]]:
+        """Ids and their pieces, as the model will see them."""
+        return [(ids.tolist(), [self._tok.id_to_token(int(t)) or "" for t in ids])
+                for ids in self.encode(inputs, task, truncate)]
+
