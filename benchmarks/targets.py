@@ -1,4 +1,4 @@
-"""Issue 4's targets, evaluated on one run's results (ratios measured in the same run)."""
+"""The benchmark targets, evaluated on one run's results (ratios measured in the same run)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from support.service import (
     wait_for,
 )
 
+from moe_embed.service.errors import bad_request
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.runtime.tasks import task_named
 
@@ -161,6 +162,7 @@ def test_stream_reports_a_bad_request_in_its_response_and_goes_on(stub) -> None:
     assert set(got) == {"a", "b", "c", "d"}
     assert got["b"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "inputs[1]" in got["b"].error.message
+    assert (got["b"].error.field, got["b"].error.index) == ("inputs", 1)
     assert got["c"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "task" in got["c"].error.message
     assert len(got["a"].embeddings) == 1 and len(got["d"].embeddings) == 1
@@ -193,20 +195,23 @@ def test_32_concurrent_clients(server, expected, multilingual_texts) -> None:
                                        rtol=0)
 
 
-BAD_CASES = [
-    ("empty list", dict(inputs=[], task=pb.TASK_NONE), "inputs: at least one"),
-    ("empty string", dict(inputs=["a", "b", ""], task=pb.TASK_NONE), "inputs[2]: empty"),
-    ("task unset", dict(inputs=["a"]), "task: is required"),
-    ("unknown task", dict(inputs=["a"], task=42), "task: unknown value 42"),
+BAD_CASES = [  # (id, request fields, message, the BadRequest detail's field and index)
+    ("empty list", dict(inputs=[], task=pb.TASK_NONE), "inputs: at least one", ("inputs", None)),
+    ("empty string", dict(inputs=["a", "b", ""], task=pb.TASK_NONE), "inputs[2]: empty",
+     ("inputs", 2)),
+    ("blank string", dict(inputs=["a", " \t\n"], task=pb.TASK_NONE), "inputs[1]: blank",
+     ("inputs", 1)),
+    ("task unset", dict(inputs=["a"]), "task: is required", ("task", None)),
+    ("unknown task", dict(inputs=["a"], task=42), "task: unknown value 42", ("task", None)),
     ("dims too small", dict(inputs=["a"], task=pb.TASK_NONE, dimensions=8),
-     "dimensions: 8 is outside the supported range 16..64"),
+     "dimensions: 8 is outside the supported range 16..64", ("dimensions", None)),
     ("dims too big", dict(inputs=["a"], task=pb.TASK_NONE, dimensions=65),
-     "dimensions: 65 is outside"),
+     "dimensions: 65 is outside", ("dimensions", None)),
     ("too many inputs", dict(inputs=["a"] * 65, task=pb.TASK_NONE),
-     "inputs: 65 inputs exceed the limit of 64"),
+     "inputs: 65 inputs exceed the limit of 64", ("inputs", None)),
     ("too long, no truncation", dict(inputs=["short", "ok", "word " * 700],
                                      task=pb.TASK_NONE, truncate=False),
-     "inputs[2]: is {long_tokens} tokens long, more than the model's 512"),
+     "inputs[2]: is {long_tokens} tokens long, more than the model's 512", ("inputs", 2)),
 ]
 
 
@@ -216,7 +221,7 @@ def test_bad_input_is_invalid_argument_naming_field_and_index(stub, case, tiny_b
 
     from moe_embed.export.bundle import Bundle
 
-    _, fields, message = case
+    _, fields, message, (field, index) = case
     bundle = Bundle.load(tiny_bundle, verify=False)
     raw = Tokenizer.from_file(str(bundle.file(bundle.manifest.tokenizer)))
     raw.no_truncation()
@@ -225,6 +230,7 @@ def test_bad_input_is_invalid_argument_naming_field_and_index(stub, case, tiny_b
         stub.Embed(pb.EmbedRequest(**fields))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message.format(long_tokens=long_tokens) in exc.value.details()
+    assert bad_request(exc.value)[:2] == (field, index)  # the structured detail
 
 
 def test_bad_inputs_cost_no_worker_and_no_other_result(server, stub, expected,

@@ -1,7 +1,8 @@
 """ONNX Runtime session options: one thread pool and one memory arena per worker process.
 
 55 sessions with a per-session pool each means 55 sets of spinning threads fighting over the
-cores (~20x slower on 2 cores, see MODEL.md): all sessions of a worker share ORT's global pool.
+cores (~20x slower on 2 cores: 48 expert calls took ~1000 ms instead of ~47), so all sessions
+of a worker share ORT's global pool.
 Likewise 55 per-session arenas each keep their own peak (a worker grew from 3 to 10 GB on mixed
 lengths up to 512 tokens); the sessions run one after another, so they share one arena (4.4 GB).
 """
