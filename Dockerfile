@@ -30,6 +30,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MOE_EMBED_CACHE_DIR=/cache \
+    MOE_EMBED_HOST=0.0.0.0 \
     HF_HOME=/cache/huggingface
 USER 10001:10001
 # Home is the cache: anything a library writes under ~ lands on the one writable volume.

@@ -184,6 +184,11 @@ class BatchQueue:
                                    or self._deadlines[0][2].done):
             heapq.heappop(self._deadlines)
 
+    def jobs(self) -> list[Job]:
+        """Every request with inputs waiting."""
+        return list({id(it.job): it.job for items in self._callers.values()
+                     for it in items}.values())
+
     def expired(self, now: float) -> list[Job]:
         """Requests with inputs waiting whose deadline has passed (the caller fails and
         cancels them)."""

@@ -45,8 +45,9 @@ def default_threads(cores: int, workers: int) -> int:
 @dataclass(frozen=True)
 class ServeConfig:
     bundle: str = ""
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 50051
+    metrics_host: str = ""
     metrics_port: int = 9090
     workers: int = 1
     threads_per_worker: int = 1
@@ -57,6 +58,9 @@ class ServeConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     drain_grace_s: float = 20.0
     batch_timeout_s: float = 10.0
+    max_concurrent_streams: int = 100
+    keepalive_s: float = 60.0
+    max_connection_age_s: float = 0.0
     cache_dir: str = "~/.cache/moe-embed"
     log_level: str = "info"
 
@@ -73,6 +77,9 @@ class ServeConfig:
             "max_message_bytes": self.max_message_bytes >= 1024,
             "drain_grace_s": self.drain_grace_s >= 0,
             "batch_timeout_s": self.batch_timeout_s > 0,
+            "max_concurrent_streams": self.max_concurrent_streams >= 1,
+            "keepalive_s": self.keepalive_s >= 1,
+            "max_connection_age_s": self.max_connection_age_s >= 0,
             "log_level": self.log_level in LOG_LEVELS,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -101,8 +108,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bundle", "--bundle", "MOE_EMBED_BUNDLE", str,
             "exported bundle directory (empty: the embedded demo model, built on first run; "
             "its vectors are not meaningful)", "DIR"),
-    Setting("host", "--host", "MOE_EMBED_HOST", str, "address to listen on", "HOST"),
+    Setting("host", "--host", "MOE_EMBED_HOST", str,
+            "address to listen on (0.0.0.0: every interface, as in a container)", "HOST"),
     Setting("port", "--port", "MOE_EMBED_PORT", int, "gRPC port (0: pick a free one)", "PORT"),
+    Setting("metrics_host", "--metrics-host", "MOE_EMBED_METRICS_HOST", str,
+            "address of the metrics endpoint (empty: the same as --host)", "HOST"),
     Setting("metrics_port", "--metrics-port", "MOE_EMBED_METRICS_PORT", int,
             "Prometheus /metrics HTTP port (0 disables)", "PORT"),
     Setting("workers", "--workers", "MOE_EMBED_WORKERS", int,
@@ -128,6 +138,15 @@ SETTINGS: tuple[Setting, ...] = (
             "a batch still running this long plus 20x its expected time (from recent batches' "
             "time per token) is taken for stuck: its worker is killed and restarted, the "
             "batch sent once more", "SECONDS"),
+    Setting("max_concurrent_streams", "--max-concurrent-streams",
+            "MOE_EMBED_MAX_CONCURRENT_STREAMS", int,
+            "concurrent calls (HTTP/2 streams) one client connection may have open", "N"),
+    Setting("keepalive_s", "--keepalive-s", "MOE_EMBED_KEEPALIVE_S", float,
+            "ping an idle connection after this long; one that does not answer within 20 s "
+            "is closed (clients may ping every 10 s at most)", "SECONDS"),
+    Setting("max_connection_age_s", "--max-connection-age-s", "MOE_EMBED_MAX_CONNECTION_AGE_S",
+            float, "close connections older than this (with --drain-grace-s for their calls to "
+            "finish), so clients reconnect and spread over new replicas; 0 = never", "SECONDS"),
     Setting("cache_dir", "--cache-dir", "MOE_EMBED_CACHE_DIR", str,
             "where the demo model is built and cached", "DIR"),
     Setting("log_level", "--log-level", "MOE_EMBED_LOG_LEVEL", str,
@@ -154,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser, cores: int | None = None) -> 
             shown = f"{default}: one per 4 of the {cores} cores, at least 1"
         elif s.name == "threads_per_worker":
             shown = f"{default}: cores // workers"
-        elif s.name == "bundle":
+        elif s.name in ("bundle", "metrics_host"):
             shown = "empty"
         elif isinstance(default, float):
             shown = f"{default:g}"

@@ -14,6 +14,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import structlog
 
@@ -41,6 +42,12 @@ class EmbedOutcome:
     queue_ms: float
     compute_ms: float
     total_ms: float
+
+
+def response_bytes(n: int, dimensions: int, model_id: str) -> int:
+    """An upper bound on the EmbedResponse for n inputs: each vector is a packed float field
+    (4 bytes a value + tags and lengths) plus its token count; then id, model and timing."""
+    return n * (4 * dimensions + 16) + len(model_id) + 512
 
 
 def _chars(inputs: Sequence[Input]) -> int:
@@ -99,6 +106,8 @@ class Engine:
             raise errors.unavailable("server is draining (shutting down); retry elsewhere")
         if not self.ready:
             raise errors.unavailable("workers are still loading; retry shortly")
+        if not self.pool.can_serve():
+            raise self.scheduler.no_worker()
 
     async def _encode(self, inputs: Sequence[Input], task: str,
                       truncate: bool) -> list[np.ndarray]:
@@ -117,6 +126,7 @@ class Engine:
         self._admitting()
         try:
             spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+            self._check_response_size(len(inputs), spec.dimensions)
             ids = await self._encode(inputs, task, truncate)
         except Exception as exc:
             raise errors.service_error(exc) from exc
@@ -139,6 +149,16 @@ class Engine:
         self.metrics.queue_time.observe(job.queue_ms / 1e3)
         return EmbedOutcome(job.vectors, [len(x) for x in ids], spec.dimensions, job.queue_ms,
                             job.compute_ms, (time.monotonic() - start) * 1e3)
+
+    def _check_response_size(self, n: int, dimensions: int) -> None:
+        """Refuse before any work a request whose response could not be sent."""
+        size = response_bytes(n, dimensions, self.bundle.manifest.model_id)
+        if size > self.config.max_message_bytes:
+            raise errors.ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"inputs: the response to {n} inputs of {dimensions} dimensions would be about "
+                f"{size} bytes, over max_message_bytes {self.config.max_message_bytes}; send "
+                "fewer inputs per request or ask for fewer dimensions", "inputs")
 
     async def tokenize(self, inputs: Sequence[str], task: str,
                        truncate: bool = True) -> list[tuple[list[int], list[str]]]:

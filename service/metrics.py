@@ -7,10 +7,23 @@ multiprocess collector to set up.
 
 from __future__ import annotations
 
+import socketserver
+import threading
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+        pass
+
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0, 30.0)
@@ -91,9 +104,20 @@ class Metrics:
                             str(layer), str(expert))
                     child.inc(n)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> Callable[[], None]:
-        """Serve /metrics over HTTP; returns a function that stops the server."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> Callable[[], None]:
+        """Serve GET /metrics over HTTP (404 on any other path); returns a function that
+        stops the server."""
+        exposition = make_wsgi_app(self.registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            if environ.get("PATH_INFO") == "/metrics":
+                return exposition(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: metrics are at /metrics\n"]
+
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
 
         def stop() -> None:
             server.shutdown()

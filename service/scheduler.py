@@ -22,7 +22,7 @@ from . import errors
 from .batching import Batch, BatchQueue, Job
 from .errors import ServiceError
 from .metrics import Metrics
-from .worker_pool import BatchFailed, Worker, WorkerDied, WorkerPool
+from .worker_pool import BatchFailed, NoWorkerCanServe, Worker, WorkerDied, WorkerPool
 
 MAX_ATTEMPTS = 2  # workers a batch may be sent to
 STUCK_FACTOR = 20.0  # a batch may run this many times its expected time past the floor
@@ -105,6 +105,9 @@ class Scheduler:
                 continue
             worker = self.pool.free_slot()
             if worker is None:
+                if self.pool.started and not self.pool.can_serve():
+                    self._fail_waiting(self.no_worker())
+                    continue
                 await _first(self.pool.changes.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
@@ -142,7 +145,11 @@ class Scheduler:
                     if retry is None:
                         return
                     batch = retry
-                    worker = await self.pool.acquire(priority=True)
+                    try:
+                        worker = await self.pool.acquire(priority=True)
+                    except NoWorkerCanServe:
+                        self._fail(batch, self.no_worker())
+                        return
                     batch.attempts += 1
                     continue
                 except BatchFailed as exc:  # the worker lives on: the same slot goes on
@@ -186,6 +193,15 @@ class Scheduler:
             grpc.StatusCode.INTERNAL,
             f"batch {batch.batch_id} failed in worker {exc.worker}: {failure.message}"))
         return None
+
+    def no_worker(self) -> ServiceError:
+        return errors.unavailable(f"no worker can serve: {self.pool.last_load_error}; "
+                                  "retry elsewhere")
+
+    def _fail_waiting(self, error: ServiceError) -> None:
+        """Fail every request with inputs waiting (no worker will take them)."""
+        for job in self.queue.jobs():
+            self._fail_job(job, error)
 
     def _fail_job(self, job: Job, error: ServiceError) -> None:
         job.fail(error)

@@ -37,8 +37,10 @@ from .worker_pool import WorkerStartError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
 HEALTH_SERVICES = ("", SERVICE_NAME)
-LAME_DUCK_S = 0.5  # after a drain, refusing new work before the port closes
+LAME_DUCK_S = 0.5  # after a drain, the port closes once no call has come for this long
 FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
+KEEPALIVE_TIMEOUT_MS = 20_000  # an unanswered keepalive ping closes the connection
+MIN_CLIENT_PING_MS = 10_000  # clients pinging more often are told off (GOAWAY)
 STREAM_WINDOW = 512  # requests per stream not yet answered; past it the stream is read no further
 TASK_NAMES = {pb.Task.Value(t.proto): t.name for t in TASKS}
 
@@ -110,6 +112,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self.engine = engine
         self.metrics = metrics
         self.model = engine.bundle.manifest.model_id
+        self.last_call = time.monotonic()  # when the latest call began (for the lame duck)
 
     async def _embed(self, request: pb.EmbedRequest | Malformed, timeout_s: float | None,
                      caller: str) -> pb.EmbedResponse:
@@ -123,6 +126,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return to_response(request.id, self.model, out)
 
     def _begin(self, context: grpc.aio.ServicerContext) -> str:
+        self.last_call = time.monotonic()
         request_id = request_id_from(context.invocation_metadata())
         bind_request_id(request_id)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -262,6 +266,25 @@ def package_version() -> str:
         return "unknown"
 
 
+def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """Message size, per-connection stream and keepalive limits of the gRPC server."""
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if cfg.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(cfg.drain_grace_s * 1000))]
+    return options
+
+
 class EmbedServer:
     """One running service: gRPC server, engine (workers), health, metrics endpoint."""
 
@@ -278,6 +301,7 @@ class EmbedServer:
         self._drained: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
         self._serving: int | None = None
+        self.servicer: EmbedderServicer | None = None
 
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), then load the workers (health SERVING)."""
@@ -289,12 +313,9 @@ class EmbedServer:
         cfg = self.config
         self._drained = asyncio.Event()
         self.engine = Engine(cfg, self.bundle_path, self.metrics)
-        server = self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ])
-        add_servicer(EmbedderServicer(self.engine, self.metrics), server)
+        server = self._server = grpc.aio.server(options=server_options(cfg))
+        self.servicer = EmbedderServicer(self.engine, self.metrics)
+        add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((
             SERVICE_NAME,
@@ -307,7 +328,8 @@ class EmbedServer:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await server.start()
         if cfg.metrics_port:
-            self._stop_metrics = self.metrics.serve(cfg.metrics_port, cfg.host)
+            self._stop_metrics = self.metrics.serve(cfg.metrics_port,
+                                                    cfg.metrics_host or cfg.host)
             self.metrics_port = cfg.metrics_port
         info = self.engine.info()
         log.info("listening", host=cfg.host, port=self.port, metrics_port=cfg.metrics_port,
@@ -363,13 +385,21 @@ class EmbedServer:
             self.engine.begin_drain()
             log.info("draining", grace_s=grace_s)
             finished = await self.engine.wait_idle(grace_s)
-        # Admitted work is done. Lame duck: go on refusing new work with UNAVAILABLE for a
-        # moment, so clients that race the stop hear "retry elsewhere" rather than CANCELLED.
-        await asyncio.sleep(min(LAME_DUCK_S, max(0.0, deadline - time.monotonic())))
+        await self._lame_duck(deadline)
         # what is left: idle streams and health watchers
         await self._shutdown(min(FINAL_GRACE_S, max(0.0, deadline - time.monotonic())))
         log.info("stopped", finished_in_grace=finished)
         return finished
+
+    async def _lame_duck(self, deadline: float) -> None:
+        """Admitted work is done. Go on refusing new calls with UNAVAILABLE until none has come
+        for LAME_DUCK_S (or the grace ends): gRPC's stop cancels calls that arrive as it
+        happens, and CANCELLED is not retried where UNAVAILABLE is."""
+        while self.servicer is not None and (now := time.monotonic()) < deadline:
+            quiet_at = self.servicer.last_call + LAME_DUCK_S
+            if quiet_at <= now:
+                return
+            await asyncio.sleep(min(quiet_at, deadline) - now)
 
     async def _shutdown(self, grace_s: float) -> None:
         if self._health_task is not None:

@@ -40,6 +40,10 @@ class WorkerDied(Exception):
     """The worker running a batch died (or was killed for running far too long)."""
 
 
+class NoWorkerCanServe(Exception):
+    """Every worker failed its last load (or died before loading) and none is ready."""
+
+
 class BatchFailed(Exception):
     """The worker ran the batch and it raised; the worker lives on."""
 
@@ -111,7 +115,7 @@ class WorkerPool:
         self._priority_waiting = 0
         self.restarts = 0
         self.started = False  # every worker loaded once; later restarts do not reset it
-        self.load_failures = 0
+        self.last_load_error = ""
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> None:
@@ -125,6 +129,12 @@ class WorkerPool:
         except TimeoutError:
             raise WorkerStartError(f"workers not ready after {timeout_s:.0f}s") from None
         self.started = True
+
+    def can_serve(self) -> bool:
+        """A worker is ready, or one is (re)loading that has not failed since it was last
+        ready: work may wait for it. False when every worker keeps failing to load."""
+        return any(w is not None and not w.dead and not w.killed
+                   and (w.ready or self._early_deaths[w.index] == 0) for w in self.workers)
 
     @property
     def ready_count(self) -> int:
@@ -187,8 +197,11 @@ class WorkerPool:
 
     async def acquire(self, priority: bool = False) -> Worker:
         """A slot on the least-loaded ready worker, waiting for one if needed. Priority
-        callers (batches sent again after a death) are served before the others."""
+        callers (batches sent again after a death) are served before the others. Raises
+        NoWorkerCanServe when no worker is ready or about to be."""
         while True:
+            if self.started and not self.can_serve():
+                raise NoWorkerCanServe(self.last_load_error or "no worker can serve")
             if priority or not self._priority_waiting:
                 worker = self._best()
                 if worker is not None:
@@ -272,6 +285,7 @@ class WorkerPool:
         worker.ready = True
         worker.pid = msg.pid
         self._early_deaths[worker.index] = 0
+        self.last_load_error = ""
         log.info("worker_ready", worker=worker.index, pid=worker.pid,
                  load_s=round(msg.load_s, 3), ready=self.ready_count, of=self.size)
         if self._starting is not None and not self._starting.done() \
@@ -281,9 +295,8 @@ class WorkerPool:
         self.changes.fire()
 
     def _load_failed(self, worker: Worker, msg: protocol.LoadFailed) -> None:
-        worker.dead = True
-        self.load_failures += 1
         message = f"worker {worker.index} could not load {self.bundle_path}: {msg.message}"
+        self.last_load_error = message
         if self._starting is not None and not self._starting.done():
             self._starting.set_exception(WorkerStartError(message))
         log.error("worker_load_failed", worker=worker.index, error=msg.message)
@@ -323,6 +336,8 @@ class WorkerPool:
         self.metrics.worker_restarts.labels(str(worker.index)).inc()
         if not was_ready:
             self._early_deaths[worker.index] += 1
+            self.last_load_error = self.last_load_error or \
+                f"worker {worker.index} exited with code {worker.process.exitcode} while loading"
         n = self._early_deaths[worker.index]
         delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
         assert self._loop is not None

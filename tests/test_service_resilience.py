@@ -3,15 +3,11 @@ mid-load, and a SIGTERM drain of a real `moe-embed serve` process."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,10 +18,9 @@ from support.service import (
     SERVING,
     TASKS,
     Expected,
+    ServeProcess,
     ServerThread,
-    free_port,
     health_status,
-    scrape,
     vectors,
     wait_for,
 )
@@ -172,73 +167,69 @@ def test_batch_that_kills_two_workers_fails_with_internal(two_workers) -> None:
     assert len(srv.stub().Embed(_request(["alive again"])).embeddings) == 1
 
 
-def _worker_pids(log_path: Path) -> list[int]:
-    """Worker pids from the server's JSON log (each worker logs `worker_ready` with its pid)."""
-    pids = set()
-    for line in log_path.read_text().splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "worker_ready" and "worker" in event:
-                pids.add(int(event["pid"]))
-    return sorted(pids)
-
-
-def _inputs_admitted(metrics_port: int) -> float:
+def _inputs_admitted(srv: ServeProcess) -> float:
     """Inputs the server has admitted: those sent to a worker plus those still queued."""
-    m = scrape(metrics_port)
+    m = srv.metrics()
     return m.get("moe_embed_batch_size_inputs_sum", 0.0) + m.get("moe_embed_queue_depth", 0.0)
 
 
 def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
     """SIGTERM with requests in flight: every admitted request finishes, later ones are refused
-    with UNAVAILABLE. The in-flight window is made, not hoped for: the only worker is stopped
-    (SIGSTOP) until every request is admitted and the drain has begun."""
-    port, metrics_port = free_port(), free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moe-embed")), "serve",
-             "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", str(metrics_port),
-             "--workers", "1", "--threads-per-worker", "1"],
-            env={**os.environ, "MOE_EMBED_DRAIN_GRACE_S": "30"},
-            stdout=log_file, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
+    with UNAVAILABLE (never CANCELLED). The in-flight window is made, not hoped for: the only
+    worker is stopped (SIGSTOP) until every request is admitted and the drain has begun."""
     clients = 6
     texts = [f"document {i}: " + "some words to embed " * 60 for i in range(16)]
-    worker = None
-    try:
-        wait_for(lambda: health_status(target) == SERVING, 120, "the server to serve",
-                 interval=0.1)
-        (worker,) = _worker_pids(log_path)
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
+                      "--threads-per-worker", "1", MOE_EMBED_DRAIN_GRACE_S="30") as srv:
+        srv.wait_serving()
+        (worker,) = srv.worker_pids()
         watched: list[int] = []
-        watcher = _watch(target, "", watched)
-        os.kill(worker, signal.SIGSTOP)  # nothing can finish until SIGCONT
+        watcher = _watch(srv.target, "", watched)
+        late_codes: list[grpc.StatusCode] = []
+        stop = threading.Event()
+
+        def late_client() -> None:
+            """Small requests every 10 ms through the drain, until refused for a second (a
+            client giving up on this replica); the server stops once calls stop coming."""
+            refused_since = None
+            with grpc.insecure_channel(srv.target) as ch:
+                stub = pb_grpc.EmbedderStub(ch)
+                while not stop.is_set():
+                    try:
+                        stub.Embed(_request(["late"]), timeout=10)
+                        late_codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as e:
+                        late_codes.append(e.code())
+                        refused_since = refused_since or time.monotonic()
+                        if time.monotonic() - refused_since > 1.0:
+                            return
+                    time.sleep(0.01)
+
+        os.kill(worker, signal.SIGSTOP)  # nothing can finish until SIGCONT (or the exit)
         with ThreadPoolExecutor(clients) as ex:
-            stub = pb_grpc.EmbedderStub(grpc.insecure_channel(target))
+            stub = pb_grpc.EmbedderStub(grpc.insecure_channel(srv.target))
             admitted = [ex.submit(stub.Embed, _request(texts), timeout=60)
                         for _ in range(clients)]
-            wait_for(lambda: _inputs_admitted(metrics_port) == clients * len(texts), 30,
+            wait_for(lambda: _inputs_admitted(srv) == clients * len(texts), 30,
                      "every request to be admitted")
-            proc.send_signal(signal.SIGTERM)
+            srv.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: NOT_SERVING in watched, 10, "the drain to begin")
             with pytest.raises(grpc.RpcError) as late:  # new work is refused, retryable
                 stub.Embed(_request(["too late"]), timeout=10)
             assert late.value.code() == grpc.StatusCode.UNAVAILABLE, late.value.details()
+            hammer = threading.Thread(target=late_client)
+            hammer.start()
             # longer than a drain that did not wait for admitted work would take to stop
             time.sleep(LAME_DUCK_S + FINAL_GRACE_S + 1.0)
             assert not any(f.done() for f in admitted), "a request finished while stopped"
             os.kill(worker, signal.SIGCONT)
-            worker = None
             for f in admitted:  # raises if any admitted request was lost
                 assert len(f.result().embeddings) == len(texts)
-        assert proc.wait(60) == 0
+        assert srv.proc.wait(60) == 0
+        stop.set()
+        hammer.join(30)
         watcher.join(10)
-    finally:
-        if worker is not None:
-            os.kill(worker, signal.SIGCONT)
-        if proc.poll() is None:
-            proc.kill()
-    log = log_path.read_text()
+    log = srv.log_path.read_text()
     assert '"event": "draining"' in log and '"finished_in_grace": true' in log, log[-3000:]
     assert watched[-1] == NOT_SERVING
+    assert late_codes and set(late_codes) <= {grpc.StatusCode.UNAVAILABLE}, late_codes

@@ -8,7 +8,13 @@ the clients are real gRPC channels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -149,3 +155,64 @@ class Expected:
 
     def tokens(self, texts: list[str], task: str) -> list[int]:
         return [len(x) for x in self.embedder.tokenizer.encode(texts, task_named(task))]
+
+
+class ServeProcess:
+    """`moe-embed serve` as its own process on loopback ports, its JSON log in a file."""
+
+    def __init__(self, bundle: Path, log_path: Path, *args: str, **env: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("moe-embed")), "serve",
+                 "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
+                 "--metrics-port", str(self.metrics_port), *args],
+                env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 120) -> ServeProcess:
+        wait_for(lambda: health_status(self.target) == SERVING or self.proc.poll() is not None,
+                 timeout, "the server to serve", interval=0.1)
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers that reported ready (each logs `worker_ready`)."""
+        return sorted({int(e["pid"]) for e in self.events("worker_ready") if "worker" in e})
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+    def peak_rss_mb(self) -> float:
+        """The frontend process's peak resident memory (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pid in self.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stop()
