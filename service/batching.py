@@ -138,18 +138,22 @@ class BatchQueue:
         k = len(self._callers) + (caller not in self._callers)
         return self.max_queue // (k + 1)
 
-    def admit(self, job: Job) -> None:
-        """Queue every input of `job`, or raise RESOURCE_EXHAUSTED at once."""
-        n = len(job.ids)
-        held = len(self._callers.get(job.caller, ()))
+    def check(self, caller: Hashable, n: int) -> None:
+        """RESOURCE_EXHAUSTED unless `n` more inputs from `caller` fit."""
+        held = len(self._callers.get(caller, ()))
         if self.waiting + n > self.max_queue:
             raise errors.queue_full(f"{self.waiting} inputs waiting + {n} asked > "
                                     f"max_queue {self.max_queue}")
-        if held and held + n > self.share(job.caller):
+        if held and held + n > self.share(caller):
             raise errors.queue_full(
                 f"this caller has {held} inputs waiting + {n} asked > its fair share "
-                f"{self.share(job.caller)} of max_queue {self.max_queue} "
+                f"{self.share(caller)} of max_queue {self.max_queue} "
                 f"({len(self._callers) - 1} other callers waiting)")
+
+    def admit(self, job: Job) -> None:
+        """Queue every input of `job`, or raise RESOURCE_EXHAUSTED at once."""
+        n = len(job.ids)
+        self.check(job.caller, n)
         items = self._callers.setdefault(job.caller, deque())
         for i in range(n):
             item = Item(job, i)
@@ -209,18 +213,27 @@ class BatchQueue:
         """When the oldest waiting input was admitted (None: nothing waits)."""
         return min((items[0].job.admitted for items in self._callers.values()), default=None)
 
-    def full(self) -> bool:
-        """A batch would be full right now."""
-        return self.queued_tokens >= self.max_batch_tokens
+    def full(self, budget: int | None = None) -> bool:
+        """A batch of `budget` tokens (default max_batch_tokens) would be full right now."""
+        return self.queued_tokens >= (self.max_batch_tokens if budget is None else budget)
 
-    def take(self, now: float) -> Batch | None:
-        """Form the next batch (None if nothing waits). Finished requests' inputs must have
-        been cancelled first."""
+    def take(self, now: float, budget: int | None = None,
+             lightest_first: bool = False) -> Batch | None:
+        """Form the next batch (None if nothing waits) of at most `budget` real tokens
+        (default max_batch_tokens). Callers take turns from the one with the oldest input or,
+        `lightest_first`, from the one with the fewest inputs waiting (an express batch, for a
+        busy worker, gives light callers the first places). Finished requests' inputs must
+        have been cancelled first."""
         if not self._callers:
             return None
-        first = min(self._callers, key=lambda c: self._callers[c][0].job.admitted)
-        order = list(self._callers)
-        turn = order[order.index(first):] + order[:order.index(first)]
+        budget = self.max_batch_tokens if budget is None else budget
+        if lightest_first:
+            turn = sorted(self._callers, key=lambda c: (len(self._callers[c]),
+                                                        self._callers[c][0].job.admitted))
+        else:
+            first = min(self._callers, key=lambda c: self._callers[c][0].job.admitted)
+            order = list(self._callers)
+            turn = order[order.index(first):] + order[:order.index(first)]
         taken: list[Item] = []
         tokens = 0
         progress = True
@@ -228,7 +241,7 @@ class BatchQueue:
             progress = False
             for caller in turn:
                 items = self._callers.get(caller)
-                if not items or (taken and tokens + items[0].length > self.max_batch_tokens):
+                if not items or (taken and tokens + items[0].length > budget):
                     continue
                 item = items.popleft()
                 taken.append(item)

@@ -127,6 +127,7 @@ class Engine:
         try:
             spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
             self._check_response_size(len(inputs), spec.dimensions)
+            self.scheduler.check_room(caller, len(inputs))  # a full queue costs no tokenizing
             ids = await self._encode(inputs, task, truncate)
         except Exception as exc:
             raise errors.service_error(exc) from exc

@@ -1,18 +1,22 @@
 """Dispatch, delivery, retry and batch metrics, in one place.
 
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
-worker gets work at once; a busy worker with a free pipeline slot gets a batch when a full one
-waits or when the oldest input has waited `max_wait`. Each batch then has one coroutine that
-sees it through: it runs it on its worker, delivers the vectors to the requests it carries, and,
-if the worker dies (or is killed for running far past what the batch should take), sends what is
-still wanted once more, ahead of new work; a second death fails it with INTERNAL.
+worker gets a full batch at once; a busy worker's second slot gets an express batch (at most
+EXPRESS_TOKENS, the lightest callers' inputs first) when one is full or when the oldest input
+has waited `max_wait`. The worker runs the smaller of its two batches first, pausing the
+larger between session calls, so a light request does not wait for a heavy batch to end.
+
+Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
+vectors to the requests it carries, and, if the worker dies (or is killed for running far past
+what the batch should take), sends what is still wanted once more, ahead of new work; a second
+death fails it with INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Hashable
 
 import grpc
 import structlog
@@ -25,6 +29,7 @@ from .metrics import Metrics
 from .worker_pool import BatchFailed, NoWorkerCanServe, Worker, WorkerDied, WorkerPool
 
 MAX_ATTEMPTS = 2  # workers a batch may be sent to
+EXPRESS_TOKENS = 512  # the batch a busy worker takes beside the one it runs (a chunk's worth)
 STUCK_FACTOR = 20.0  # a batch may run this many times its expected time past the floor
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-token estimate
 
@@ -66,6 +71,11 @@ class Scheduler:
                 task.cancel()
         await asyncio.gather(*[t for t in [self._loop_task, *self._batches] if t is not None],
                              return_exceptions=True)
+
+    def check_room(self, caller: Hashable, n: int) -> None:
+        """RESOURCE_EXHAUSTED now if `n` inputs from `caller` would not be admitted (before
+        any tokenizing is spent on them)."""
+        self.queue.check(caller, n)
 
     def submit(self, job: Job) -> None:
         """Queue a request's inputs (RESOURCE_EXHAUSTED at once if it does not fit)."""
@@ -111,11 +121,14 @@ class Scheduler:
                 await _first(self.pool.changes.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            if worker.busy and not self.queue.full() and delay > 0:
+            if worker.busy and not self.queue.full(EXPRESS_TOKENS) and delay > 0:
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
-            batch = self.queue.take(now)
+            if worker.busy:
+                batch = self.queue.take(now, EXPRESS_TOKENS, lightest_first=True)
+            else:
+                batch = self.queue.take(now)
             self._queue_changed()
             if batch is None:
                 continue

@@ -131,10 +131,9 @@ class WorkerPool:
         self.started = True
 
     def can_serve(self) -> bool:
-        """A worker is ready, or one is (re)loading that has not failed since it was last
-        ready: work may wait for it. False when every worker keeps failing to load."""
-        return any(w is not None and not w.dead and not w.killed
-                   and (w.ready or self._early_deaths[w.index] == 0) for w in self.workers)
+        """A worker is ready, or one is (re)starting that has not failed to load since it was
+        last ready: work may wait for it. False when every worker keeps failing to load."""
+        return self.ready_count > 0 or any(n == 0 for n in self._early_deaths)
 
     @property
     def ready_count(self) -> int:

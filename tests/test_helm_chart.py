@@ -274,13 +274,15 @@ def test_server_accepts_the_chart_environment(rendered: Rendered) -> None:
 
 def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
     """With default values the pod runs with the same settings as a bare `moe-embed serve`
-    (except where the pod must differ: a writable cache dir)."""
+    (except where the pod must differ: a writable cache dir, and every interface to listen on
+    where a bare server listens on loopback only)."""
     chart = resolve_server_config(env_of(_render(helm, "default").server))
     bare = resolve_server_config({})
-    for field in ("bundle", "host", "port", "metrics_port", "workers", "threads_per_worker",
+    for field in ("bundle", "port", "metrics_port", "workers", "threads_per_worker",
                   "max_batch_tokens", "max_wait_ms", "max_queue", "max_inputs",
-                  "max_message_bytes", "drain_grace_s", "log_level"):
+                  "max_message_bytes", "drain_grace_s", "batch_timeout_s", "log_level"):
         assert getattr(chart, field) == getattr(bare, field), field
+    assert (bare.host, chart.host) == ("127.0.0.1", "0.0.0.0")
 
 
 def test_grace_period_outlasts_prestop_and_drain(rendered: Rendered) -> None:

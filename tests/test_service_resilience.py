@@ -186,12 +186,14 @@ def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
         watched: list[int] = []
         watcher = _watch(srv.target, "", watched)
         late_codes: list[grpc.StatusCode] = []
+        late_details: list[str] = []
+        finished_at: list[float] = []
         stop = threading.Event()
 
         def late_client() -> None:
-            """Small requests every 10 ms through the drain, until refused for a second (a
-            client giving up on this replica); the server stops once calls stop coming."""
-            refused_since = None
+            """Small requests every 10 ms through the drain, and for a second after the
+            admitted work is done (then a client gives up on this replica); the server must
+            keep refusing them itself until they stop coming."""
             with grpc.insecure_channel(srv.target) as ch:
                 stub = pb_grpc.EmbedderStub(ch)
                 while not stop.is_set():
@@ -200,9 +202,9 @@ def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
                         late_codes.append(grpc.StatusCode.OK)
                     except grpc.RpcError as e:
                         late_codes.append(e.code())
-                        refused_since = refused_since or time.monotonic()
-                        if time.monotonic() - refused_since > 1.0:
-                            return
+                        late_details.append(e.details() or "")
+                    if finished_at and time.monotonic() - finished_at[0] > 1.0:
+                        return
                     time.sleep(0.01)
 
         os.kill(worker, signal.SIGSTOP)  # nothing can finish until SIGCONT (or the exit)
@@ -225,11 +227,14 @@ def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
             os.kill(worker, signal.SIGCONT)
             for f in admitted:  # raises if any admitted request was lost
                 assert len(f.result().embeddings) == len(texts)
+            finished_at.append(time.monotonic())
+        hammer.join(30)
         assert srv.proc.wait(60) == 0
         stop.set()
-        hammer.join(30)
         watcher.join(10)
     log = srv.log_path.read_text()
     assert '"event": "draining"' in log and '"finished_in_grace": true' in log, log[-3000:]
     assert watched[-1] == NOT_SERVING
     assert late_codes and set(late_codes) <= {grpc.StatusCode.UNAVAILABLE}, late_codes
+    # the port stayed open, refusing with the server's own word, until calls stopped coming
+    assert all("draining" in d for d in late_details), set(late_details)

@@ -164,3 +164,27 @@ def test_stuck_worker_is_killed_and_its_batch_resent(tiny_bundle) -> None:
             assert time.monotonic() - start >= 1.0
             assert sched.pool.pids()[0] != victim and sched.resent_batches == 1
     asyncio.run(main())
+
+
+def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
+    """A busy worker's second slot gets an express batch, and the worker runs the smaller of
+    its batches first: a light request sent after a large batch is answered before it."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            large = job([400] * 20, caller="heavy")
+            sched.submit(large)
+            await until(lambda: sent(sched) == (1, 20))
+            more = job([400] * 20, caller="heavy")  # queued behind, more than an express fits
+            small = job([5], caller="light")
+            sched.submit(more)
+            sched.submit(small)
+            await until(lambda: sent(sched)[0] == 2)  # the express batch, to the busy worker
+            done: list[str] = []
+            for name, j in (("large", large), ("small", small), ("more", more)):
+                j.future.add_done_callback(lambda f, name=name: done.append(name))
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(large.future, small.future, more.future), 60)
+            assert done.index("small") < done.index("large"), done
+    asyncio.run(main())

@@ -190,6 +190,10 @@ class ServeProcess:
         """Pids of the workers that reported ready (each logs `worker_ready`)."""
         return sorted({int(e["pid"]) for e in self.events("worker_ready") if "worker" in e})
 
+    def worker_pid(self, index: int) -> int:
+        """The pid worker `index` first reported."""
+        return next(int(e["pid"]) for e in self.events("worker_ready") if e.get("worker") == index)
+
     def metrics(self) -> dict[str, float]:
         return scrape(self.metrics_port)
 

@@ -1,10 +1,15 @@
 """A worker process: loads one Runtime, then embeds the batches the frontend sends it.
 
 Started with the multiprocessing "spawn" context (torch and ONNX Runtime are not fork-safe).
-The loop reads a Batch from `requests`, runs the runtime on it (packed ids in, one vector per
-input out, each with its own dimensions and normalize) and writes a Result (vectors + tokens
-per expert) or, if the batch raised, a Failed naming the reason and the row. The worker exits
-on Stop or when the frontend's end of the pipe closes.
+The loop reads Batches from `requests`, runs the runtime on them (packed ids in, one vector
+per input out, each with its own dimensions and normalize) and writes a Result (vectors +
+tokens per expert) or, if a batch raised, a Failed naming the reason and the row.
+
+A worker holds up to two batches (one running, one sent ahead). It runs them step by step
+(one session call at a time) and, between steps, reads any batch that has arrived and always
+advances the one with the fewest tokens: a small batch sent while a large one runs is done
+first, after one step of the large one, instead of after all of it. The worker exits on Stop
+or when the frontend's end of the pipe closes.
 """
 
 from __future__ import annotations
@@ -22,22 +27,63 @@ from ..runtime.errors import InvalidInput
 from . import protocol
 
 
-def run_batch(runtime, batch: protocol.Batch) -> protocol.Result | protocol.Failed:
-    """One batch through the runtime (runtime: runtime.Runtime)."""
-    start = time.perf_counter()
-    try:
-        r = runtime.embed(batch.ids, batch.offsets, batch.dims, batch.normalize)
-    except InvalidInput as exc:
-        return protocol.Failed(batch.batch_id, protocol.Reason.INVALID_INPUT, exc.detail,
-                               exc.field, exc.index)
-    except Exception as exc:  # the batch fails, the worker lives on
-        structlog.get_logger("moe_embed.worker").error(
-            "batch_failed", batch_id=batch.batch_id,
-            error=traceback.format_exception_only(exc)[-1].strip())
-        return protocol.Failed(batch.batch_id, protocol.Reason.INTERNAL, repr(exc))
-    compute_ms = (time.perf_counter() - start) * 1e3
-    return protocol.Result.of(batch.batch_id, compute_ms, r.vectors, r.moe_layers,
-                              r.expert_tokens)
+class Running:
+    """A batch in progress: its step generator and when it started."""
+
+    def __init__(self, runtime, batch: protocol.Batch) -> None:  # runtime: runtime.Runtime
+        self.batch = batch
+        self.tokens = batch.ids.size
+        self.steps = runtime.embed_steps(batch.ids, batch.offsets, batch.dims, batch.normalize)
+        self.seconds = 0.0  # time spent in its own steps
+
+    def step(self) -> protocol.Result | protocol.Failed | None:
+        """Advance by one step; the reply once it is done."""
+        start = time.perf_counter()
+        try:
+            next(self.steps)
+            return None
+        except StopIteration as done:
+            r = done.value
+            self.seconds += time.perf_counter() - start
+            return protocol.Result.of(self.batch.batch_id, self.seconds * 1e3, r.vectors,
+                                      r.moe_layers, r.expert_tokens)
+        except InvalidInput as exc:
+            return protocol.Failed(self.batch.batch_id, protocol.Reason.INVALID_INPUT,
+                                   exc.detail, exc.field, exc.index)
+        except Exception as exc:  # the batch fails, the worker lives on
+            structlog.get_logger("moe_embed.worker").error(
+                "batch_failed", batch_id=self.batch.batch_id,
+                error=traceback.format_exception_only(exc)[-1].strip())
+            return protocol.Failed(self.batch.batch_id, protocol.Reason.INTERNAL, repr(exc))
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def serve(runtime, requests: Connection, results: Connection) -> None:
+    """The worker's loop: read batches, step the smallest, write replies (see the module
+    docstring). Returns on Stop or when the frontend is gone."""
+    log = structlog.get_logger("moe_embed.worker")
+    running: list[Running] = []
+    while True:
+        try:
+            while not running or requests.poll(0):
+                msg = protocol.decode(requests.recv_bytes())
+                if isinstance(msg, protocol.Stop):
+                    log.info("worker_stopped")
+                    return
+                assert isinstance(msg, protocol.Batch), msg
+                running.append(Running(runtime, msg))
+        except (EOFError, OSError):
+            log.info("worker_frontend_gone")
+            return
+        task = min(running, key=lambda r: r.tokens)
+        reply = task.step()
+        if reply is not None:
+            running.remove(task)
+            try:
+                results.send_bytes(reply.encode())
+            except (BrokenPipeError, OSError):
+                return
 
 
 def worker_main(requests: Connection, results: Connection, bundle_path: str, threads: int,
@@ -63,17 +109,4 @@ def worker_main(requests: Connection, results: Connection, bundle_path: str, thr
     load_s = time.perf_counter() - start
     log.info("worker_ready", load_s=round(load_s, 3), threads=threads)
     results.send_bytes(protocol.Ready(os.getpid(), load_s).encode())
-    while True:
-        try:
-            msg = protocol.decode(requests.recv_bytes())
-        except (EOFError, OSError):
-            log.info("worker_frontend_gone")
-            return
-        if isinstance(msg, protocol.Stop):
-            log.info("worker_stopped")
-            return
-        assert isinstance(msg, protocol.Batch), msg
-        try:
-            results.send_bytes(run_batch(runtime, msg).encode())
-        except (BrokenPipeError, OSError):
-            return
+    serve(runtime, requests, results)

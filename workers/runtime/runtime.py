@@ -10,9 +10,10 @@ attention gathers a chunk into [b, longest]); experts that got no token are not 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from .pooling import finish_rows, mean_pool
 from .requests import Limits
 from .router import Router
 from .sessions import create_session, init_thread_pool
+
+T = TypeVar("T")
 
 
 def pack(id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +65,15 @@ def _length_order(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     starts = np.repeat(offsets[:-1][order], sorted_lengths)
     first = np.repeat(np.cumsum(sorted_lengths) - sorted_lengths, sorted_lengths)
     return starts + (np.arange(int(offsets[-1])) - first), sorted_lengths
+
+
+def _finish(steps: Generator[None, None, T]) -> T:
+    """Run a step generator to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class Runtime:
@@ -120,26 +132,38 @@ class Runtime:
               normalize: bool | np.ndarray = True) -> Embedded:
         """Vectors of a packed batch; `dimensions` (0 = full) and `normalize` per sequence or
         for all."""
-        n = offsets.size - 1
-        dims = self._dimensions(dimensions, n)
-        norm = np.broadcast_to(np.asarray(normalize, dtype=bool), (n,))
-        fwd = self.forward(ids, offsets)
-        vectors = finish_rows(mean_pool(fwd.hidden, fwd.offsets), dims, norm)
-        return Embedded(vectors, fwd.expert_tokens, list(self.moe_layers))
+        return _finish(self.embed_steps(ids, offsets, dimensions, normalize))
 
     def forward(self, ids: np.ndarray, offsets: np.ndarray) -> Forward:
         """Last hidden states of a packed batch, in its packed order."""
+        return _finish(self.forward_steps(ids, offsets))
+
+    def embed_steps(self, ids: np.ndarray, offsets: np.ndarray,
+                    dimensions: int | np.ndarray = 0,
+                    normalize: bool | np.ndarray = True) -> Generator[None, None, Embedded]:
+        """`embed` as a generator that pauses after every session call (a chunk of a dense
+        segment, an expert's piece): a worker can run a small batch in those pauses."""
+        n = offsets.size - 1
+        dims = self._dimensions(dimensions, n)
+        norm = np.broadcast_to(np.asarray(normalize, dtype=bool), (n,))
+        fwd = yield from self.forward_steps(ids, offsets)
+        vectors = finish_rows(mean_pool(fwd.hidden, fwd.offsets), dims, norm)
+        return Embedded(vectors, fwd.expert_tokens, list(self.moe_layers))
+
+    def forward_steps(self, ids: np.ndarray,
+                      offsets: np.ndarray) -> Generator[None, None, Forward]:
         self.check(ids, offsets)
         counts = np.zeros((len(self.moe_layers), self.config.num_experts), dtype=np.int64)
         if self.moe_mode != "routed":
             return Forward(self._all_experts(ids, offsets), offsets, {}, counts)
         order = _length_order(offsets)
         if order is None:
-            hidden, experts = self._routed(ids.astype(np.int64), np.diff(offsets), counts)
+            hidden, experts = yield from self._routed(ids.astype(np.int64), np.diff(offsets),
+                                                      counts)
             return Forward(hidden, offsets, experts, counts)
         rows, lengths = order
-        hidden_sorted, experts_sorted = self._routed(ids[rows].astype(np.int64), lengths,
-                                                     counts)
+        hidden_sorted, experts_sorted = yield from self._routed(ids[rows].astype(np.int64),
+                                                                lengths, counts)
         hidden = np.empty_like(hidden_sorted)
         hidden[rows] = hidden_sorted
         experts = {}
@@ -149,19 +173,20 @@ class Runtime:
         return Forward(hidden, offsets, experts, counts)
 
     # -- routed execution --------------------------------------------------------------------
-    def _routed(self, ids: np.ndarray, lengths: np.ndarray,
-                counts: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    def _routed(self, ids: np.ndarray, lengths: np.ndarray, counts: np.ndarray
+                ) -> Generator[None, None, tuple[np.ndarray, dict[int, np.ndarray]]]:
         """Dense segments run in whole-sequence chunks (chunks.py); each MoE layer routes the
         whole batch at once."""
         parts = chunks(lengths, self.chunk_tokens)
-        hidden = self._segment(0, parts, {"input_ids": ids})
+        hidden = yield from self._segment(0, parts, {"input_ids": ids})
         expert_ids: dict[int, np.ndarray] = {}
         for li, layer in enumerate(self.moe_layers):
-            moe = self._moe(layer, hidden, counts[li], expert_ids)
-            hidden = self._segment(li + 1, parts, {"hidden": hidden, "moe_out": moe})
+            moe = yield from self._moe(layer, hidden, counts[li], expert_ids)
+            hidden = yield from self._segment(li + 1, parts, {"hidden": hidden, "moe_out": moe})
         return hidden, expert_ids
 
-    def _segment(self, index: int, parts: list[Chunk], rows: dict[str, np.ndarray]) -> np.ndarray:
+    def _segment(self, index: int, parts: list[Chunk],
+                 rows: dict[str, np.ndarray]) -> Generator[None, None, np.ndarray]:
         """Run dense segment `index` chunk by chunk over the packed rows."""
         sess, needs_mask = self.segments[index]
         outs = []
@@ -170,10 +195,11 @@ class Runtime:
             if needs_mask:
                 feeds.update(part.layout)
             outs.append(sess.run(None, feeds)[0])
+            yield
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _moe(self, layer: int, x: np.ndarray, counts: np.ndarray,
-             expert_ids: dict[int, np.ndarray]) -> np.ndarray:
+             expert_ids: dict[int, np.ndarray]) -> Generator[None, None, np.ndarray]:
         router = self.routers[layer]
         top_w, top_e = router.route(x)
         expert_ids[layer] = top_e
@@ -185,6 +211,7 @@ class Runtime:
                 tokens = a.tokens[rows]
                 (y,) = sess.run(None, {"x": x[tokens]})
                 out[tokens] += y * a.weights[rows]
+                yield
             counts[a.expert] = a.tokens.size
         out += router.expert_bias
         return out

@@ -1,0 +1,176 @@
+"""Script, not a test: break the code one way at a time and check that the tests notice.
+
+    .venv/bin/python benchmarks/mutations.py [--only NAME,...] [--list]
+
+Each mutation replaces one snippet of the source (it must occur exactly once), runs the tests
+that guard that behaviour, and expects them to FAIL; the file is restored afterwards, whatever
+happens. A mutation the tests survive is a blind spot. Prints one line per mutation and a JSON
+summary; exit status 1 if any mutation survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids
+    more: tuple[tuple[str, str], ...] = ()  # further (old, new) edits in the same file
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("tokenize whole texts (no bound)", "workers/runtime/tokenizer.py",
+             "        if len(text) <= self.window:\n",
+             "        if True:\n",
+             ("tests/test_service_hardening.py::test_oversized_inputs_cost_bounded_memory",
+              "tests/test_tokenizer.py")),
+    Mutation("tokenize on the event loop", "service/engine.py",
+             "INLINE_TOKENIZE_CHARS = 4096",
+             "INLINE_TOKENIZE_CHARS = 10**9",
+             ("tests/test_service_hardening.py::"
+              "test_tokenizing_huge_inputs_does_not_block_other_calls",)),
+    Mutation("stream window released when computed, not written", "service/server.py",
+             "                window.release()  # written: the client has taken it\n",
+             "                pass\n",
+             ("tests/test_service_hardening.py::"
+              "test_a_stream_that_is_never_read_stops_being_read",),
+             more=(("            finally:\n                self.metrics.observe_request("
+                    '"EmbedStream"',
+                    "            finally:\n                window.release()\n"
+                    '                self.metrics.observe_request("EmbedStream"'),)),
+    Mutation("one FIFO queue for every caller", "service/batching.py",
+             "        turn = order[order.index(first):] + order[:order.index(first)]\n",
+             "        turn = sorted(self._callers, key=lambda c: self._callers[c][0].job.admitted)"
+             "\n        budget = 10**9 if not lightest_first else budget\n",
+             ("tests/test_service_batching.py",
+              "tests/test_service_hardening.py::"
+              "test_a_light_caller_is_not_starved_by_a_flooding_stream")),
+    Mutation("no fair share of the queue", "service/batching.py",
+             "        if held and held + n > self.share(caller):",
+             "        if False:",
+             ("tests/test_service_batching.py",)),
+    Mutation("strict protobuf parsing", "service/server.py",
+             "        except (DecodeError, ValueError, UnicodeDecodeError) as exc:\n"
+             "            return Malformed(exc)",
+             "        except ZeroDivisionError as exc:\n            return Malformed(exc)",
+             ("tests/test_service_hardening.py::"
+              "test_malformed_messages_are_invalid_argument_and_a_stream_goes_on",)),
+    Mutation("cancelled stream requests counted OK", "service/server.py",
+             '                code = "CANCELLED"\n                raise',
+             "                raise",
+             ("tests/test_service_hardening.py::"
+              "test_cancelled_stream_requests_are_counted_as_cancelled",)),
+    Mutation("health and admission ignore workers that cannot load",
+             "service/worker_pool.py",
+             "        return self.ready_count > 0 or any(n == 0 for n in self._early_deaths)",
+             "        return True",
+             ("tests/test_service_hardening.py::test_no_worker_can_load_then_one_can",)),
+    Mutation("a hung worker is waited for", "service/scheduler.py",
+             "        return self.batch_timeout_s + STUCK_FACTOR * expected",
+             "        return None",
+             ("tests/test_service_hardening.py::"
+              "test_a_hung_worker_is_replaced_and_its_batch_resent",
+              "tests/test_service_scheduler.py::"
+              "test_stuck_worker_is_killed_and_its_batch_resent")),
+    Mutation("oversized responses computed anyway", "service/engine.py",
+             "        if size > self.config.max_message_bytes:",
+             "        if False:",
+             ("tests/test_service_hardening.py::"
+              "test_a_response_over_the_message_limit_is_refused_before_any_work",)),
+    Mutation("no per-connection stream limit", "service/server.py",
+             '        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),\n',
+             "",
+             ("tests/test_service_hardening.py::"
+              "test_concurrent_streams_per_connection_are_limited",)),
+    Mutation("metrics on every path", "service/metrics.py",
+             '            if environ.get("PATH_INFO") == "/metrics":',
+             "            if True:",
+             ("tests/test_service_hardening.py::test_metrics_answer_only_on_their_path",)),
+    Mutation("tokenizer load error without its path", "workers/runtime/tokenizer.py",
+             'raise BundleError(f"{path}: cannot load the tokenizer: {exc}") from exc',
+             'raise BundleError("cannot load the tokenizer") from exc',
+             ("tests/test_service_hardening.py::test_corrupt_tokenizer_is_named",)),
+    Mutation("drain does not wait for admitted work", "service/server.py",
+             "            finished = await self.engine.wait_idle(grace_s)",
+             "            finished = True",
+             ("tests/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
+    Mutation("lame duck of a fixed half second", "service/server.py",
+             "        await self._lame_duck(deadline)",
+             "        await asyncio.sleep(LAME_DUCK_S)",
+             ("tests/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
+    Mutation("worker runs batches in arrival order", "workers/process/main.py",
+             "        task = min(running, key=lambda r: r.tokens)",
+             "        task = running[0]",
+             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
+    Mutation("express batches as large as any", "service/scheduler.py",
+             "                batch = self.queue.take(now, EXPRESS_TOKENS, lightest_first=True)",
+             "                batch = self.queue.take(now)",
+             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
+)
+
+
+def run(m: Mutation, timeout_s: float) -> dict:
+    path = REPO / m.file
+    original = path.read_text()
+    edits = ((m.old, m.new), *m.more)
+    if any(original.count(old) != 1 for old, _ in edits):
+        return {"mutation": m.name, "result": "STALE (snippet not found exactly once)"}
+    mutated = original
+    for old, new in edits:
+        mutated = mutated.replace(old, new)
+    start = time.monotonic()
+    try:
+        path.write_text(mutated)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               *m.tests], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s)
+        caught = proc.returncode == 1
+        tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout else []
+    except subprocess.TimeoutExpired:
+        caught, tail = True, [f"timed out after {timeout_s:.0f}s (counts as caught)"]
+    finally:
+        path.write_text(original)
+    return {"mutation": m.name, "result": "caught" if caught else "SURVIVED",
+            "tests": list(m.tests), "seconds": round(time.monotonic() - start, 1),
+            "pytest": tail[0] if tail else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma list of substrings of mutation names")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS
+              if not args.only or any(k.strip() in m.name for k in args.only.split(","))]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.file}]")
+        return 0
+    results = []
+    for m in chosen:
+        r = run(m, args.timeout)
+        results.append(r)
+        print(f"{r['result']:>8}  {m.name}  ({r.get('seconds', 0)} s) {r.get('pytest', '')}",
+              flush=True)
+    survived = [r for r in results if r["result"] != "caught"]
+    print(json.dumps({"mutations": len(results), "caught": len(results) - len(survived),
+                      "survived": [r["mutation"] for r in survived]}))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

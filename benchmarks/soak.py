@@ -1,0 +1,353 @@
+"""Script, not a test: a mixed flood against `moe-embed serve` over loopback, then a report.
+
+    .venv/bin/python benchmarks/soak.py [--duration 600] [--overload 10] [--bundle DIR]
+
+Starts the server (2 workers, the demo bundle unless --bundle), measures its capacity and the
+light clients' unloaded latency, then for --duration seconds runs at once:
+- light clients: one short text per unary call, back to back;
+- heavy streams: 256-input requests offered at --overload x the measured capacity;
+- oversized inputs (3.9 MB strings), garbage bytes, calls cancelled or past their deadline,
+  streams that never read their responses;
+- one worker SIGKILLed and, later, one SIGSTOPped (taken for stuck and replaced).
+Every OK vector is checked against the same text embedded alone (in process). Then the flood
+stops and the light latency must recover. Prints requests by status, light p50/p99 against
+unloaded, frontend and worker RSS (start, peak, end), restarts, lost or wrong responses, and
+a verdict per target. Run it on a quiet machine: other work skews every latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.service import ServeProcess  # noqa: E402
+
+from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
+from moe_embed.v1 import embedder_pb2 as pb  # noqa: E402
+from moe_embed.v1 import embedder_pb2_grpc as pb_grpc  # noqa: E402
+from moe_embed.workers.runtime.embedder import LocalEmbedder  # noqa: E402
+
+TEXTS = json.loads((Path(__file__).resolve().parents[1] / "tests/data/multilingual.json")
+                   .read_text())
+LIGHT_CLIENTS = 6
+HEAVY_INPUTS = 256
+ATOL = 1e-5
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+class Soak:
+    def __init__(self, bundle: Path, log: Path, overload: float) -> None:
+        self.srv = ServeProcess(bundle, log, "--workers", "2", "--threads-per-worker", "1",
+                                "--batch-timeout-s", "2")
+        self.overload = overload
+        self.reference = LocalEmbedder(bundle, threads=1)
+        self._memo: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.codes: Counter = Counter()
+        self.wrong = 0
+        self.checked = 0
+        self.light_ms: list[tuple[float, float]] = []  # (time, latency ms)
+        self.stop = threading.Event()
+        self.rss: dict[str, list[float]] = {"frontend": [], "workers": []}
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def expected(self, text: str) -> np.ndarray:
+        with self._lock:
+            if text not in self._memo:
+                self._memo[text] = self.reference.embed([text], "search_document").vectors[0]
+            return self._memo[text]
+
+    def check(self, texts: list[str], resp: pb.EmbedResponse) -> None:
+        got = [np.asarray(e.values, dtype=np.float32) for e in resp.embeddings]
+        bad = len(got) != len(texts) or any(
+            not np.allclose(g, self.expected(t), atol=ATOL)
+            for g, t in zip(got, texts, strict=True))
+        with self._lock:
+            self.checked += len(texts)
+            self.wrong += bad
+
+    def count(self, what: str, code: grpc.StatusCode | str) -> None:
+        name = code if isinstance(code, str) else code.name
+        with self._lock:
+            self.codes[(what, name)] += 1
+
+    def stub(self, **options) -> pb_grpc.EmbedderStub:
+        return pb_grpc.EmbedderStub(grpc.insecure_channel(self.srv.target,
+                                                          options=list(options.items())))
+
+    def sample_rss(self) -> None:
+        def rss(pid: int) -> float:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+            except OSError:
+                pass
+            return 0.0
+        children = Path(f"/proc/{self.srv.proc.pid}/task/{self.srv.proc.pid}/children")
+        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+        self.rss["frontend"].append(rss(self.srv.proc.pid))
+        self.rss["workers"].append(sum(rss(p) for p in pids))
+
+    # -- the clients -------------------------------------------------------------------------
+    def light(self, k: int) -> None:
+        stub, rng = self.stub(), random.Random(k)
+        while not self.stop.is_set():
+            text = rng.choice(TEXTS)
+            t = time.perf_counter()
+            try:
+                resp = stub.Embed(pb.EmbedRequest(inputs=[text], task=pb.TASK_SEARCH_DOCUMENT),
+                                  timeout=60)
+                ms = (time.perf_counter() - t) * 1e3
+                with self._lock:
+                    self.light_ms.append((time.monotonic(), ms))
+                self.count("light", grpc.StatusCode.OK)
+                self.check([text], resp)
+            except grpc.RpcError as e:
+                self.count("light", e.code())
+
+    def heavy(self, k: int, rate_inputs_s: float) -> None:
+        """A stream offering 256-input requests at `rate_inputs_s`, reading its responses."""
+        rng = random.Random(100 + k)
+        sent: dict[str, list[str]] = {}
+
+        def requests():
+            i, start = 0, time.monotonic()
+            while not self.stop.is_set():
+                i += 1
+                texts = [rng.choice(TEXTS) for _ in range(HEAVY_INPUTS)]
+                sent[str(i)] = texts
+                yield pb.EmbedRequest(id=str(i), inputs=texts, task=pb.TASK_SEARCH_DOCUMENT)
+                ahead = start + i * HEAVY_INPUTS / rate_inputs_s - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+        try:
+            for resp in self.stub().EmbedStream(requests(), timeout=3600):
+                texts = sent.pop(resp.id, None)
+                if resp.HasField("error"):
+                    self.count("heavy", grpc.StatusCode(_status(resp.error.code)))
+                elif texts is None:
+                    self.count("heavy", "UNKNOWN_ID")
+                else:
+                    self.count("heavy", grpc.StatusCode.OK)
+                    self.check(texts, resp)
+                if self.stop.is_set():
+                    break
+        except grpc.RpcError as e:
+            self.count("heavy-stream", e.code())
+
+    def hostile(self) -> None:
+        """Oversized inputs, garbage bytes, cancellations, deadlines, unread streams."""
+        stub, rng = self.stub(), random.Random(7)
+        raw = grpc.insecure_channel(self.srv.target).unary_unary("/moe_embed.v1.Embedder/Embed")
+        big = "word " * 780_000
+        unread = []
+        while not self.stop.is_set():
+            kind = rng.choice(["oversized", "garbage", "cancel", "deadline", "unread"])
+            try:
+                if kind == "oversized":
+                    stub.Embed(pb.EmbedRequest(inputs=[big], task=pb.TASK_NONE), timeout=60)
+                elif kind == "garbage":
+                    raw(bytes(rng.getrandbits(8) for _ in range(64)), timeout=10)
+                elif kind == "cancel":
+                    f = stub.Embed.future(pb.EmbedRequest(inputs=TEXTS[:8], task=pb.TASK_NONE))
+                    time.sleep(rng.random() * 0.05)
+                    f.cancel()
+                    kind = "cancel-sent"
+                elif kind == "deadline":
+                    stub.Embed(pb.EmbedRequest(inputs=TEXTS[:8], task=pb.TASK_NONE),
+                               timeout=0.005)
+                elif kind == "unread" and len(unread) < 4:
+                    reqs = iter([pb.EmbedRequest(id=str(i), inputs=TEXTS[:4],
+                                                 task=pb.TASK_NONE) for i in range(2000)])
+                    unread.append(self.stub(**{"grpc.http2.bdp_probe": 0}).EmbedStream(
+                        reqs, timeout=3600))
+                self.count(kind, grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                self.count(kind, e.code())
+            time.sleep(0.2)
+        for s in unread:
+            s.cancel()
+
+    def faults(self, duration: float) -> list[str]:
+        """SIGKILL a worker at a third of the run, SIGSTOP one at two thirds."""
+        events = []
+        for fraction, sig in ((1 / 3, signal.SIGKILL), (2 / 3, signal.SIGSTOP)):
+            if self.stop.wait(duration * fraction - (time.monotonic() - self.started)):
+                break
+            pid = self.srv.worker_pid(0) if sig == signal.SIGKILL else self._live_worker()
+            if pid:
+                os.kill(pid, sig)
+                events.append(f"{sig.name} worker pid {pid}")
+        return events
+
+    def _live_worker(self) -> int | None:
+        ready = self.srv.events("worker_ready")
+        return int(ready[-1]["pid"]) if ready else None
+
+    # -- the run -----------------------------------------------------------------------------
+    def unloaded(self, seconds: float) -> list[float]:
+        stub, out, end = self.stub(), [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            stub.Embed(pb.EmbedRequest(inputs=[random.choice(TEXTS)],
+                                       task=pb.TASK_SEARCH_DOCUMENT), timeout=30)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    def capacity(self, seconds: float) -> float:
+        """Inputs per second the server completes under a saturating closed loop."""
+        stub, done, end = self.stub(), [0], time.monotonic() + seconds
+
+        def loop() -> None:
+            while time.monotonic() < end:
+                stub.Embed(pb.EmbedRequest(inputs=TEXTS[:32], task=pb.TASK_SEARCH_DOCUMENT),
+                           timeout=60)
+                with self._lock:
+                    done[0] += 32
+        threads = [threading.Thread(target=loop) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return done[0] / seconds
+
+    def run(self, duration: float) -> dict:
+        self.srv.wait_serving()
+        for t in TEXTS:
+            self.expected(t)
+        self.sample_rss()
+        idle = {"frontend_mb": self.rss["frontend"][-1], "workers_mb": self.rss["workers"][-1]}
+        unloaded = self.unloaded(10)
+        capacity = self.capacity(10)
+        rate = self.overload * capacity
+        self.started = time.monotonic()
+        threads = [threading.Thread(target=self.light, args=(k,)) for k in range(LIGHT_CLIENTS)]
+        threads += [threading.Thread(target=self.heavy, args=(k, rate / 2)) for k in range(2)]
+        threads.append(threading.Thread(target=self.hostile))
+        for t in threads:
+            t.daemon = True
+            t.start()
+        fault_log: list[str] = []
+        faulter = threading.Thread(target=lambda: fault_log.extend(self.faults(duration)),
+                                   daemon=True)
+        faulter.start()
+        while time.monotonic() - self.started < duration:
+            time.sleep(1)
+            self.sample_rss()
+        flood_end = time.monotonic()
+        self.stop.set()
+        for t in threads:
+            t.join(60)
+        for pid in self.srv.worker_pids():  # a stopped worker that was never replaced
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        after = self.unloaded(8)
+        recovery = _recovery_s(after, unloaded)
+        self.sample_rss()
+        m = self.srv.metrics()
+        loaded = [ms for at, ms in self.light_ms if at < flood_end]
+        restarts = sum(v for k, v in m.items() if k.startswith("moe_embed_worker_restarts_total"))
+        return {
+            "duration_s": duration, "overload": self.overload,
+            "capacity_inputs_per_s": round(capacity, 1), "offered_inputs_per_s": round(rate, 1),
+            "codes": {f"{w}:{c}": n for (w, c), n in sorted(self.codes.items())},
+            "vectors_checked": self.checked, "wrong_or_lost": self.wrong,
+            "light_unloaded_ms": {"p50": statistics.median(unloaded),
+                                  "p99": percentile(unloaded, 0.99)},
+            "light_loaded_ms": {"p50": statistics.median(loaded) if loaded else None,
+                                "p99": percentile(loaded, 0.99), "n": len(loaded)},
+            "recovery_s": recovery,
+            "rss_mb": {"frontend": {"idle": idle["frontend_mb"],
+                                    "peak": max(self.rss["frontend"]),
+                                    "end": self.rss["frontend"][-1]},
+                       "workers": {"idle": idle["workers_mb"],
+                                   "peak": max(self.rss["workers"]),
+                                   "end": self.rss["workers"][-1]}},
+            "worker_restarts": restarts, "faults": fault_log,
+        }
+
+
+def _status(number: int) -> tuple:
+    return next(c.value for c in grpc.StatusCode if c.value[0] == number)
+
+
+def _recovery_s(after: list[float], unloaded: list[float]) -> float | None:
+    """Seconds of calls after the flood until latency is back within 2x the unloaded p50
+    for 10 calls in a row."""
+    limit, elapsed, run = 2 * statistics.median(unloaded), 0.0, 0
+    for i, ms in enumerate(after):
+        run = run + 1 if ms <= limit else 0
+        if run == 10:
+            return round(sum(after[: i - 9]) / 1e3, 3)
+        elapsed += ms
+    return None
+
+
+def verdicts(r: dict) -> list[tuple[str, str, bool]]:
+    bad_codes = sum(n for k, n in r["codes"].items()
+                    if k.split(":")[1] in ("UNKNOWN", "INTERNAL", "UNKNOWN_ID"))
+    fe = r["rss_mb"]["frontend"]
+    light, un = r["light_loaded_ms"], r["light_unloaded_ms"]
+    return [
+        ("zero lost or wrong responses", f"{r['wrong_or_lost']} of {r['vectors_checked']}",
+         r["wrong_or_lost"] == 0),
+        ("zero UNKNOWN/INTERNAL", str(bad_codes), bad_codes == 0),
+        ("frontend RSS peak <= 1.5x idle", f"{fe['peak']:.0f} / {fe['idle']:.0f} MB",
+         fe["peak"] <= 1.5 * fe["idle"]),
+        ("light p99 <= 5x unloaded", f"{light['p99']:.1f} / {un['p99']:.1f} ms "
+         f"(p50 {light['p50']:.1f} / {un['p50']:.1f})", light["p99"] <= 5 * un["p99"]),
+        ("recovery <= 5 s", f"{r['recovery_s']} s",
+         r["recovery_s"] is not None and r["recovery_s"] <= 5),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=600.0, help="flood seconds (default 600)")
+    ap.add_argument("--overload", type=float, default=10.0,
+                    help="heavy offered load as a multiple of the measured capacity")
+    ap.add_argument("--bundle", type=Path, default=None, help="default: the demo bundle")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    args = ap.parse_args(argv)
+    bundle = args.bundle or ensure_demo_bundle()
+    cpu = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                  if f in ("avx2", "avx512f", "avx512_vnni", "amx_int8")})
+    with tempfile.TemporaryDirectory() as tmp:
+        soak = Soak(bundle, Path(tmp) / "serve.log", args.overload)
+        with soak.srv:
+            report = soak.run(args.duration)
+    report["cpu_flags"] = cpu
+    report["load_average_start"] = os.getloadavg()
+    print(json.dumps(report, indent=1))
+    ok = True
+    for name, value, passed in verdicts(report):
+        ok &= passed
+        print(f"{'PASS' if passed else 'MISS':>4}  {name}: {value}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The service against a hostile but fair client, over loopback with real workers: oversized
+inputs, a blocked event loop, unread streams, workers that cannot load or hang, a caller that
+floods the queue, malformed bytes, cancelled streams, oversized responses, connection limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from support.service import NOT_SERVING, SERVING, ServeProcess, health_status, wait_for
+
+from moe_embed.service.server import STREAM_WINDOW
+from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
+
+BIG = 3_900_000  # characters: under the 4 MiB message limit
+
+
+def _stub(srv: ServeProcess, **options: int) -> pb_grpc.EmbedderStub:
+    return pb_grpc.EmbedderStub(grpc.insecure_channel(srv.target, options=list(options.items())))
+
+
+def _embed(texts: list[str], **kw) -> pb.EmbedRequest:
+    return pb.EmbedRequest(inputs=texts, task=pb.TASK_SEARCH_DOCUMENT, **kw)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    """One 2-worker server for the tests that leave it as they found it."""
+    with ServeProcess(tiny_bundle, tmp_path_factory.mktemp("serve") / "serve.log",
+                      "--workers", "2", "--threads-per-worker", "1") as srv:
+        yield srv.wait_serving()
+
+
+def test_oversized_inputs_cost_bounded_memory(served) -> None:
+    """16 requests of 3.9 MB text at once: only what 512 tokens need is tokenized, so the
+    frontend's peak memory grows by tens of MB (it grew by 4.4 GB when whole texts were)."""
+    stub = _stub(served)
+    stub.Embed(_embed(["warm up"]), timeout=30)
+    before = served.peak_rss_mb()
+    texts = ["word " * (BIG // 5), "嵌入很酷" * (BIG // 12), "a" + " " * BIG + " b"]
+    with ThreadPoolExecutor(16) as ex:
+        replies = list(ex.map(lambda i: stub.Embed(_embed([texts[i % 3]]), timeout=120),
+                              range(16)))
+    assert [r.token_counts[0] for r in replies[:3]] == [512, 512, 8]  # spaces fold into one
+    assert served.peak_rss_mb() - before < 300
+
+
+def test_tokenizing_huge_inputs_does_not_block_other_calls(served) -> None:
+    """Health checks answer promptly while huge Tokenize calls run (tokenizing runs off the
+    event loop)."""
+    stub = _stub(served)
+    huge = "a" + " " * BIG + " b"  # the worst case: every character must be normalized
+    latencies: list[float] = []
+    with ThreadPoolExecutor(4) as ex:
+        calls = [ex.submit(stub.Tokenize, pb.TokenizeRequest(inputs=[huge], task=pb.TASK_NONE),
+                           timeout=120) for _ in range(8)]
+        while not all(c.done() for c in calls):
+            t = time.perf_counter()
+            assert health_status(served.target) == SERVING
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.02)
+        assert [len(c.result().tokens[0].ids) for c in calls] == [4] * 8
+    assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+
+
+def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
+    """Flow control: a request's window slot comes back when its response has been written,
+    so a client that never reads gets at most STREAM_WINDOW requests (plus what the transport
+    holds) computed, not all it sent."""
+    stub = _stub(served, **{"grpc.http2.bdp_probe": 0})  # the client's window stays small
+
+    def answered() -> float:  # stream requests the server has finished, whatever the status
+        return sum(v for k, v in served.metrics().items()
+                   if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
+
+    start = answered()
+    sent = 3000
+    requests = (_embed(["hello world"] * 16, id=str(i)) for i in range(sent))
+    responses = stub.EmbedStream(requests, timeout=120)
+    try:
+        counts: list[float] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(counts) < 3 or counts[-1] != counts[-3]):
+            time.sleep(0.5)
+            counts.append(answered() - start)
+        assert STREAM_WINDOW <= counts[-1] < STREAM_WINDOW + 200 < sent, counts
+    finally:
+        responses.cancel()
+
+
+def test_a_light_caller_is_not_starved_by_a_flooding_stream(served) -> None:
+    """One stream keeps the queue full of 256-input requests; a light caller's one-input
+    requests are all admitted and wait a small fraction of what the flood's requests wait."""
+    stop = threading.Event()
+    flood: list[pb.EmbedResponse] = []
+
+    def requests():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            yield _embed([f"flood {i} {j} " + "more words " * 10 for j in range(256)], id=str(i))
+
+    def heavy() -> None:
+        for r in _stub(served).EmbedStream(requests(), timeout=120):
+            flood.append(r)
+            if stop.is_set():
+                return
+
+    thread = threading.Thread(target=heavy, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: served.metrics().get("moe_embed_queue_depth", 0) > 1000, 60,
+                 "the flood to fill the queue")
+        light = _stub(served)
+        waited = [light.Embed(_embed([f"light {i}"]), timeout=60).timing.queue_ms
+                  for i in range(30)]
+    finally:
+        stop.set()
+        thread.join(60)
+    flood_waited = [r.timing.queue_ms for r in flood if not r.HasField("error")]
+    refused = [r for r in flood if r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    assert refused, "the flood never hit its fair share"
+    assert statistics.median(waited) < statistics.median(flood_waited[-50:]) / 10, \
+        (statistics.median(waited), statistics.median(flood_waited[-50:]))
+
+
+def test_malformed_messages_are_invalid_argument_and_a_stream_goes_on(served) -> None:
+    channel = grpc.insecure_channel(served.target)
+    unary = channel.unary_unary("/moe_embed.v1.Embedder/Embed")  # raw bytes both ways
+    for raw in (b"\xff\xff\xff", b"\x12\x02\xff\xfe"):  # garbage; inputs[0] not UTF-8
+        with pytest.raises(grpc.RpcError) as exc:
+            unary(raw, timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request message" in exc.value.details()
+    stream = channel.stream_stream("/moe_embed.v1.Embedder/EmbedStream")
+    good = [_embed(["fine"], id=str(i)).SerializeToString() for i in range(2)]
+    replies = [pb.EmbedResponse.FromString(b)
+               for b in stream(iter([good[0], b"\x12\x02\xff\xfe", good[1]]), timeout=30)]
+    codes = sorted((r.id, r.error.code) for r in replies)
+    assert codes == [("", grpc.StatusCode.INVALID_ARGUMENT.value[0]), ("0", 0), ("1", 0)]
+
+
+def test_cancelled_stream_requests_are_counted_as_cancelled(tiny_bundle, tmp_path) -> None:
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1") as srv:
+        srv.wait_serving()
+        (worker,) = srv.worker_pids()
+        os.kill(worker, signal.SIGSTOP)  # nothing finishes: every request is in flight
+        responses = _stub(srv).EmbedStream(iter([_embed([f"t{i}"], id=str(i))
+                                                 for i in range(5)]), timeout=60)
+        wait_for(lambda: srv.metrics().get("moe_embed_batch_size_inputs_sum", 0)
+                 + srv.metrics().get("moe_embed_queue_depth", 0) == 5, 30, "5 admitted")
+        responses.cancel()
+        key = 'moe_embed_requests_total{code="%s",method="EmbedStream"}'
+        wait_for(lambda: srv.metrics().get(key % "CANCELLED", 0) == 5, 30, "5 cancelled")
+        assert srv.metrics().get(key % "OK", 0) == 0
+
+
+def test_no_worker_can_load_then_one_can(tiny_bundle, tmp_path) -> None:
+    """Health follows the workers: NOT_SERVING and UNAVAILABLE naming the cause while no
+    worker can load, SERVING again when one can."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    expert = bundle / "experts/layer_01/expert_0.onnx"
+    good = expert.read_bytes()
+    with ServeProcess(bundle, tmp_path / "serve.log", "--workers", "1") as srv:
+        srv.wait_serving()
+        stub = _stub(srv)
+        expert.write_bytes(good[:-10] + b"0123456789")  # the next load fails its sha256
+        os.kill(srv.worker_pids()[0], signal.SIGKILL)
+        wait_for(lambda: health_status(srv.target) == NOT_SERVING and srv.events(
+            "worker_load_failed"), 60, "the reload to fail")
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Embed(_embed(["anyone?"]), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no worker can serve" in exc.value.details()
+        assert "expert_0.onnx" in exc.value.details()
+        expert.write_bytes(good)  # the restart after the backoff loads
+        wait_for(lambda: health_status(srv.target) == SERVING, 60, "a worker to load again")
+        assert len(stub.Embed(_embed(["back"]), timeout=30).embeddings) == 1
+
+
+def test_a_hung_worker_is_replaced_and_its_batch_resent(tiny_bundle, tmp_path) -> None:
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "2",
+                      "--batch-timeout-s", "1") as srv:
+        srv.wait_serving()
+        os.kill(srv.worker_pid(0), signal.SIGSTOP)  # an idle pool sends worker 0 the first
+        start = time.monotonic()
+        reply = _stub(srv).Embed(_embed(["hello"]), timeout=60)
+        assert len(reply.embeddings) == 1 and time.monotonic() - start >= 1.0
+        assert srv.metrics()["moe_embed_batches_resent_total"] == 1
+        wait_for(lambda: srv.metrics().get('moe_embed_worker_restarts_total{worker="0"}') == 1,
+                 30, "worker 0 to be restarted")
+        assert [e["worker"] for e in srv.events("worker_stuck")] == [0]
+
+
+def test_a_response_over_the_message_limit_is_refused_before_any_work(tiny_bundle,
+                                                                      tmp_path) -> None:
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
+                      "--max-message-bytes", "8192") as srv:
+        srv.wait_serving()
+        stub = _stub(srv)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Embed(_embed(["x"] * 64), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_message_bytes 8192" in exc.value.details()
+        replies = list(stub.EmbedStream(iter([_embed(["x"] * 64, id="big"),
+                                              _embed(["x"], id="small")]), timeout=30))
+        by_id = {r.id: r for r in replies}
+        assert by_id["big"].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert len(by_id["small"].embeddings) == 1
+        assert srv.metrics()["moe_embed_batch_size_inputs_sum"] == 1  # only "small" ran
+
+
+def test_concurrent_streams_per_connection_are_limited(tiny_bundle, tmp_path) -> None:
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
+                      "--max-concurrent-streams", "2") as srv:
+        srv.wait_serving()
+        stub = _stub(srv)
+        release = threading.Event()
+
+        def held():  # a stream that stays open until released
+            yield _embed(["open"])
+            release.wait(30)
+
+        open_streams = [stub.EmbedStream(held(), timeout=60) for _ in range(2)]
+        for s in open_streams:
+            next(s)  # both are open and answered
+        third = stub.EmbedStream(iter([_embed(["third"])]), timeout=60)
+        with ThreadPoolExecutor(1) as ex:
+            got = ex.submit(next, third)
+            time.sleep(1.0)
+            assert not got.done()  # the connection has no stream left for it
+            release.set()
+            assert len(got.result(30).embeddings) == 1
+
+
+def test_metrics_answer_only_on_their_path(served) -> None:
+    base = f"http://127.0.0.1:{served.metrics_port}"
+    assert b"moe_embed_requests_total" in urllib.request.urlopen(base + "/metrics").read()
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(base + "/anything")
+    assert exc.value.code == 404
+
+
+def test_corrupt_tokenizer_is_named(tiny_bundle, tmp_path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
+    with ServeProcess(bundle, tmp_path / "serve.log", "--workers", "1") as srv:
+        assert srv.proc.wait(60) != 0
+        (failed,) = srv.events("start_failed")
+        assert "tokenizer.json" in failed["error"]
