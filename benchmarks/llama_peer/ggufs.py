@@ -15,8 +15,8 @@ model.safetensors, the config as is, tokenizer.json with its normalizer reduced 
 Precompiled step the converter reads, see `_precompiled_normalizer`) plus the three small
 files the real nomic-embed-text-v2-moe repo ships and the synthetic writer does not:
 tokenizer_config.json (transformers' AutoTokenizer needs the tokenizer class: `nomic_bert` is
-not a transformers model type) and the sentence-transformers `modules.json` + `1_Pooling/config.json`, which is where the
-converter reads the pooling type (mean) from.
+not a transformers model type) and the sentence-transformers `modules.json` +
+`1_Pooling/config.json`, which is where the converter reads the pooling type (mean) from.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ class LlamaPeer:
 
     def __init__(self, gguf_path: str | Path, threads: int, batch_tokens: int = MAX_TOKENS,
                  max_tokens: int = MAX_TOKENS, verbose: bool = False) -> None:
+        from llama_peer.provision import check_installed
+
+        check_installed()
         import llama_cpp
 
         self._lib = llama_cpp

@@ -205,6 +205,23 @@ def _installed_from(python: str) -> str | None:
     return out.stdout.strip() or None
 
 
+def check_installed(root: Path | None = None) -> None:
+    """Raise unless this interpreter has the llama-cpp-python that provisioning built for this
+    CPU (a -march=native build from another machine can die of SIGILL). Imports nothing."""
+    import importlib.util
+
+    p = paths(root)
+    spec = importlib.util.find_spec("llama_cpp")
+    wheel = p.wheel()
+    marker = Path(spec.origin).parent / "MOE_EMBED_WHEEL" if spec and spec.origin else None
+    got = marker.read_text().strip() if marker and marker.is_file() else None
+    if wheel is None or got != str(wheel):
+        raise RuntimeError(
+            "the llama.cpp peer is not set up for this machine "
+            f"(installed: {got or 'none'}; wanted: a wheel for CPU {isa_key()} in "
+            f"{p.wheel_dir}): run `make llama-peer`")
+
+
 def step_install(p: Paths, wheel: Path, python: str) -> None:
     if (_installed_version(python) == LLAMA_CPP_PYTHON_VERSION
             and _installed_from(python) == str(wheel)):
