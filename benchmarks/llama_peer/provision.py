@@ -7,9 +7,10 @@ Steps, each skipped when its result is already in the cache ($MOE_EMBED_BENCH_CA
 default ~/.cache/moe-embed/bench/llama-cpp):
 
 1. `sdist`: pip-download the llama-cpp-python sdist (pinned in llama_peer/__init__.py).
-2. `wheel`: build it once into `wheels/<isa>/` with llama.cpp's own CPU backend compiled for
-   this machine (GGML_NATIVE=ON, i.e. -march=native; SOURCE_DATE_EPOCH unset, which would turn
-   the native default off), no BLAS, no multimodal (LLAVA_BUILD=OFF). `<isa>` names the CPU's
+2. `wheel`: build it once into `wheels/<isa>-<recipe>/` with llama.cpp's own CPU backend
+   compiled for this machine (GGML_NATIVE=ON, i.e. -march=native; it is llama.cpp's default
+   unless cross-compiling or SOURCE_DATE_EPOCH is set, which is unset here), but without Intel
+   AMX (see NO_AMX_FLAGS), no BLAS, no multimodal (LLAVA_BUILD=OFF). `<isa>` names the CPU's
    x86 SIMD feature set: a native wheel from an AVX-512 machine must not run on an AVX2 one.
    About 10-15 minutes on 2 cores; the log goes to `logs/`.
 3. `install`: pip-install that wheel into the running interpreter's environment (the project
@@ -42,6 +43,12 @@ PACKAGE = "llama-cpp-python"
 # Forwarded to llama.cpp's CMake by scikit-build-core. GGML_NATIVE is already llama.cpp's default
 # (ON unless cross-compiling or SOURCE_DATE_EPOCH is set); say it explicitly.
 CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=OFF"
+# ...minus Intel AMX: on this CPU (AMX_INT8) llama.cpp 0.3.36 puts quantized weights in its AMX
+# buffer and dies of a general protection fault in ggml_backend_amx_mul_mat on the first Q8_0 /
+# Q4_K matmul (upstream ggml-org/llama.cpp#20824, unfixed). Explicit -mno-* beat -march=native in
+# GCC and clang whatever their order; the AVX-512/VNNI kernels and CPU_REPACK stay.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+RECIPE = hashlib.sha256(f"{CMAKE_ARGS}|{NO_AMX_FLAGS}".encode()).hexdigest()[:6]
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 ISA_PREFIXES = ("avx", "amx")
 ISA_FLAGS = ("fma", "f16c", "bmi2", "sse4_2", "ssse3")
@@ -83,7 +90,7 @@ class Paths:
 
     @property
     def wheel_dir(self) -> Path:
-        return self.root / "wheels" / isa_key()
+        return self.root / "wheels" / f"{isa_key()}-{RECIPE}"
 
     @property
     def converter_dir(self) -> Path:
@@ -160,8 +167,8 @@ def step_wheel(p: Paths, sdist: Path) -> Path:
         extra = json.loads(info.read_text()) if info.is_file() else {}
         emit("wheel", "cached", path=str(found), build_seconds=extra.get("seconds"))
         return found
-    emit("wheel", "building", isa=isa_key(), cmake_args=CMAKE_ARGS,
-         note="llama.cpp from source: about 10-15 minutes on 2 cores")
+    emit("wheel", "building", isa=isa_key(), cmake_args=CMAKE_ARGS, cflags=NO_AMX_FLAGS,
+         note="llama.cpp from source: 4 minutes on 2 idle cores, 10 on busy ones")
     t = time.perf_counter()
     tmp = p.wheel_dir.with_name(p.wheel_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +176,8 @@ def step_wheel(p: Paths, sdist: Path) -> Path:
     env = dict(os.environ)
     env.pop("SOURCE_DATE_EPOCH", None)  # llama.cpp turns GGML_NATIVE's default off when set
     env["CMAKE_ARGS"] = CMAKE_ARGS
+    for var in ("CFLAGS", "CXXFLAGS"):  # CMake's initial CMAKE_C_FLAGS / CMAKE_CXX_FLAGS
+        env[var] = f"{env.get(var, '')} {NO_AMX_FLAGS}".strip()
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(len(os.sched_getaffinity(0)))
     log = p.logs / f"wheel-{isa_key()}.log"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-v",
@@ -178,7 +187,8 @@ def step_wheel(p: Paths, sdist: Path) -> Path:
         raise RuntimeError(f"expected one wheel in {tmp}, found {wheels}")
     seconds = round(time.perf_counter() - t, 1)
     (tmp / "BUILD.json").write_text(json.dumps({
-        "version": LLAMA_CPP_PYTHON_VERSION, "cmake_args": CMAKE_ARGS, "isa": cpu_isa(),
+        "version": LLAMA_CPP_PYTHON_VERSION, "cmake_args": CMAKE_ARGS,
+        "cflags": env["CFLAGS"], "isa": cpu_isa(),
         "seconds": seconds, "cores": len(os.sched_getaffinity(0)),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
     shutil.rmtree(p.wheel_dir, ignore_errors=True)
