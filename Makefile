@@ -43,5 +43,6 @@ llama-peer: $(STAMP)
 	$(BIN)/python benchmarks/llama_peer/provision.py $(ARGS)
 
 ## Regenerate tests/data/llama_golden.json with llama.cpp (needs llama-peer).
-llama-golden: llama-peer
+llama-golden: $(STAMP)
+	$(BIN)/python benchmarks/llama_peer/provision.py
 	$(BIN)/python benchmarks/llama_golden.py $(ARGS)
