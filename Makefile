@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install protos lint bench helm-tool
+.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,13 @@ lint: $(STAMP)
 ## Benchmarks against the peers (not part of the test suite).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+## Optional llama.cpp peer (benchmarks, golden oracle): builds llama-cpp-python once into the bench
+## cache, installs it here, extracts llama.cpp's GGUF converter with its own tool venv.
+llama-peer: $(STAMP)
+	$(BIN)/python benchmarks/llama_peer/provision.py $(ARGS)
+
+## Regenerate tests/data/llama_golden.json with llama.cpp (needs llama-peer).
+llama-golden: $(STAMP)
+	$(BIN)/python benchmarks/llama_peer/provision.py
+	$(BIN)/python benchmarks/llama_golden.py $(ARGS)

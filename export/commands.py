@@ -23,8 +23,10 @@ def _export(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     log = json_logger("synthetic")
     t0 = time.perf_counter()
-    out = write_synthetic(args.out, args.size, args.seed)
+    out = write_synthetic(args.out, args.size, args.seed,
+                          zero_expert_bias=args.zero_expert_bias)
     log.info("synthetic.done", out=str(out), size=args.size, seed=args.seed,
+             zero_expert_bias=args.zero_expert_bias,
              seconds=round(time.perf_counter() - t0, 1))
     return 0
 
@@ -52,4 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="tiny (hidden 64, 4 layers) or full (the real 475M shapes)")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--zero-expert-bias", action="store_true",
+                   help="zero every mlp.experts.bias (only that tensor changes): for "
+                   "comparisons with llama.cpp, whose GGUF converter drops it")
     s.set_defaults(func=_synthetic)

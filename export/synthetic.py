@@ -85,8 +85,14 @@ def tokenizer_json_path() -> Path:
     return Path(get_asset_dir()) / "tokenizer.json"
 
 
-def write_synthetic(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json for a synthetic checkpoint."""
+def write_synthetic(out: str | Path, size: str = "tiny", seed: int = 0,
+                    zero_expert_bias: bool = False) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json for a synthetic checkpoint.
+
+    `zero_expert_bias` zeroes every `mlp.experts.bias` and nothing else (all other tensors are
+    bit-identical to the default checkpoint of the same size and seed): for comparisons with
+    llama.cpp, whose converter drops that tensor.
+    """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     out = Path(out)
@@ -98,6 +104,10 @@ def write_synthetic(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         name: _tensor(name, shape, gen, cfg.n_embd).contiguous()
         for name, shape in expected_shapes(cfg).items()
     }
+    if zero_expert_bias:  # drawn above all the same, so the other tensors do not change
+        for name in tensors:
+            if name.endswith("mlp.experts.bias"):
+                tensors[name] = torch.zeros_like(tensors[name])
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     shutil.copyfile(tokenizer_json_path(), out / "tokenizer.json")

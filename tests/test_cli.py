@@ -77,3 +77,23 @@ def test_embed_without_bundle_builds_the_demo_model_once(tmp_path):
     second = run("embed", "--task", "none", "hello", env=env)
     assert second.returncode == 0 and "demo.build" not in second.stderr
     assert json.loads(first.stdout) == json.loads(second.stdout)
+
+
+def test_synthetic_zero_expert_bias_zeroes_only_that_tensor(tiny_checkpoint, tmp_path):
+    """`--zero-expert-bias` (for llama.cpp comparisons) changes every mlp.experts.bias to zero
+    and leaves every other tensor bit-identical to the default checkpoint of the same seed."""
+    from safetensors.torch import load_file
+
+    r = run("synthetic", "--out", str(tmp_path / "z"), "--zero-expert-bias")
+    assert r.returncode == 0, r.stderr
+    zero = load_file(tmp_path / "z" / "model.safetensors")
+    default = load_file(tiny_checkpoint / "model.safetensors")
+    assert set(zero) == set(default)
+    biases = {k for k in default if k.endswith("mlp.experts.bias")}
+    assert biases == {"encoder.layers.1.mlp.experts.bias", "encoder.layers.3.mlp.experts.bias"}
+    for k in biases:
+        assert default[k].abs().min() > 0 and not zero[k].any(), k
+    changed = {k for k in default if not (zero[k] == default[k]).all()}
+    assert changed == biases
+    assert ((tmp_path / "z" / "config.json").read_text()
+            == (tiny_checkpoint / "config.json").read_text())
