@@ -75,17 +75,18 @@ def build(seed: int, threads: int, workdir: Path) -> dict:
     import llama_cpp
 
     from moe_embed.export.synthetic import write_synthetic
-    from moe_embed.workers.tokenizer import Tokenizer
+    from moe_embed.workers.runtime.tasks import task_named
+    from moe_embed.workers.runtime.tokenizer import Tokenizer
 
     ckpt = write_synthetic(workdir / "ckpt", SIZE, seed, zero_expert_bias=True)
     texts = golden_texts()
     tok = Tokenizer(ckpt / "tokenizer.json")
-    ids = tok.encode(texts, TASK)
+    ids = [x.tolist() for x in tok.encode(texts, task_named(TASK))]
     f32 = make_ggufs(ckpt, types=("F32",))["F32"]
     with LlamaPeer(f32, threads=threads) as peer:
         emb = np.concatenate([peer.embed([x]) for x in ids])  # one text per llama_encode call
         batched = peer.embed(ids)
-        agreement = tokenizer_agreement(peer, texts, ids, tok.prefix(TASK))
+        agreement = tokenizer_agreement(peer, texts, ids, task_named(TASK).prefix)
     reference = Reference(ckpt)
     ref, _ = reference.embed(ids)
     ref_ggml, _ = reference.embed(ids, gelu="ggml")
@@ -111,7 +112,7 @@ def build(seed: int, threads: int, workdir: Path) -> dict:
                       "system_info": llama_cpp.llama_print_system_info().decode().strip()},
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": TASK,
-        "task_prefix": tok.prefix(TASK),
+        "task_prefix": task_named(TASK).prefix,
         "dim": int(emb.shape[1]),
         "at_generation": {
             "llama_vs_fp32_reference": {"min_cos": float(cos.min()),

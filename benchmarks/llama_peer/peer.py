@@ -258,12 +258,13 @@ def multilingual_ids(checkpoint: Path, task: str = "search_document") -> tuple[l
                                                                                 list[list[int]]]:
     import json
 
-    from moe_embed.workers.tokenizer import Tokenizer
+    from moe_embed.workers.runtime.tasks import task_named
+    from moe_embed.workers.runtime.tokenizer import Tokenizer
 
     texts = json.loads((Path(__file__).resolve().parents[2] / "tests" / "data"
                         / "multilingual.json").read_text())
     tok = Tokenizer(checkpoint / "tokenizer.json")
-    return texts, tok.encode(texts, task)
+    return texts, [x.tolist() for x in tok.encode(texts, task_named(task))]
 
 
 class _GgmlFunctional:
