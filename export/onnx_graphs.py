@@ -17,12 +17,23 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import ModelConfig
-from .reference import rotary_tables
 
 OPSET = 20  # LayerNormalization (17) and exact-erf Gelu (20)
 IR_VERSION = 10
 F32 = TensorProto.FLOAT
 I64 = TensorProto.INT64
+
+
+def rotary_tables(cfg: ModelConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [S, head_dim] of GPT-NeoX "rotate half" rotary, angles in fp32: lane j and lane
+    j + head_dim/2 share the angle position * base^(-2j/head_dim). Written here, not taken from
+    the reference, so that the oracle and the exporter cannot share one mistake."""
+    d = cfg.head_dim
+    half = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    inv_freq = np.float32(1.0) / np.power(np.float32(cfg.rotary_emb_base), half)
+    angles = np.outer(np.arange(seq_len, dtype=np.float32), inv_freq).astype(np.float32)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles), np.sin(angles)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -113,8 +124,8 @@ def _shared_inputs(g: GraphBuilder, cfg: ModelConfig, mask: str, packed: bool = 
     mask_shape = g.op("Shape", mask)  # [B, S]
     seq = g.op("Gather", mask_shape, g.ints([1]), axis=0)  # [1] = S
     zero = g.ints([0])
-    cos = g.op("Slice", g.const("rotary.cos", _np(cos_t)), zero, seq, zero)  # [S, hd]
-    sin = g.op("Slice", g.const("rotary.sin", _np(sin_t)), zero, seq, zero)
+    cos = g.op("Slice", g.const("rotary.cos", cos_t), zero, seq, zero)  # [S, hd]
+    sin = g.op("Slice", g.const("rotary.sin", sin_t), zero, seq, zero)
     if not packed:
         return _Shared(key_bias, cos, sin)
     qkv_shape = g.op("Concat", mask_shape, g.ints([3, cfg.n_head, cfg.head_dim]), axis=0)

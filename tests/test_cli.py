@@ -52,6 +52,9 @@ def test_embed_reads_json_from_stdin_and_truncates_dimensions(cli_bundle):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["dimensions"] == 16 and len(out["embeddings"]) == 3
+    ref = LocalEmbedder(cli_bundle).embed(["a", "b", "c"], "none", dimensions=16)
+    assert out["tokens"] == ref.tokens
+    assert np.abs(np.asarray(out["embeddings"]) - ref.vectors).max() <= 1e-6
 
 
 def test_embed_bad_dimensions_is_a_clear_error(cli_bundle):

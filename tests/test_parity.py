@@ -100,11 +100,14 @@ def test_padding_is_never_routed_and_each_token_reaches_top_k_experts(runtime, b
     assert (r.expert_tokens.sum(axis=1) == 2 * real_tokens).all()
 
 
-def test_unused_experts_receive_nothing(runtime):
+def test_unused_experts_are_not_run(runtime):
     # one short text cannot reach all 16 (layer, expert) pairs with 2 experts per token
     _, r = embed_ids(runtime, [[0, 35378, 2]])
     assert (r.expert_tokens.sum(axis=1) == 6).all()
     assert (r.expert_tokens == 0).sum() >= 2 * (8 - 6)
+    # the session of an expert with no token is never called; one with tokens, once
+    assert ((r.expert_calls == 0) == (r.expert_tokens == 0)).all()
+    assert (r.expert_calls[r.expert_tokens > 0] == 1).all()
 
 
 def test_batch_invariance(runtime, batch_ids):
@@ -154,6 +157,18 @@ def test_embedder_prefixes_task_and_matches_reference(embedder, reference):
     plain = embedder.embed(["tell me about embeddings"], "none").vectors
     assert np.abs(plain - out.vectors).max() > 1e-3  # the prefix changes the vector
 
+
+
+def test_raw_mean_pooling_matches_the_reference(runtime, reference, batch_ids):
+    """normalize=False exposes the pooled mean itself: a wrong denominator (padding counted,
+    or a constant) cannot hide behind normalization."""
+    ids = batch_ids[::4]
+    raw, _ = embed_ids(runtime, ids, normalize=False)
+    input_ids, mask = pad_batch(ids)
+    hidden, _ = reference(input_ids, mask)
+    m = mask[..., None].to(hidden.dtype)
+    theirs = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    assert np.abs(raw - theirs).max() <= 1e-5
 
 
 def test_normalize_false_returns_the_raw_mean(runtime, batch_ids):

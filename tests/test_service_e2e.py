@@ -216,12 +216,14 @@ BAD_CASES = [  # (id, request fields, message, the BadRequest detail's field and
 
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
-def test_bad_input_is_invalid_argument_naming_field_and_index(stub, case, tiny_bundle) -> None:
+def test_bad_input_is_invalid_argument_naming_field_and_index(server, stub, case,
+                                                              tiny_bundle) -> None:
     from tokenizers import Tokenizer
 
     from moe_embed.export.bundle import Bundle
 
     _, fields, message, (field, index) = case
+    sent_before = scrape(server.server.metrics_port)["moe_embed_batch_size_inputs_count"]
     bundle = Bundle.load(tiny_bundle, verify=False)
     raw = Tokenizer.from_file(str(bundle.file(bundle.manifest.tokenizer)))
     raw.no_truncation()
@@ -231,6 +233,8 @@ def test_bad_input_is_invalid_argument_naming_field_and_index(stub, case, tiny_b
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message.format(long_tokens=long_tokens) in exc.value.details()
     assert bad_request(exc.value)[:2] == (field, index)  # the structured detail
+    # refused by the frontend's validator: no worker ever saw it
+    assert scrape(server.server.metrics_port)["moe_embed_batch_size_inputs_count"] == sent_before
 
 
 def test_bad_inputs_cost_no_worker_and_no_other_result(server, stub, expected,
@@ -315,6 +319,8 @@ def test_reflection_lists_the_services(server) -> None:
 
 def test_metrics_cover_requests_batches_queue_and_experts(server, stub) -> None:
     stub.Embed(_request(["metrics please", "and more"]))
+    with pytest.raises(grpc.RpcError):  # one bad request of its own: runs alone too
+        stub.Embed(_request(["ok", ""]))
     m = scrape(server.server.metrics_port)
     assert m['moe_embed_requests_total{code="OK",method="Embed"}'] >= 1
     assert m['moe_embed_errors_total{code="INVALID_ARGUMENT",method="Embed"}'] >= 1
@@ -380,7 +386,7 @@ def test_client_splits_past_max_inputs_and_maps_errors(server, expected) -> None
         assert (exc.value.field, exc.value.index) == ("inputs", 100)
 
 
-def test_cli_embed_with_server(server) -> None:
+def test_cli_embed_with_server(server, expected) -> None:
     import json
     import subprocess
     import sys
@@ -392,4 +398,6 @@ def test_cli_embed_with_server(server) -> None:
                          capture_output=True, text=True, timeout=60, check=True)
     result = json.loads(out.stdout)
     assert result["dimensions"] == 16 and len(result["embeddings"]) == 2
-    assert all(len(v) == 16 for v in result["embeddings"]) and len(result["tokens"]) == 2
+    assert result["tokens"] == expected.tokens(["hello", "world"], "search_query")
+    np.testing.assert_allclose(np.array(result["embeddings"]),
+                               expected(["hello", "world"], "search_query", 16), atol=ATOL, rtol=0)

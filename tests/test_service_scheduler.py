@@ -188,3 +188,41 @@ def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
             await asyncio.wait_for(asyncio.gather(large.future, small.future, more.future), 60)
             assert done.index("small") < done.index("large"), done
     asyncio.run(main())
+
+
+def test_a_request_past_its_deadline_is_dropped_before_any_worker(tiny_bundle) -> None:
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=30.0) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            first = job([5])
+            sched.submit(first)
+            await until(lambda: sent(sched) == (1, 1))
+            late = job([4, 5, 6], deadline=time.monotonic() + 0.3)
+            sched.submit(late)  # waits: the only worker is busy and max_wait is long
+            with pytest.raises(ServiceError) as exc:
+                await asyncio.wait_for(late.future, 5)
+            assert exc.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "deadline passed in the queue" in exc.value.message
+            assert sched.metrics.registry.get_sample_value(
+                "moe_embed_inputs_dropped_total") == 3
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(first.future, 10)
+            assert sent(sched) == (1, 1)  # the late request never reached the worker
+    asyncio.run(main())
+
+
+def test_the_least_loaded_worker_gets_the_next_batch(tiny_bundle) -> None:
+    async def main() -> None:
+        async with running(tiny_bundle, workers=2) as sched:
+            stopped = sched.pool.pids()[0]
+            os.kill(stopped, signal.SIGSTOP)
+            held = job([5])
+            sched.submit(held)  # both idle: worker 0 takes it, and holds it
+            await until(lambda: sent(sched) == (1, 1))
+            nxt = job([6])
+            sched.submit(nxt)  # worker 0 still has a free slot, but worker 1 has no work
+            await asyncio.wait_for(nxt.future, 10)
+            os.kill(stopped, signal.SIGCONT)
+            await asyncio.wait_for(held.future, 10)
+    asyncio.run(main())

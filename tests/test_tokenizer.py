@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from moe_embed.export.bundle import Bundle
@@ -44,3 +45,39 @@ def test_truncates_to_512_keeping_end_token(tok):
 def test_truncate_false_names_the_input_index(tok):
     with pytest.raises(InvalidInput, match=r"inputs\[1\].*more than the model's 512"):
         tok.encode(["short", "word " * 600], NONE, truncate=False)
+
+
+def _full(tok: Tokenizer, text: str) -> list[int]:
+    """The whole text tokenized without any bound or truncation (the tokenizer's own)."""
+    return tok._tok.encode(text).ids
+
+
+def test_truncation_keeps_the_head_and_the_task_prefix(tok):
+    text = " ".join(f"w{i}" for i in range(3000))  # every word different: head != tail
+    (ids,) = tok.encode([text], task_named("search_query"))
+    full = _full(tok, "search_query: " + text)
+    assert ids.tolist() == full[:511] + [2]
+    (prefix,) = tok.encode(["search_query:"], NONE)
+    assert ids[:len(prefix) - 1].tolist() == prefix[:-1].tolist()  # <s> search_query :
+
+
+@pytest.mark.parametrize("kind", ["words", "cjk", "spaces", "mixed", "short"])
+def test_bounded_tokenizing_keeps_the_ids_of_the_whole_text(tok, multilingual_texts, kind):
+    """A long text is tokenized only as far as 512 tokens can need: the ids kept are exactly
+    the whole text's, in every script, also where runs of whitespace fold away."""
+    rng = np.random.default_rng(0)
+    texts = {
+        "words": " ".join(rng.permutation(" ".join(multilingual_texts).split()).tolist()) * 40,
+        "cjk": "".join(t for t in multilingual_texts if not t.isascii()) * 60,
+        "spaces": "a" + " " * 50_000 + " b\n\n\t" * 2000 + "end",
+        "mixed": "".join(f"{t}{' ' * int(rng.integers(1, 300))}"
+                         for t in multilingual_texts * 80),
+        "short": multilingual_texts[0],
+    }
+    text = texts[kind]
+    (ids,) = tok.encode([text], NONE)
+    full = _full(tok, text)
+    expected = full if len(full) <= 512 else full[:511] + full[-1:]
+    assert ids.tolist() == expected
+    if kind != "short":
+        assert len(text) > tok.window  # the bound was in play

@@ -45,6 +45,7 @@ class Forward:
     offsets: np.ndarray  # [B+1]
     expert_ids: dict[int, np.ndarray]  # MoE layer -> int64 [N, k], packed order (routed only)
     expert_tokens: np.ndarray  # int64 [n_moe_layers, n_experts]: tokens each expert computed
+    expert_calls: np.ndarray  # int64 [n_moe_layers, n_experts]: session runs of each expert
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Embedded:
     vectors: list[np.ndarray]  # float32, one per sequence, each its own size
     expert_tokens: np.ndarray  # int64 [n_moe_layers, n_experts]
     moe_layers: list[int]
+    expert_calls: np.ndarray  # int64 [n_moe_layers, n_experts]
 
 
 def _length_order(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -148,32 +150,34 @@ class Runtime:
         norm = np.broadcast_to(np.asarray(normalize, dtype=bool), (n,))
         fwd = yield from self.forward_steps(ids, offsets)
         vectors = finish_rows(mean_pool(fwd.hidden, fwd.offsets), dims, norm)
-        return Embedded(vectors, fwd.expert_tokens, list(self.moe_layers))
+        return Embedded(vectors, fwd.expert_tokens, list(self.moe_layers), fwd.expert_calls)
 
     def forward_steps(self, ids: np.ndarray,
                       offsets: np.ndarray) -> Generator[None, None, Forward]:
         self.check(ids, offsets)
         counts = np.zeros((len(self.moe_layers), self.config.num_experts), dtype=np.int64)
+        calls = np.zeros_like(counts)
         if self.moe_mode != "routed":
-            return Forward(self._all_experts(ids, offsets), offsets, {}, counts)
+            return Forward(self._all_experts(ids, offsets), offsets, {}, counts, calls)
         order = _length_order(offsets)
         if order is None:
             hidden, experts = yield from self._routed(ids.astype(np.int64), np.diff(offsets),
-                                                      counts)
-            return Forward(hidden, offsets, experts, counts)
+                                                      counts, calls)
+            return Forward(hidden, offsets, experts, counts, calls)
         rows, lengths = order
         hidden_sorted, experts_sorted = yield from self._routed(ids[rows].astype(np.int64),
-                                                                lengths, counts)
+                                                                lengths, counts, calls)
         hidden = np.empty_like(hidden_sorted)
         hidden[rows] = hidden_sorted
         experts = {}
         for layer, e in experts_sorted.items():
             experts[layer] = np.empty_like(e)
             experts[layer][rows] = e
-        return Forward(hidden, offsets, experts, counts)
+        return Forward(hidden, offsets, experts, counts, calls)
 
     # -- routed execution --------------------------------------------------------------------
-    def _routed(self, ids: np.ndarray, lengths: np.ndarray, counts: np.ndarray
+    def _routed(self, ids: np.ndarray, lengths: np.ndarray, counts: np.ndarray,
+                calls: np.ndarray
                 ) -> Generator[None, None, tuple[np.ndarray, dict[int, np.ndarray]]]:
         """Dense segments run in whole-sequence chunks (chunks.py); each MoE layer routes the
         whole batch at once."""
@@ -181,7 +185,7 @@ class Runtime:
         hidden = yield from self._segment(0, parts, {"input_ids": ids})
         expert_ids: dict[int, np.ndarray] = {}
         for li, layer in enumerate(self.moe_layers):
-            moe = yield from self._moe(layer, hidden, counts[li], expert_ids)
+            moe = yield from self._moe(layer, hidden, counts[li], calls[li], expert_ids)
             hidden = yield from self._segment(li + 1, parts, {"hidden": hidden, "moe_out": moe})
         return hidden, expert_ids
 
@@ -198,7 +202,7 @@ class Runtime:
             yield
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _moe(self, layer: int, x: np.ndarray, counts: np.ndarray,
+    def _moe(self, layer: int, x: np.ndarray, counts: np.ndarray, calls: np.ndarray,
              expert_ids: dict[int, np.ndarray]) -> Generator[None, None, np.ndarray]:
         router = self.routers[layer]
         top_w, top_e = router.route(x)
@@ -210,6 +214,7 @@ class Runtime:
             for rows in row_pieces(a.tokens.size, self.expert_rows):
                 tokens = a.tokens[rows]
                 (y,) = sess.run(None, {"x": x[tokens]})
+                calls[a.expert] += 1
                 out[tokens] += y * a.weights[rows]
                 yield
             counts[a.expert] = a.tokens.size
