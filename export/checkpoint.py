@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig, expected_shapes, parse_config
+from .config import CheckpointError, ModelConfig, expected_shapes, parse_config
+
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint"]
 
 _HUB_FILES = ["config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json",
               "*.safetensors"]
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be read: missing files, missing or mis-shaped tensors."""
 
 
 @dataclass

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
+from .bundle import MOE_MODES
 from .progress import Progress, json_logger
-from .split import MOE_MODES, export_bundle
-from .synthetic import SIZES, write_synthetic
+
+SIZES = ("full", "tiny")  # synthetic.SIZES, without importing torch for --help
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .split import export_bundle  # torch and onnx: only when exporting
+
     log = json_logger("export")
     t0 = time.perf_counter()
     log.info("export.start", source=args.source, out=args.out, moe_mode=args.moe_mode)
@@ -21,6 +24,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import write_synthetic
+
     log = json_logger("synthetic")
     t0 = time.perf_counter()
     out = write_synthetic(args.out, args.size, args.seed,

@@ -14,6 +14,10 @@ class ConfigError(ValueError):
     """The checkpoint's config asks for something this implementation does not implement."""
 
 
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read: missing files, missing or mis-shaped tensors."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The fields of the architecture that the forward pass depends on."""

@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..export.bundle import BundleError
-from ..export.checkpoint import CheckpointError
-from ..export.config import ConfigError
+from ..export.config import CheckpointError, ConfigError
 
 # each module registers its own subcommand with add_parser(subparsers)
 _COMMANDS = (

@@ -7,14 +7,13 @@ machine with no download. Its vectors are NOT meaningful: it exists to run the w
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
 
 from ..export.bundle import Bundle, BundleError
 from ..export.progress import Progress, json_logger
-from ..export.split import export_bundle
-from ..export.synthetic import write_synthetic
 
 DEMO_NAME = "demo-tiny-v1"
 DEMO_SEED = 0
@@ -40,10 +39,25 @@ def ensure_demo_bundle(cache_dir: str | Path | None = None) -> Path:
         log = json_logger("demo")
         log.info("demo.build", cache_dir=str(cache),
                  note="tiny synthetic model with the real tokenizer; vectors are not meaningful")
-        ckpt = cache / DEMO_NAME / "checkpoint"
-        shutil.rmtree(ckpt, ignore_errors=True)
-        write_synthetic(ckpt, "tiny", DEMO_SEED)
-        export_bundle(str(ckpt), bundle_dir, progress=Progress("demo", "demo.export.progress"))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        # in a child process: torch and onnx (export only) never load into the caller, which
+        # may be the frontend of a server
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build, args=(cache / DEMO_NAME / "checkpoint", bundle_dir),
+            name="moe-embed-demo-build")
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise BundleError(f"building the demo model in {cache} failed "
+                              f"(exit code {child.exitcode}); see the log above")
         log.info("demo.ready", bundle=str(bundle_dir))
     return bundle_dir
+
+
+def _build(ckpt: Path, bundle_dir: Path) -> None:
+    from ..export.split import export_bundle
+    from ..export.synthetic import write_synthetic
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    write_synthetic(ckpt, "tiny", DEMO_SEED)
+    export_bundle(str(ckpt), bundle_dir, progress=Progress("demo", "demo.export.progress"))
+    shutil.rmtree(ckpt, ignore_errors=True)

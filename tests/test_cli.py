@@ -100,3 +100,9 @@ def test_synthetic_zero_expert_bias_zeroes_only_that_tensor(tiny_checkpoint, tmp
     assert changed == biases
     assert ((tmp_path / "z" / "config.json").read_text()
             == (tiny_checkpoint / "config.json").read_text())
+
+
+def test_help_names_the_synthetic_sizes_without_importing_them():
+    from moe_embed.export import commands, synthetic
+
+    assert sorted(commands.SIZES) == sorted(synthetic.SIZES)

@@ -11,7 +11,6 @@ character-local and idempotent and the cut lies MARGIN tokens past the last id k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,21 +26,14 @@ MARGIN = 64  # tokens tokenized past the truncation point
 PIECE_CHARS = 1 << 14  # raw characters normalized at a time when cutting a long text
 
 
-def _longest_piece(path: Path) -> int:
-    """Characters in the longest piece of the vocabulary (bounds characters per token)."""
-    model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
-    vocab = model.get("vocab", {})
-    pieces = [p[0] for p in vocab] if isinstance(vocab, list) else list(vocab)
-    return max((len(p) for p in pieces), default=1) or 1
-
-
 class Tokenizer:
     """XLM-R sentencepiece tokenizer: `<s> pieces </s>`, at most `max_tokens` ids."""
 
     def __init__(self, path: str | Path, max_tokens: int = 512) -> None:
         try:
             self._tok = HFTokenizer.from_file(str(path))
-            longest = _longest_piece(Path(path))
+            # no piece is longer than this many characters (bounds characters per token)
+            longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise BundleError(f"{path}: cannot load the tokenizer: {exc}") from exc
         self._tok.no_truncation()
