@@ -16,7 +16,8 @@ shared arena, ORT_ENABLE_ALL), 2 threads unless --threads. Prints:
 
 Inputs are realistic in distribution: N(0,1) (LayerNorm outputs) for every linear but fc2, whose
 input is gelu(N(0,1)); weights N(0, 1/fan_in) as in the synthetic checkpoints. Timings are only
-meaningful on a quiet machine: the load average and CPU flags are printed first. ~3-4 minutes.
+meaningful on a quiet machine: the load average and CPU flags are printed first. ~1.5 minutes
+on a quiet 2-core machine (3-4 under load).
 """
 
 from __future__ import annotations

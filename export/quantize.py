@@ -12,8 +12,9 @@ Storage formats (the strings recorded per tensor in the manifest):
 - ``int8-per-channel`` / ``int8-per-tensor`` (MatMul weights only): ONNX Runtime's dynamic
   quantization (`quantize_dynamic`, QInt8 symmetric weights, uint8 activations quantized at run
   time). The file holds standard `DynamicQuantizeLinear` + `MatMulInteger` + `Cast` + `Mul` nodes;
-  ONNX Runtime's graph optimizer fuses each into one `com.microsoft.DynamicQuantizeMatMul` at
-  session creation (basic level and above).
+  ONNX Runtime's graph optimizer fuses each (with a following bias Add) into one
+  `com.microsoft.DynamicQuantizeMatMul` at session creation: ORT_ENABLE_EXTENDED or above
+  (ORT_ENABLE_BASIC runs the unfused nodes).
 - ``nbits{4,8}-block{16..256}[-sym]``: block quantization along the input (K) dimension, one fp32
   scale (and, unless ``-sym``, one zero point of the same width) per block. A MatMul weight becomes
   `com.microsoft.MatMulNBits` (via `onnxruntime.quantization.matmul_nbits_quantizer`), the word-
@@ -171,18 +172,20 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
     return Recipe(name, formats).validate()
 
 
-# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32, Xeon with AVX-512
-# VNNI and AMX), cosine of pooled embeddings to fp32 over 100 random sequences of 8-61 tokens:
+# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
+# VNNI + AMX); cosine = pooled embeddings vs fp32, mean over 100 random sequences of 8-61 tokens.
 #
-# - int8: every MatMul weight as dynamic int8 per channel (DynamicQuantizeMatMul: 3.6-4.5x the
-#   fp32 expert, 3-14x the dense linears), except attn.qkv, whose error the attention softmax
-#   amplifies: dynamic int8 quantizes a call's activations with one scale, MatMulNBits with
-#   accuracy_level 4 per block of 32 like llama.cpp's Q8_0. Mean cosine 0.9981 all-dynamic,
-#   0.9991 with qkv at nbits8-block32 (block 128: 0.9983); the table's block size does not
-#   matter at 8 bits (0.9981 either way), so block 128. 466 MiB of tensors.
-# - int4: 4-bit block-32 experts (block 64: worse, 0.983), dense linears kept at dynamic int8
-#   (all-4-bit dense: 0.858, the routers flip), table 4-bit block 64 (block 32: +13 MiB for
-#   +0.0006). Mean cosine 0.984; 299 MiB of tensors.
+# - int8: MatMul weights as dynamic int8 per channel (DynamicQuantizeMatMul: 3.2-6.1x the fp32
+#   expert, 3-13x the dense linears), except attn.qkv: dynamic int8 quantizes a call's activations
+#   with one scale and the attention softmax amplifies q/k errors; MatMulNBits 8-bit with
+#   accuracy_level 4 quantizes them per block of 32, like llama.cpp's Q8_0. Cosine 0.9981
+#   all-dynamic, 0.9990 with qkv at nbits8-block32 (block 128: 0.9983; Q8_0-like nbits8-block32
+#   everywhere: 0.9990 at 524 MiB). It costs speed: batch 2.74x -> 1.95x fp32, one short text
+#   2.82x -> 2.39x. The table's block size does not matter at 8 bits: block 128. 466 MiB.
+# - int4: 4-bit block-32 experts (block 64: 0.983), dense linears at dynamic int8 (4-bit dense:
+#   0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32: +13 MiB for
+#   +0.0006). Cosine 0.984; 299 MiB. Slower than int8 (4-bit experts run at ~0.8x fp32 on
+#   hundreds of rows): batch 1.25x, one text 1.9x fp32.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
     "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
