@@ -1,0 +1,543 @@
+"""Quantization recipes for bundle graphs: pure functions from an fp32 graph to a quantized one.
+
+A bundle's graphs hold three kinds of weights that matter for size: the word-embedding table read
+by a `Gather` (192M of the model's 475M parameters), the dense linear layers of the segments
+(`MatMul(x, W^T) + bias`, W stored pre-transposed [K, N]) and the experts' two GEMMs. A `Recipe`
+gives each *role* (below) a storage format; `quantize_graph` rewrites one graph with ONNX Runtime's
+own tools and returns, for every initializer of the input graph, how it ended up stored.
+
+Storage formats (the strings recorded per tensor in the manifest):
+
+- ``fp32``: unchanged.
+- ``int8-per-channel`` / ``int8-per-tensor`` (MatMul weights only): ONNX Runtime's dynamic
+  quantization (`quantize_dynamic`, QInt8 symmetric weights, uint8 activations quantized at run
+  time). The file holds standard `DynamicQuantizeLinear` + `MatMulInteger` + `Cast` + `Mul` nodes;
+  ONNX Runtime's graph optimizer fuses each (with a following bias Add) into one
+  `com.microsoft.DynamicQuantizeMatMul` at session creation: ORT_ENABLE_EXTENDED or above
+  (ORT_ENABLE_BASIC runs the unfused nodes).
+- ``nbits{4,8}-block{16..256}[-sym]``: block quantization along the input (K) dimension, one fp32
+  scale (and, unless ``-sym``, one zero point of the same width) per block. A MatMul weight becomes
+  `com.microsoft.MatMulNBits` (via `onnxruntime.quantization.matmul_nbits_quantizer`), the word-
+  embedding table `com.microsoft.GatherBlockQuantized` with uint8 data (bits 8 or 4, two values per
+  byte; quantized by the same ORT kernel MatMulNBits uses, applied to the table's rows).
+
+Roles: segments have ``word_embeddings`` (segment 0 only) and ``attn.qkv``, ``attn.out_proj``,
+``mlp.fc1``, ``mlp.fc2`` per layer; experts have ``expert.w1`` and ``expert.w2``. Attention's own
+MatMuls multiply two activations and are never quantized; LayerNorm parameters, biases, the rotary
+tables, the token-type row and the router (not an ONNX graph) stay fp32. A weight whose role is
+unknown is refused rather than silently left in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+Kind = Literal["expert", "segment"]
+MS_DOMAIN = "com.microsoft"
+
+SEGMENT_ROLES = ("word_embeddings", "attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")
+EXPERT_ROLES = ("expert.w1", "expert.w2")
+ROLES = SEGMENT_ROLES + EXPERT_ROLES
+GATHER_ROLES = ("word_embeddings",)
+
+DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
+_NBITS = re.compile(r"^nbits(?P<bits>[48])-block(?P<block>[0-9]+)(?P<sym>-sym)?$")
+_SEGMENT_WEIGHT = re.compile(
+    r"^encoder\.layers\.(?P<layer>[0-9]+)\.(?P<role>attn\.Wqkv|attn\.out_proj|mlp\.fc1|mlp\.fc2)"
+    r"\.weight\.T$")
+_SEGMENT_ROLE = {"attn.Wqkv": "attn.qkv", "attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.fc1",
+                 "mlp.fc2": "mlp.fc2"}
+_EXPERT_WEIGHT = {"w1.T": "expert.w1", "w2": "expert.w2"}
+_OVERRIDE = re.compile(r"^layers\.(?P<layer>[0-9]+)\.(?P<role>.+)$")
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed, or does not fit the graph it is applied to."""
+
+
+@dataclass(frozen=True)
+class NBits:
+    bits: int
+    block_size: int
+    symmetric: bool
+
+
+def parse_format(fmt: str) -> NBits | bool | None:
+    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``nbits*`` -> NBits. Else raise."""
+    if fmt == "fp32":
+        return None
+    if fmt in DYNAMIC_FORMATS:
+        return DYNAMIC_FORMATS[fmt]
+    m = _NBITS.match(fmt)
+    if m:
+        block = int(m["block"])
+        if block < 16 or block > 256 or block & (block - 1):
+            raise RecipeError(f"format {fmt!r}: block size must be a power of two in 16..256")
+        return NBits(int(m["bits"]), block, bool(m["sym"]))
+    raise RecipeError(
+        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-per-channel', 'int8-per-tensor' "
+        "or 'nbits{4|8}-block{16..256}[-sym]'")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A storage format per role, optional per-layer overrides, and MatMulNBits' compute level.
+
+    `overrides` keys are ``layers.{i}.{role}`` (e.g. ``layers.11.mlp.fc2``, ``layers.3.expert.w2``).
+    `accuracy_level` is MatMulNBits' attribute: 4 quantizes activations to int8 per block at run
+    time (int8 dot products), 0 dequantizes weights and computes in fp32.
+    """
+
+    name: str
+    formats: Mapping[str, str]
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    accuracy_level: int = 4
+
+    def validate(self) -> Recipe:
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError("recipe name must be a non-empty string")
+        if not isinstance(self.formats, Mapping) or not isinstance(self.overrides, Mapping):
+            raise RecipeError(f"recipe {self.name!r}: 'formats' and 'overrides' must be mappings")
+        missing = [r for r in ROLES if r not in self.formats]
+        unknown = [r for r in self.formats if r not in ROLES]
+        if missing or unknown:
+            raise RecipeError(f"recipe {self.name!r}: roles missing {missing}, unknown {unknown}; "
+                              f"every one of {list(ROLES)} needs a format")
+        entries = [(role, fmt, role) for role, fmt in self.formats.items()]
+        for key, fmt in self.overrides.items():
+            m = _OVERRIDE.match(str(key))
+            if not m or m["role"] not in ROLES:
+                raise RecipeError(f"recipe {self.name!r}: override {key!r} is not "
+                                  "'layers.{i}.{role}' with a known role")
+            entries.append((m["role"], fmt, key))
+        for role, fmt, where in entries:
+            if not isinstance(fmt, str):
+                raise RecipeError(f"recipe {self.name!r}: {where}: format must be a string")
+            try:
+                parsed = parse_format(fmt)
+            except RecipeError as exc:
+                raise RecipeError(f"recipe {self.name!r}: {where}: {exc}") from None
+            if role in GATHER_ROLES and isinstance(parsed, bool):
+                raise RecipeError(f"recipe {self.name!r}: {where}: {fmt!r} is for MatMul weights; "
+                                  "the embedding table takes 'fp32' or 'nbits*'")
+        if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
+            raise RecipeError(f"recipe {self.name!r}: accuracy_level must be 0..4, "
+                              f"got {self.accuracy_level!r}")
+        return self
+
+    def format_for(self, role: str, layer: int | None) -> str:
+        if layer is not None:
+            fmt = self.overrides.get(f"layers.{layer}.{role}")
+            if fmt is not None:
+                return fmt
+        return self.formats[role]
+
+    @property
+    def is_identity(self) -> bool:
+        return all(f == "fp32" for f in (*self.formats.values(), *self.overrides.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "formats": dict(self.formats),
+                "overrides": dict(self.overrides), "accuracy_level": self.accuracy_level}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Recipe:
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
+        extra = set(raw) - {"name", "formats", "overrides", "accuracy_level"}
+        if extra or "name" not in raw or "formats" not in raw:
+            raise RecipeError(f"recipe needs 'name' and 'formats' (optional 'overrides', "
+                              f"'accuracy_level'); unexpected {sorted(extra)}")
+        return cls(raw["name"], dict(raw["formats"]) if isinstance(raw["formats"], Mapping)
+                   else raw["formats"], dict(raw.get("overrides") or {}),
+                   raw.get("accuracy_level", 4)).validate()
+
+
+def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Recipe:
+    formats = {"word_embeddings": table, "expert.w1": experts, "expert.w2": experts}
+    formats.update({r: dense for r in ("attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")})
+    formats.update(roles)
+    return Recipe(name, formats).validate()
+
+
+# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
+# VNNI + AMX); cosine = pooled embeddings vs fp32, mean over 100 random sequences of 8-61 tokens.
+#
+# - int8: MatMul weights as dynamic int8 per channel (DynamicQuantizeMatMul: 3.2-6.1x the fp32
+#   expert, 3-13x the dense linears), except attn.qkv: dynamic int8 quantizes a call's activations
+#   with one scale and the attention softmax amplifies q/k errors; MatMulNBits 8-bit with
+#   accuracy_level 4 quantizes them per block of 32, like llama.cpp's Q8_0. Cosine 0.9981
+#   all-dynamic, 0.9990 with qkv at nbits8-block32 (block 128: 0.9983; Q8_0-like nbits8-block32
+#   everywhere: 0.9990 at 524 MiB). It costs speed: batch 2.74x -> 1.95x fp32, one short text
+#   2.82x -> 2.39x. The table's block size does not matter at 8 bits: block 128. 466 MiB.
+# - int4: 4-bit block-32 experts (block 64: 0.983), dense linears at dynamic int8 (4-bit dense:
+#   0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32: +13 MiB for
+#   +0.0006). Cosine 0.984; 299 MiB. Slower than int8 (4-bit experts run at ~0.8x fp32 on
+#   hundreds of rows): batch 1.25x, one text 1.9x fp32.
+RECIPES: dict[str, Recipe] = {
+    "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
+    "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
+                    **{"attn.qkv": "nbits8-block32"}),
+    "int4": _recipe("int4", "nbits4-block32", "int8-per-channel", "nbits4-block64"),
+}
+PRECISIONS = tuple(RECIPES)
+
+
+def get_recipe(precision: str) -> Recipe:
+    try:
+        return RECIPES[precision]
+    except KeyError:
+        raise RecipeError(f"precision must be one of {list(RECIPES)}, got {precision!r}") from None
+
+
+@dataclass(frozen=True)
+class TensorStorage:
+    """How one initializer of the fp32 graph is stored in the quantized graph."""
+
+    name: str  # initializer name in the fp32 graph
+    shape: tuple[int, ...]  # its original shape
+    format: str  # "fp32", "int64", ... (unchanged) or a storage format above
+    bytes: int  # bytes of every initializer now holding it: data + scales + zero points
+    role: str | None = None  # "attn.qkv", "expert.w1", "word_embeddings", ...; None = not a weight
+    layer: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) -> int:
+    """Bytes a weight of `shape` occupies in `fmt` (fp32 MatMul weight [K, N], table [V, H])."""
+    parsed = parse_format(fmt)
+    if parsed is None:
+        return 4 * math.prod(shape)
+    if role in GATHER_ROLES:  # blocks along H of each of the V rows
+        v, k = shape
+        n = v
+    else:
+        k, n = shape
+    if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
+        return k * n + (5 * n if parsed else 5)
+    blocks = -(-k // parsed.block_size)
+    # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
+    data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8
+    zp = 0 if parsed.symmetric else n * -(-blocks * parsed.bits // 8)
+    return data + 4 * n * blocks + zp
+
+
+# --------------------------------------------------------------------------------------------
+# The rewrite
+
+
+@dataclass
+class _Weight:
+    name: str
+    node: str  # consuming node's name
+    op: str  # MatMul or Gather
+    role: str
+    layer: int | None
+    fmt: str
+    shape: tuple[int, ...]
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """ORT's quantization modules call logging.basicConfig(level=INFO) on import and log per node;
+    keep the root logger (ours, structlog's) as it was and silence them while they run."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = [logging.getLogger(n) for n in ("onnxruntime.quantization", "root")]
+    old = [lg.level for lg in quiet]
+    root.setLevel(logging.ERROR)
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for lg, lv in zip(quiet, old, strict=True):
+            lg.setLevel(lv)
+
+
+def _classify(model: onnx.ModelProto, node_names: list[str], kind: Kind, recipe: Recipe,
+              layer: int | None) -> list[_Weight]:
+    """Every MatMul/Gather reading a float initializer, with its role; unknown ones are refused."""
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = []
+    for node, node_name in zip(model.graph.node, node_names, strict=True):
+        if node.domain not in ("", "ai.onnx"):
+            raise RecipeError(f"{model.graph.name}: node {node_name} ({node.domain}."
+                              f"{node.op_type}) is already quantized; quantize_graph takes fp32 "
+                              "graphs")
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            name = node.input[1]
+        elif node.op_type == "Gather" and node.input[0] in inits:
+            name = node.input[0]
+        else:
+            continue
+        init = inits[name]
+        if init.data_type != TensorProto.FLOAT:
+            continue  # integer lookups (shape bookkeeping), not weights
+        role, wlayer = None, layer
+        if kind == "expert":
+            role = _EXPERT_WEIGHT.get(name) if node.op_type == "MatMul" else None
+        elif node.op_type == "Gather":
+            role = "word_embeddings" if name == "word_embeddings" else None
+        else:
+            m = _SEGMENT_WEIGHT.match(name)
+            if m:
+                role, wlayer = _SEGMENT_ROLE[m["role"]], int(m["layer"])
+        if role is None:
+            raise RecipeError(f"{model.graph.name}: {node.op_type} weight {name!r} has no role "
+                              f"in a {kind} graph; refusing to guess how to store it")
+        if node.op_type == "Gather" and (len(init.dims) != 2 or _attr(node, "axis", 0) != 0):
+            raise RecipeError(f"{model.graph.name}: table {name!r} must be 2-D and gathered on "
+                              "axis 0")
+        if node.op_type == "MatMul" and len(init.dims) != 2:
+            raise RecipeError(f"{model.graph.name}: MatMul weight {name!r} must be 2-D")
+        weights.append(_Weight(name, node_name, node.op_type, role, wlayer,
+                               recipe.format_for(role, wlayer), tuple(init.dims)))
+    names = [w.name for w in weights]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{model.graph.name}: a weight is read by more than one node")
+    if kind == "expert" and sorted(w.role for w in weights) != sorted(EXPERT_ROLES):
+        raise RecipeError(f"{model.graph.name}: an expert graph must have exactly the weights "
+                          f"w1.T and w2, found {names}")
+    return weights
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _node_names(model: onnx.ModelProto) -> list[str]:
+    """Every node's name, inventing unique ones for the unnamed (the exporter names none)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    names = []
+    for i, node in enumerate(model.graph.node):
+        name = node.name
+        if not name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            seen.add(name)
+        names.append(name)
+    return names
+
+
+def _dynamic_int8(model: onnx.ModelProto, nodes: list[str], per_channel: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="moe-embed-quant.") as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                         reduce_range=False, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                         extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(out))  # loads external data, if any, before tmp goes
+
+
+def _copy_without(model: onnx.ModelProto, skip: set[str]) -> onnx.ModelProto:
+    """A deep copy of `model` in which the initializers named in `skip` are one-row stand-ins of
+    the same type and rank: the embedding table (733 MiB) is then neither copied nor sent through
+    quantize_dynamic's file round trip and shape inference, and is quantized straight from
+    `model`."""
+    def copy_fields(dst, src, except_field: str) -> None:
+        for fd, value in src.ListFields():
+            if fd.name == except_field:
+                continue
+            if fd.is_repeated:
+                getattr(dst, fd.name).extend(value)
+            elif fd.type == fd.TYPE_MESSAGE:
+                getattr(dst, fd.name).CopyFrom(value)
+            else:
+                setattr(dst, fd.name, value)
+
+    m = onnx.ModelProto()
+    copy_fields(m, model, "graph")
+    copy_fields(m.graph, model.graph, "initializer")
+    for t in model.graph.initializer:
+        if t.name in skip:
+            row = np.zeros((1, *t.dims[1:]), helper.tensor_dtype_to_np_dtype(t.data_type))
+            m.graph.initializer.append(numpy_helper.from_array(row, t.name))
+        else:
+            m.graph.initializer.append(t)
+    return m
+
+
+def _matmul_nbits(model: onnx.ModelProto, exclude: list[str], spec: NBits,
+                  accuracy_level: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                       accuracy_level=accuracy_level, bits=spec.bits,
+                                       op_types_to_quantize=("MatMul",))
+    q = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=cfg)
+    q.process()
+    return q.model.model
+
+
+def quantize_table(table: np.ndarray, spec: NBits,
+                   rows_per_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Block-quantize a [V, H] table along H for GatherBlockQuantized (uint8 data).
+
+    Uses ORT's MatMulNBits quantization kernel on the transposed rows (a [H, V] "weight" whose N
+    columns are the table's rows), so the rounding and layout are MatMulNBits': data [V, H*bits/8]
+    (two 4-bit values per byte, low nibble first), scales [V, H/block] fp32, zero points
+    [V, ceil(blocks*bits/8)] packed the same way (None when symmetric: the op then uses 2^(bits-1)).
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    kernel = quantize_matmul_8bits if spec.bits == 8 else quantize_matmul_4bits
+    v, h = table.shape
+    if h * spec.bits % 8:
+        raise RecipeError(f"table width {h} does not fill whole bytes at {spec.bits} bits")
+    blocks = -(-h // spec.block_size)  # the last block may be partial
+    data = np.zeros((v, h * spec.bits // 8), dtype=np.uint8)
+    scales = np.zeros((v, blocks), dtype=np.float32)
+    zps = np.zeros((v, -(-blocks * spec.bits // 8)), dtype=np.uint8)
+    for lo in range(0, v, rows_per_chunk):
+        hi = min(v, lo + rows_per_chunk)
+        # the kernel reads its inputs as C-contiguous and writes into the arrays it is given:
+        # every argument must be exactly typed and contiguous (a strided view is misread)
+        w = np.ascontiguousarray(table[lo:hi].T, dtype=np.float32)  # [H, rows]
+        d = np.zeros((hi - lo, blocks, spec.block_size * spec.bits // 8), dtype=np.uint8)
+        s = np.zeros((hi - lo, blocks), dtype=np.float32)
+        z = np.zeros((hi - lo, zps.shape[1]), dtype=np.uint8)
+        kernel(d, w, s, z, spec.block_size, hi - lo, h, spec.symmetric)
+        data[lo:hi] = d.reshape(hi - lo, -1)[:, : data.shape[1]]  # drop the last block's padding
+        scales[lo:hi] = s
+        zps[lo:hi] = z
+    return data, scales, (None if spec.symmetric else zps)
+
+
+def _put_table(model: onnx.ModelProto, w: _Weight, table: TensorProto) -> None:
+    """Replace the stand-in of table `w` by the table itself (fp32) or by its quantized form and
+    a com.microsoft.GatherBlockQuantized node in place of the Gather."""
+    graph = model.graph
+    idx = next(i for i, n in enumerate(graph.initializer) if n.name == w.name)
+    del graph.initializer[idx]
+    spec = parse_format(w.fmt)
+    if spec is None:
+        graph.initializer.append(table)
+        return
+    data, scales, zps = quantize_table(numpy_helper.to_array(table), spec)
+    inits = [numpy_helper.from_array(data, f"{w.name}_Q{spec.bits}"),
+             numpy_helper.from_array(scales, f"{w.name}_scales")]
+    if zps is not None:
+        inits.append(numpy_helper.from_array(zps, f"{w.name}_zero_points"))
+    graph.initializer.extend(inits)
+    pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
+    inputs = [inits[0].name, node.input[1], inits[1].name] + ([inits[2].name] if zps is not None
+                                                            else [])
+    new = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name + "_Q",
+                           domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                           block_size=spec.block_size, bits=spec.bits)
+    graph.node.remove(node)
+    graph.node.insert(pos, new)
+
+
+def _ensure_ms_opset(model: onnx.ModelProto) -> None:
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# names ORT's tools (and _gather_block_quantized) give the tensors that replace weight `w`
+def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
+    parsed = parse_format(fmt)
+    if parsed is None:
+        return (w,)
+    if isinstance(parsed, bool):
+        return (f"{w}_quantized", f"{w}_scale", f"{w}_zero_point")
+    names = (f"{w}_Q{parsed.bits}", f"{w}_scales")
+    return names if parsed.symmetric else (*names, f"{w}_zero_points")
+
+
+def _tensor_bytes(t: TensorProto) -> int:
+    if t.data_location == TensorProto.EXTERNAL:
+        return int(next(e.value for e in t.external_data if e.key == "length"))
+    return numpy_helper.to_array(t).nbytes
+
+
+def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
+                   layer: int | None = None) -> tuple[onnx.ModelProto, list[TensorStorage]]:
+    """Quantize one bundle graph (an expert's, or a dense segment's) according to `recipe`.
+
+    `model` is not modified. `layer` is the MoE layer of an expert graph (for per-layer
+    overrides); segment weights carry their layer in their names. Returns the new graph and one
+    TensorStorage per initializer of `model` (their bytes add up to the new graph's initializers).
+    """
+    if kind not in ("expert", "segment"):
+        raise RecipeError(f"kind must be 'expert' or 'segment', got {kind!r}")
+    recipe.validate()
+    node_names = _node_names(model)
+    weights = _classify(model, node_names, kind, recipe, layer)
+    by_name = {w.name: w for w in weights}
+    originals = [(i.name, tuple(i.dims), i.data_type) for i in model.graph.initializer]
+    tables = {w.name: w for w in weights if w.op == "Gather"}
+    m = _copy_without(model, set(tables))
+    for node, name in zip(m.graph.node, node_names, strict=True):
+        node.name = name  # ORT's quantizers select nodes by name; the exporter leaves them unnamed
+
+    with _quiet_ort_logging():
+        for fmt, per_channel in DYNAMIC_FORMATS.items():
+            nodes = [w.node for w in weights if w.fmt == fmt]
+            if nodes:
+                m = _dynamic_int8(m, nodes, per_channel)
+        nbits = sorted({w.fmt for w in weights if w.op == "MatMul" and
+                        isinstance(parse_format(w.fmt), NBits)})
+        for fmt in nbits:
+            mine = {w.node for w in weights if w.fmt == fmt and w.op == "MatMul"}
+            others = [w.node for w in weights if w.op == "MatMul" and w.node not in mine]
+            m = _matmul_nbits(m, others, parse_format(fmt), recipe.accuracy_level)
+    for t in model.graph.initializer:
+        if t.name in tables:
+            _put_table(m, tables[t.name], t)
+    if any(w.fmt != "fp32" for w in weights):
+        _ensure_ms_opset(m)
+
+    stored = {i.name: i for i in m.graph.initializer}
+    storage, claimed = [], set()
+    for name, shape, dtype in originals:
+        w = by_name.get(name)
+        fmt = w.fmt if w else ("fp32" if dtype == TensorProto.FLOAT else
+                               helper.tensor_dtype_to_np_dtype(dtype).name)
+        names = _stored_names(name, fmt if w else "fp32")
+        absent = [n for n in names if n not in stored]
+        if absent:
+            raise RuntimeError(f"{m.graph.name}: after quantization, {name!r} ({fmt}) is missing "
+                               f"{absent}: ONNX Runtime's quantizer output changed")
+        claimed.update(names)
+        storage.append(TensorStorage(name, shape, fmt, sum(_tensor_bytes(stored[n]) for n in names),
+                                     w.role if w else None, w.layer if w else None))
+    extra = sorted(set(stored) - claimed)
+    if extra:
+        raise RuntimeError(f"{m.graph.name}: unaccounted initializers after quantization: {extra}")
+    return m, storage
+
+
+def storage_summary(records: list[TensorStorage]) -> dict[str, int]:
+    """Bytes per storage format."""
+    out: dict[str, int] = {}
+    for r in records:
+        out[r.format] = out.get(r.format, 0) + r.bytes
+    return out
