@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 
 from moe_embed.export.onnx_graphs import IR_VERSION, OPSET, expert_graph
 from moe_embed.export.quantize import RECIPES, Recipe, quantize_graph
+from moe_embed.workers.runtime.sessions import init_thread_pool, session_options
 
 H, F, V = 768, 3072, 250048
 LINEARS = {  # name: (K, N, role)
@@ -65,25 +66,11 @@ def cpu_flags() -> tuple[str, list[str]]:
     return model, [f for f in FLAGS if f in flags]
 
 
-_POOL = False
-
-
 def session(model: onnx.ModelProto, threads: int, optimized: Path | None = None):
-    """As workers/sessions.py: ORT's global pool (no per-session spinning threads), a shared
-    arena, every graph optimization on."""
-    global _POOL
-    if not _POOL:
-        ort.set_global_thread_pool_sizes(threads, 1)
-        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))
-        _POOL = True
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.use_env_allocators", "1")
-    so.use_per_session_threads = False
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+    """With the product's session options (workers/runtime/sessions.py): ORT's global pool
+    (no per-session spinning threads), a shared arena, every graph optimization on."""
+    init_thread_pool(threads)
+    so = session_options()
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

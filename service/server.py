@@ -238,20 +238,17 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
 def add_servicer(servicer: EmbedderServicer, server: grpc.aio.Server) -> None:
     """Register the Embedder service with lenient request parsing (see `_lenient`)."""
-    handlers = {
-        "Embed": grpc.unary_unary_rpc_method_handler(
-            servicer.Embed, _lenient(pb.EmbedRequest.FromString),
-            pb.EmbedResponse.SerializeToString),
-        "EmbedStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EmbedStream, _lenient(pb.EmbedRequest.FromString),
-            pb.EmbedResponse.SerializeToString),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Tokenize, _lenient(pb.TokenizeRequest.FromString),
-            pb.TokenizeResponse.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, _lenient(pb.InfoRequest.FromString),
-            pb.InfoResponse.SerializeToString),
+    methods = {
+        "Embed": (grpc.unary_unary_rpc_method_handler, pb.EmbedRequest, pb.EmbedResponse),
+        "EmbedStream": (grpc.stream_stream_rpc_method_handler, pb.EmbedRequest,
+                        pb.EmbedResponse),
+        "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest,
+                     pb.TokenizeResponse),
+        "Info": (grpc.unary_unary_rpc_method_handler, pb.InfoRequest, pb.InfoResponse),
     }
+    handlers = {name: make(getattr(servicer, name), _lenient(request.FromString),
+                           response.SerializeToString)
+                for name, (make, request, response) in methods.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                          handlers),))
 
