@@ -256,8 +256,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
             except ValidationError as exc:
                 raise _invalid_body(exc) from None
             check_model(req.model)
-            if req.model_extra:
-                log.warning("fields_ignored", fields=sorted(req.model_extra)[:20])
+            if req.model_extra:  # names only (cut short), never values
+                log.info("fields_ignored", fields=[f[:40] for f in sorted(req.model_extra)[:8]])
             inputs: list[Input] = req.input
             out = await _unless_disconnected(request, engine.embed(
                 inputs, req.task, req.dimensions or 0, truncate=req.truncate,
