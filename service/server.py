@@ -16,6 +16,7 @@ import itertools
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -413,7 +414,7 @@ class EmbedServer:
                 self.servicer.last_call = time.monotonic()
 
         app = create_app(HttpContext(self.engine, self.metrics, self.security, note_call,
-                                     int(self.bundle_path.stat().st_mtime)))
+                                     _created(self.engine)))
         sock = bind(cfg.host, cfg.http_port)
         self._http = HttpServer(app, sock,
                                 self.security.http_ssl_context() if cfg.tls else None)
@@ -516,6 +517,14 @@ class EmbedServer:
     async def wait_stopped(self) -> None:
         assert self._drained is not None
         await self._drained.wait()
+
+
+def _created(engine: Engine) -> int:
+    """The bundle's export time in Unix seconds (OpenAI's model `created`)."""
+    try:
+        return int(datetime.fromisoformat(engine.bundle.manifest.created).timestamp())
+    except (TypeError, ValueError):
+        return int(engine.bundle.path.stat().st_mtime)
 
 
 async def serve(config: ServeConfig, bundle_path: str | Path) -> int:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.service import SERVING, ServeProcess, ServerThread, free_port, vectors, wait_for
 from support.tls import HOST, Pki, served_certificate
 
+from moe_embed.service.client import EmbedClient, RemoteError
 from moe_embed.service.config import ServeConfig
 from moe_embed.service.security import ApiKeys, Security, SecurityError
 from moe_embed.v1 import embedder_pb2 as pb
@@ -97,6 +98,15 @@ def test_grpc_over_mtls_with_a_key(locked, pki) -> None:
     with grpc.insecure_channel(locked.target) as channel:
         assert _code(lambda: pb_grpc.EmbedderStub(channel).Embed(
             plain, metadata=_bearer(KEY), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_python_client_speaks_mtls_and_keys(locked, pki) -> None:
+    with EmbedClient(locked.target, credentials=pki.channel_credentials(), api_key=KEY) as c:
+        assert c.embed(["hello", "world"], task="search_query", dimensions=16).shape == (2, 16)
+    with EmbedClient(locked.target, credentials=pki.channel_credentials()) as c, \
+            pytest.raises(RemoteError) as exc:
+        c.embed(["hello"], task="search_query")
+    assert exc.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_mtls_refuses_a_client_without_a_certificate(locked, pki, tmp_path) -> None:

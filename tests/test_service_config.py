@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,10 @@ def test_no_api_key_on_the_command_line() -> None:
     flags = {s.flag for s in config.SETTINGS}
     assert "--api-key-file" in flags
     assert not {f for f in flags if "key" in f} - {"--api-key-file", "--tls-key-file"}
+
+
+def test_readme_documents_every_flag_and_its_variable() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1]
+    for s in config.SETTINGS:
+        assert f"`{s.flag}" in table and f"`{s.env}`" in table, s.flag
