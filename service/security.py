@@ -98,7 +98,8 @@ class ApiKeys:
 
 @dataclass(frozen=True)
 class TlsMaterial:
-    """Certificate chain, key and (for mTLS) client CA as PEM bytes, checked to work."""
+    """Certificate chain, key and (for mTLS) client CA as PEM bytes; `ssl_context` checks
+    that they work (OpenSSL parses them, the key matches the certificate)."""
 
     cert: bytes
     key: bytes
@@ -106,12 +107,10 @@ class TlsMaterial:
 
     @classmethod
     def load(cls, cfg: ServeConfig) -> TlsMaterial:
-        material = cls(_read(cfg.tls_cert_file, "TLS certificate file"),
-                       _read(cfg.tls_key_file, "TLS key file"),
-                       _read(cfg.tls_client_ca_file, "TLS client CA file")
-                       if cfg.tls_client_ca_file else None)
-        material.ssl_context(cfg)  # raises SecurityError if OpenSSL refuses it
-        return material
+        return cls(_read(cfg.tls_cert_file, "TLS certificate file"),
+                   _read(cfg.tls_key_file, "TLS key file"),
+                   _read(cfg.tls_client_ca_file, "TLS client CA file")
+                   if cfg.tls_client_ca_file else None)
 
     def ssl_context(self, cfg: ServeConfig) -> ssl.SSLContext:
         """A server context for HTTP (TLS 1.2+; client certificates required for mTLS)."""

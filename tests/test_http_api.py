@@ -22,7 +22,16 @@ import numpy as np
 import openai
 import pytest
 import requests
-from support.service import TASKS, Expected, ServerThread, free_port, scrape, vectors, wait_for
+from support.service import (
+    TASKS,
+    Expected,
+    ServeProcess,
+    ServerThread,
+    free_port,
+    scrape,
+    vectors,
+    wait_for,
+)
 
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.runtime.tasks import task_named
@@ -386,9 +395,12 @@ def test_loading_queue_full_disconnect_and_drain(tiny_bundle) -> None:
     finally:
         if drain is None:
             srv.stop()
-        else:
-            srv.loop.call_soon_threadsafe(srv.loop.stop)
-            srv.thread.join(10)
+        else:  # the drain stops the workers: wait for it, even after a failed assertion
+            try:
+                drain.result(60)
+            finally:
+                srv.loop.call_soon_threadsafe(srv.loop.stop)
+                srv.thread.join(10)
 
 
 def test_request_ids_are_echoed_and_made_up(server) -> None:
@@ -434,3 +446,37 @@ def test_many_concurrent_http_and_grpc_clients_agree(server, expected, multiling
         t.join(120)
     assert not errors, errors[:3]
     assert time.monotonic() - start < 60
+
+
+def test_sigterm_drains_http_like_grpc(tiny_bundle, tmp_path) -> None:
+    """`moe-embed serve` and SIGTERM with an HTTP request in flight (its worker stopped): the
+    HTTP port stays open through the drain (uvicorn must not take the signal and close it),
+    /ready says `draining`, a new request gets 503, the one in flight finishes with 200, and
+    the process exits 0."""
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
+                      MOE_EMBED_DRAIN_GRACE_S="30") as srv:
+        srv.wait_serving()
+        url = srv.url + "/v1/embeddings"
+        (worker,) = srv.worker_pids()
+        held: dict[str, requests.Response] = {}
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            holder = threading.Thread(target=lambda: held.setdefault(
+                "r", requests.post(url, json={"input": ["held"]}, timeout=60)))
+            holder.start()
+            wait_for(lambda: srv.metrics().get("moe_embed_batch_size_inputs_sum", 0) >= 1, 10,
+                     "the request in flight")
+            srv.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: srv.events("draining"), 10, "the drain to begin")
+            for _ in range(6):  # over several of uvicorn's 0.1 s ticks: the port stays open
+                ready = requests.get(srv.url + "/ready", timeout=10)
+                assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+                time.sleep(0.1)
+            late = requests.post(url, json={"input": "late"}, timeout=10)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        holder.join(60)
+        assert held["r"].status_code == 200
+        assert srv.proc.wait(60) == 0
+    assert '"finished_in_grace": true' in srv.log_path.read_text()
