@@ -5,7 +5,6 @@ in-process embedder."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -315,94 +314,6 @@ def test_openapi_document_and_interactive_page(server) -> None:
     assert page.status_code == 200 and "swagger" in page.text.lower()
 
 
-# ---- load, queue, disconnects, drain: one server whose worker the tests pause ----------------
-
-
-def test_loading_queue_full_disconnect_and_drain(tiny_bundle) -> None:
-    """While loading: /ready 503 `loading`, embeddings 503 with Retry-After. With the worker
-    stopped (both its slots taken): a client that hangs up has its request CANCELLED and its
-    queued input dropped; a full queue is 429 with Retry-After. The drain: /ready 503
-    `draining` at once, new requests 503 with `Connection: close`, and the requests admitted
-    before it finish with 200."""
-    srv = ServerThread(tiny_bundle, http_port=free_port(), metrics_port=free_port(),
-                       max_queue=4).start(wait_ready=False)
-    url = srv.url + "/v1/embeddings"
-    drain = None
-
-    def metric(key: str) -> float:
-        return scrape(srv.server.metrics_port).get(key, 0.0)
-
-    def queued() -> int:
-        return srv.on_loop(lambda: srv.scheduler.queue.waiting)
-
-    def in_flight() -> int:
-        return srv.on_loop(lambda: len(srv.pool.workers[0].in_flight))
-
-    try:
-        ready = requests.get(srv.url + "/ready", timeout=10)
-        early = requests.post(url, json={"input": "too early"}, timeout=10)
-        if not srv._loading.done():  # else the worker won the race: nothing to see
-            assert (ready.status_code, ready.json()) == (503, {"status": "loading"})
-            assert early.status_code == 503 and early.headers["Retry-After"] == "1"
-            assert early.json()["error"]["code"] == "unavailable"
-        assert requests.get(srv.url + "/health", timeout=10).status_code == 200  # alive
-        srv.wait_ready()
-        assert requests.get(srv.url + "/ready", timeout=10).json() == {"status": "ok"}
-
-        (worker,) = srv.pool.pids()
-        held: dict[str, requests.Response] = {}
-
-        def hold(name: str, n: int) -> threading.Thread:
-            t = threading.Thread(target=lambda: held.setdefault(name, requests.post(
-                url, json={"input": [f"{name} {i}" for i in range(n)]}, timeout=60)))
-            t.start()
-            return t
-
-        os.kill(worker, signal.SIGSTOP)  # nothing finishes until SIGCONT
-        try:
-            holders = [hold("a", 3)]
-            wait_for(lambda: in_flight() == 1 and queued() == 0, 10, "a batch in flight")
-            holders.append(hold("b", 1))
-            wait_for(lambda: in_flight() == 2 and queued() == 0, 10, "the express slot taken")
-
-            dropped = metric("moe_embed_inputs_dropped_total")
-            with pytest.raises(requests.Timeout):  # queued; the client gives up, hangs up
-                requests.post(url, json={"input": "gone"}, timeout=0.5)
-            cancelled = 'moe_embed_requests_total{code="CANCELLED",method="http:/v1/embeddings"}'
-            wait_for(lambda: metric(cancelled) == 1, 10, "the request to be cancelled")
-            assert queued() == 0 and metric("moe_embed_inputs_dropped_total") == dropped + 1
-
-            holders.append(hold("c", 4))
-            wait_for(lambda: queued() == 4, 10, "the queue to fill")
-            full = requests.post(url, json={"input": "one more"}, timeout=10)
-            assert full.status_code == 429, full.text
-            assert full.headers["Retry-After"] == "1"
-            assert full.json()["error"]["code"] == "queue_full"
-
-            drain = asyncio.run_coroutine_threadsafe(srv.server.drain(30), srv.loop)
-            wait_for(lambda: srv.server.engine.draining, 10, "the drain to begin")
-            assert requests.get(srv.url + "/ready", timeout=10).json() == {"status": "draining"}
-            late = requests.post(url, json={"input": "late"}, timeout=10)
-            assert late.status_code == 503 and late.headers["Connection"] == "close"
-            assert "draining" in late.json()["error"]["message"]
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        for t in holders:
-            t.join(60)
-        assert {k: (r.status_code, len(r.json()["data"])) for k, r in held.items()} == {
-            "a": (200, 3), "b": (200, 1), "c": (200, 4)}
-        assert drain.result(60) is True  # everything admitted finished in the grace
-    finally:
-        if drain is None:
-            srv.stop()
-        else:  # the drain stops the workers: wait for it, even after a failed assertion
-            try:
-                drain.result(60)
-            finally:
-                srv.loop.call_soon_threadsafe(srv.loop.stop)
-                srv.thread.join(10)
-
-
 def test_request_ids_are_echoed_and_made_up(server) -> None:
     given = _post(server, {"input": "a"}, headers={"x-request-id": "req-http-7"})
     assert given.headers["x-request-id"] == "req-http-7"
@@ -448,24 +359,78 @@ def test_many_concurrent_http_and_grpc_clients_agree(server, expected, multiling
     assert time.monotonic() - start < 60
 
 
-def test_sigterm_drains_http_like_grpc(tiny_bundle, tmp_path) -> None:
-    """`moe-embed serve` and SIGTERM with an HTTP request in flight (its worker stopped): the
-    HTTP port stays open through the drain (uvicorn must not take the signal and close it),
-    /ready says `draining`, a new request gets 503, the one in flight finishes with 200, and
-    the process exits 0."""
-    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
+
+# ---- load, queue, disconnects, SIGTERM: `moe-embed serve` whose worker the test pauses --------
+
+
+def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) -> None:
+    """While loading: embeddings 503 with Retry-After, /ready 503 `loading`, /health 200. With
+    the only worker stopped (both its slots taken): a client that hangs up has its request
+    CANCELLED and its queued input dropped; a full queue is 429 with Retry-After. SIGTERM: the
+    HTTP port stays open through the drain (uvicorn must not take the signal), /ready says
+    `draining`, new requests get 503 with `Connection: close`, the requests admitted before
+    finish with 200, and the process exits 0."""
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1", "--max-queue", "4",
                       MOE_EMBED_DRAIN_GRACE_S="30") as srv:
-        srv.wait_serving()
         url = srv.url + "/v1/embeddings"
-        (worker,) = srv.worker_pids()
+
+        def answered(path: str) -> bool:
+            try:
+                return requests.get(srv.url + path, timeout=5) is not None
+            except requests.ConnectionError:
+                return False
+
+        wait_for(lambda: answered("/health") or srv.proc.poll() is not None, 60,
+                 "the HTTP port to open", interval=0.05)
+        early = requests.post(url, json={"input": "too early"}, timeout=10)
+        ready = requests.get(srv.url + "/ready", timeout=10)
+        if ready.status_code == 503:  # still loading, so `early` came while loading too
+            assert ready.json() == {"status": "loading"}
+            assert early.status_code == 503 and early.headers["Retry-After"] == "1"
+            assert early.json()["error"]["code"] == "unavailable"
+        srv.wait_serving()
+        assert requests.get(srv.url + "/ready", timeout=10).json() == {"status": "ok"}
+
+        def metric(key: str) -> float:
+            return srv.metrics().get(key, 0.0)
+
+        def dispatched() -> float:
+            return metric("moe_embed_batch_size_inputs_sum")
+
+        def queued() -> float:
+            return metric("moe_embed_queue_depth")
+
         held: dict[str, requests.Response] = {}
-        os.kill(worker, signal.SIGSTOP)
+
+        def hold(name: str, n: int) -> threading.Thread:
+            t = threading.Thread(target=lambda: held.setdefault(name, requests.post(
+                url, json={"input": [f"{name} {i}" for i in range(n)]}, timeout=60)))
+            t.start()
+            return t
+
+        (worker,) = srv.worker_pids()
+        os.kill(worker, signal.SIGSTOP)  # nothing finishes until SIGCONT
         try:
-            holder = threading.Thread(target=lambda: held.setdefault(
-                "r", requests.post(url, json={"input": ["held"]}, timeout=60)))
-            holder.start()
-            wait_for(lambda: srv.metrics().get("moe_embed_batch_size_inputs_sum", 0) >= 1, 10,
-                     "the request in flight")
+            holders = [hold("a", 3)]
+            wait_for(lambda: dispatched() == 3, 10, "a batch in flight", interval=0.05)
+            holders.append(hold("b", 1))
+            wait_for(lambda: dispatched() == 4 and queued() == 0, 10,
+                     "the express slot taken", interval=0.05)
+
+            with pytest.raises(requests.Timeout):  # queued; the client gives up, hangs up
+                requests.post(url, json={"input": "gone"}, timeout=0.5)
+            cancelled = 'moe_embed_requests_total{code="CANCELLED",method="http:/v1/embeddings"}'
+            wait_for(lambda: metric(cancelled) == 1, 10, "the request to be cancelled",
+                     interval=0.05)
+            assert queued() == 0 and metric("moe_embed_inputs_dropped_total") == 1
+
+            holders.append(hold("c", 4))
+            wait_for(lambda: queued() == 4, 10, "the queue to fill", interval=0.05)
+            full = requests.post(url, json={"input": "one more"}, timeout=10)
+            assert full.status_code == 429, full.text
+            assert full.headers["Retry-After"] == "1"
+            assert full.json()["error"]["code"] == "queue_full"
+
             srv.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: srv.events("draining"), 10, "the drain to begin")
             for _ in range(6):  # over several of uvicorn's 0.1 s ticks: the port stays open
@@ -473,10 +438,13 @@ def test_sigterm_drains_http_like_grpc(tiny_bundle, tmp_path) -> None:
                 assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
                 time.sleep(0.1)
             late = requests.post(url, json={"input": "late"}, timeout=10)
-            assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+            assert late.status_code == 503 and late.headers["Connection"] == "close"
+            assert "draining" in late.json()["error"]["message"]
         finally:
             os.kill(worker, signal.SIGCONT)
-        holder.join(60)
-        assert held["r"].status_code == 200
+        for t in holders:
+            t.join(60)
+        assert {k: (r.status_code, len(r.json()["data"])) for k, r in held.items()} == {
+            "a": (200, 3), "b": (200, 1), "c": (200, 4)}
         assert srv.proc.wait(60) == 0
     assert '"finished_in_grace": true' in srv.log_path.read_text()
