@@ -390,6 +390,9 @@ def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) 
             assert early.json()["error"]["code"] == "unavailable"
         srv.wait_serving()
         assert requests.get(srv.url + "/ready", timeout=10).json() == {"status": "ok"}
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # uvicorn logs it: as a JSON line
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
 
         def metric(key: str) -> float:
             return srv.metrics().get(key, 0.0)
@@ -426,7 +429,8 @@ def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) 
 
             holders.append(hold("c", 4))
             wait_for(lambda: queued() == 4, 10, "the queue to fill", interval=0.05)
-            full = requests.post(url, json={"input": "one more"}, timeout=10)
+            full = requests.post(url, json={"input": "one more"}, timeout=10,
+                                 headers={"x-request-id": "queue-full-1"})
             assert full.status_code == 429, full.text
             assert full.headers["Retry-After"] == "1"
             assert full.json()["error"]["code"] == "queue_full"
@@ -448,3 +452,9 @@ def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) 
             "a": (200, 3), "b": (200, 1), "c": (200, 4)}
         assert srv.proc.wait(60) == 0
     assert '"finished_in_grace": true' in srv.log_path.read_text()
+    # JSON lines only (uvicorn's records too), and HTTP failures logged like gRPC's
+    lines = [line for line in srv.log_path.read_text().splitlines() if line.strip()]
+    assert all(line.startswith("{") and json.loads(line) for line in lines), lines[:5]
+    assert any("Invalid HTTP request" in e.get("message", "") for e in srv.events("uvicorn"))
+    (refused,) = [e for e in srv.events("request_failed") if e["code"] == "RESOURCE_EXHAUSTED"]
+    assert (refused["method"], refused["request_id"]) == ("http:/v1/embeddings", "queue-full-1")
