@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import openai
 import pytest
 import requests
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.service import (
     TASKS,
     Expected,
@@ -66,7 +68,7 @@ for d, e in zip(docs, docs_embed):
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
     srv = ServerThread(tiny_bundle, http_port=free_port(), metrics_port=free_port(),
-                       max_inputs=16).start()
+                       max_inputs=16, reflection=False).start()
     yield srv
     srv.stop()
 
@@ -312,6 +314,15 @@ def test_openapi_document_and_interactive_page(server) -> None:
     assert "ErrorResponse" in doc["components"]["schemas"]
     page = requests.get(server.url + "/docs", timeout=10)
     assert page.status_code == 200 and "swagger" in page.text.lower()
+
+
+def test_reflection_can_be_turned_off(server) -> None:
+    """--no-reflection (this server): the reflection service is not there at all."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    with pytest.raises(grpc.RpcError) as exc:
+        list(stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_request_ids_are_echoed_and_made_up(server) -> None:
