@@ -224,6 +224,7 @@ BAD_REQUESTS = {
     "model-unknown": ({"input": "a", "model": "nomic-embed-text-v1"}, 404, "model",
                       "model_not_found"),
     "ten-megabytes": ({"input": "x" * 10_000_000}, 413, "body", "request_too_large"),
+    "huge-bad-id": ({"input": [[1, "x" * 1_000_000]]}, 400, "input[0]", "invalid_argument"),
 }
 
 
@@ -238,6 +239,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, name) -> None:
     assert error["type"] == "invalid_request_error"
     assert param is None or error["message"].startswith(f"{param}:") or status == 404, error
     assert resp.headers["x-request-id"] == f"bad-{name}"
+    assert len(error["message"]) < 1100  # values are quoted, never echoed whole
 
 
 def _raw_status(port: int, head: bytes, body: bytes) -> str:

@@ -37,6 +37,7 @@ from . import schema
 log = structlog.get_logger("moe_embed.http")
 
 EMBEDDINGS = "/v1/embeddings"
+MAX_MESSAGE_CHARS = 1000  # an error message quotes request values: never echo megabytes
 JSON = "application/json"
 # the engine's field names as OpenAI's schema calls them
 HTTP_FIELDS = {"inputs": "input"}
@@ -105,6 +106,12 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
     return Response(json.dumps(body, separators=(",", ":")).encode(), status, headers, JSON)
 
 
+def _short(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more chars)"
+
+
 def error_body(err: ServiceError) -> tuple[int, dict]:
     """The HTTP status and OpenAI error body of a failure; the engine's field names are
     OpenAI's (`inputs[3]` -> `input[3]`)."""
@@ -115,7 +122,8 @@ def error_body(err: ServiceError) -> tuple[int, dict]:
         param = field if err.index is None else f"{field}[{err.index}]"
         if message.startswith(f"{err.path}:"):
             message = f"{param}:{message[len(err.path) + 1:]}"
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return status, {"error": {"message": _short(message), "type": kind, "param": param,
+                              "code": code}}
 
 
 def error_response(err: ServiceError, draining: bool = False) -> Response:
@@ -219,7 +227,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
             response = await handler(caller_of(request))
         except ServiceError as err:
             code = err.code.name
-            log.info("request_failed", method=method, code=code, error=err.message)
+            log.info("request_failed", method=method, code=code, error=_short(err.message))
             response = error_response(err, engine.draining)
         except ClientGone:
             code = "CANCELLED"
