@@ -183,6 +183,7 @@ class Security:
         self._grpc_pending: grpc.ServerCertificateConfiguration | None = None
         self._http_context: ssl.SSLContext | None = None
         self._signature: tuple = ()
+        self._failed: list[str] = []  # the last reload's errors (logged once each)
 
     # -- loading --------------------------------------------------------------------------
     @property
@@ -202,20 +203,24 @@ class Security:
             self._http_context = self.tls.ssl_context(self.cfg)
 
     def reload(self, force: bool = False) -> bool:
-        """Re-read the files if they changed (or if `force`, as on SIGHUP). What cannot be
-        used is logged and the previous material kept. Returns whether anything changed."""
+        """Re-read the files if they changed (or if `force`, as on SIGHUP). Keys and TLS are
+        taken independently; what cannot be used is logged and its previous material kept,
+        and the files are tried again at the next poll (the error is logged again only if it
+        changes, or on SIGHUP). Returns whether anything changed."""
         signature = _signature(self.files)
         if not force and signature == self._signature:
             return False
-        self._signature = signature
-        changed = []
-        try:
-            if self.cfg.api_key_file:
+        changed, failed = [], []
+        if self.cfg.api_key_file:
+            try:
                 keys = ApiKeys.from_file(self.cfg.api_key_file)
-                if keys._digests != self.keys._digests:
+                if self.keys is None or keys._digests != self.keys._digests:
                     self.keys = keys
                     changed.append("api_keys")
-            if self.cfg.tls:
+            except SecurityError as exc:
+                failed.append(str(exc))
+        if self.cfg.tls:
+            try:
                 tls = TlsMaterial.load(self.cfg)
                 if tls != self.tls:
                     context = tls.ssl_context(self.cfg)
@@ -224,10 +229,15 @@ class Security:
                         self._grpc_pending = tls.grpc_configuration()
                     self._http_context = context
                     changed.append("tls")
-        except SecurityError as exc:
-            log.error("credentials_reload_failed", error=str(exc),
-                      note="the previous certificates and keys stay in use")
-            return False
+            except SecurityError as exc:
+                failed.append(str(exc))
+        if failed:  # the signature stays old: the next poll tries again
+            if force or failed != self._failed:
+                log.error("credentials_reload_failed", errors=failed,
+                          note="the previous certificates and keys stay in use")
+            self._failed = failed
+        else:
+            self._signature, self._failed = signature, []
         if changed:
             self.reloads += 1
             log.info("credentials_reloaded", changed=changed,

@@ -345,3 +345,23 @@ def test_api_keys_from_a_file(tmp_path) -> None:
                 "Bearer #sk-commented", "Bearer sk-commented"):
         assert keys.identify(bad) is None, bad
     assert "sk-a" not in keys.identify("Bearer sk-a")
+
+
+def test_a_bad_key_file_does_not_hold_back_a_certificate_rotation(tmp_path) -> None:
+    """Keys and TLS reload independently; what failed is tried again at the next poll."""
+    old, new = Pki.make(tmp_path / "old"), Pki.make(tmp_path / "new")
+    cert, key, keys = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "keys"
+    old.install(cert, key)
+    _write_keys(keys, KEY)
+    security = Security(ServeConfig(tls_cert_file=str(cert), tls_key_file=str(key),
+                                    api_key_file=str(keys)))
+    security.load()
+    new.install(cert, key)
+    keys.write_text("# emptied by mistake\n")
+    assert security.reload() is True  # the certificate, not the keys
+    assert security.tls.cert == b"".join(b.bytes() for b in new.server.cert_chain_pems)
+    assert security.caller(f"Bearer {KEY}")  # the old keys stay in use
+    assert security.reload() is False  # nothing new
+    _write_keys(keys, OTHER_KEY)
+    assert security.reload() is True
+    assert security.caller(f"Bearer {OTHER_KEY}") and not security.caller(f"Bearer {KEY}")
