@@ -35,7 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 # Home is the cache: anything a library writes under ~ lands on the one writable volume.
 WORKDIR /cache
-# gRPC, Prometheus metrics.
-EXPOSE 50051 9090
+# gRPC, OpenAI-compatible HTTP, Prometheus metrics.
+EXPOSE 50051 8080 9090
 ENTRYPOINT ["moe-embed"]
 CMD ["serve"]

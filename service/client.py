@@ -44,13 +44,19 @@ def _raise(target: str, err: grpc.RpcError, offset: int = 0) -> None:
 
 
 class EmbedClient:
-    """A channel to one server; not for use across fork()."""
+    """A channel to one server; not for use across fork(). With `credentials` (e.g.
+    `grpc.ssl_channel_credentials(ca, key, cert)`) the channel speaks TLS; with `api_key`
+    every call carries `authorization: Bearer <api_key>`."""
 
-    def __init__(self, target: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, target: str, timeout_s: float = 60.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 api_key: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target)
+        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                         else grpc.insecure_channel(target))
         self._stub = pb_grpc.EmbedderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._info: pb.InfoResponse | None = None
 
     def __enter__(self) -> EmbedClient:
@@ -65,7 +71,8 @@ class EmbedClient:
     def info(self) -> pb.InfoResponse:
         if self._info is None:
             try:
-                self._info = self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s)
+                self._info = self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s,
+                                             metadata=self._metadata)
             except grpc.RpcError as err:
                 _raise(self.target, err)
         return self._info
@@ -81,7 +88,8 @@ class EmbedClient:
             req = pb.EmbedRequest(inputs=texts[start:start + step], task=proto_task,
                                   dimensions=dimensions, truncate=truncate, normalize=normalize)
             try:
-                out.append(self._stub.Embed(req, timeout=self.timeout_s))
+                out.append(self._stub.Embed(req, timeout=self.timeout_s,
+                                            metadata=self._metadata))
             except grpc.RpcError as err:
                 _raise(self.target, err, offset=start)
         return out

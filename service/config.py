@@ -63,6 +63,13 @@ class ServeConfig:
     max_connection_age_s: float = 0.0
     cache_dir: str = "~/.cache/moe-embed"
     log_level: str = "info"
+    http_port: int = 8080
+    health_port: int = 0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    api_key_file: str = ""
+    reflection: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -81,6 +88,8 @@ class ServeConfig:
             "keepalive_s": self.keepalive_s >= 1,
             "max_connection_age_s": self.max_connection_age_s >= 0,
             "log_level": self.log_level in LOG_LEVELS,
+            "http_port": 0 <= self.http_port <= 65535,
+            "health_port": 0 <= self.health_port <= 65535,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -88,10 +97,41 @@ class ServeConfig:
                 "invalid setting(s): "
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both for TLS, "
+                             "or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        ports = [(name, getattr(self, name)) for name in
+                 ("port", "http_port", "health_port", "metrics_port") if getattr(self, name)]
+        for i, (name, port) in enumerate(ports):
+            for other, other_port in ports[i + 1:]:
+                if port == other_port:
+                    raise ValueError(f"{name} and {other} are both {port}; they must differ")
+
+    @property
+    def tls(self) -> bool:
+        """TLS on the gRPC and HTTP ports (mTLS too when a client CA is given)."""
+        return bool(self.tls_cert_file)
 
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
+
+
+def parse_bool(raw: str | bool) -> bool:
+    """A boolean from a flag (already a bool) or an env var (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(raw, bool):
+        return raw
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+parse_bool.__name__ = "bool"  # as named in "cannot parse ... as bool"
 
 
 @dataclass(frozen=True)
@@ -102,6 +142,11 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     metavar: str | None = None
+
+    @property
+    def boolean(self) -> bool:
+        """A --flag / --no-flag pair rather than a flag with a value."""
+        return self.parse is parse_bool
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -151,6 +196,27 @@ SETTINGS: tuple[Setting, ...] = (
             "where the demo model is built and cached", "DIR"),
     Setting("log_level", "--log-level", "MOE_EMBED_LOG_LEVEL", str,
             "log level: " + ", ".join(LOG_LEVELS), "LEVEL"),
+    Setting("http_port", "--http-port", "MOE_EMBED_HTTP_PORT", int,
+            "OpenAI-compatible HTTP API port (POST /v1/embeddings, GET /v1/models, /health, "
+            "/ready, /docs); 0 disables HTTP", "PORT"),
+    Setting("health_port", "--health-port", "MOE_EMBED_HEALTH_PORT", int,
+            "plaintext port serving only grpc.health.v1, for probes that speak neither TLS nor "
+            "API keys (the kubelet's); 0 disables", "PORT"),
+    Setting("tls_cert_file", "--tls-cert-file", "MOE_EMBED_TLS_CERT_FILE", str,
+            "PEM certificate chain: with --tls-key-file, gRPC and HTTP speak TLS only; re-read "
+            "when the file changes or on SIGHUP", "FILE"),
+    Setting("tls_key_file", "--tls-key-file", "MOE_EMBED_TLS_KEY_FILE", str,
+            "PEM private key of --tls-cert-file", "FILE"),
+    Setting("tls_client_ca_file", "--tls-client-ca-file", "MOE_EMBED_TLS_CLIENT_CA_FILE", str,
+            "PEM CA bundle: mTLS, a client without a certificate signed by it is refused at "
+            "the handshake", "FILE"),
+    Setting("api_key_file", "--api-key-file", "MOE_EMBED_API_KEY_FILE", str,
+            "file of API keys, one per line (blank lines and # comments ignored): every call "
+            "but health needs `authorization: Bearer KEY`; re-read when it changes or on "
+            "SIGHUP. Keys are never taken on the command line", "FILE"),
+    Setting("reflection", "--reflection", "MOE_EMBED_REFLECTION", parse_bool,
+            "gRPC server reflection (grpcurl without .proto files); --no-reflection turns it "
+            "off"),
 )
 
 
@@ -173,12 +239,19 @@ def add_arguments(parser: argparse.ArgumentParser, cores: int | None = None) -> 
             shown = f"{default}: one per 4 of the {cores} cores, at least 1"
         elif s.name == "threads_per_worker":
             shown = f"{default}: cores // workers"
-        elif s.name in ("bundle", "metrics_host"):
+        elif default == "":
             shown = "empty"
+        elif isinstance(default, bool):
+            shown = "on" if default else "off"
         elif isinstance(default, float):
             shown = f"{default:g}"
         else:
             shown = str(default)
+        if s.boolean:
+            parser.add_argument(s.flag, dest=s.name, default=None,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{s.help} [env {s.env}; default {shown}]")
+            continue
         parser.add_argument(
             s.flag,
             dest=s.name,

@@ -1,4 +1,4 @@
-"""Service failures and their gRPC statuses, mapped in this one place.
+"""Service failures and their gRPC (and HTTP) statuses, mapped in this one place.
 
 Everything below the gRPC adapter raises `ServiceError` (or a typed runtime error, turned into
 one by `service_error`). A bad field travels as a structured `google.rpc.BadRequest` detail
@@ -108,3 +108,42 @@ def bad_request(err: grpc.RpcError) -> tuple[str, int | None, str] | None:
                     index = int(m["index"]) if m["index"] is not None else None
                     return m["field"], index, v.description
     return None
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+# The HTTP status, OpenAI error `type` and `code` (a stable reason) of each gRPC status, in this
+# one table. RESOURCE_EXHAUSTED is two rows: naming a field it is a request (or its response)
+# too large, 413; without one it is the queue, 429 (with Retry-After).
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", "permission_denied"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
+    grpc.StatusCode.CANCELLED: (499, "invalid_request_error", "cancelled"),  # client gone
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error", "unimplemented"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "deadline_exceeded"),
+}
+TOO_LARGE = (413, "invalid_request_error", "request_too_large")
+OTHER = (500, "server_error", "internal")
+RETRY_AFTER_S = 1  # seconds, sent with 429 and 503
+
+
+def http_status(err: ServiceError) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, code) of a failure."""
+    if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.field is not None:
+        return TOO_LARGE
+    if err.code == grpc.StatusCode.NOT_FOUND and err.field == "model":
+        return 404, "invalid_request_error", "model_not_found"
+    return HTTP_STATUS.get(err.code, OTHER)
+
+
+def too_large(field: str, message: str) -> ServiceError:
+    """A request larger than the server takes (HTTP 413)."""
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field}: {message}", field,
+                        None, message)
+
+
+def not_found(field: str, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, field, None, message)

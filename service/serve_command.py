@@ -1,4 +1,5 @@
-"""`moe-embed serve`: run the gRPC service (flags and env vars, see service/config.py)."""
+"""`moe-embed serve`: run the gRPC and HTTP service (flags and env vars, see
+service/config.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from . import config as serve_config
 from .logging import configure_logging
 
 DESCRIPTION = """\
-Run the moe-embed gRPC service (moe_embed.v1.Embedder, grpc.health.v1.Health, reflection)
-with Prometheus metrics on a separate HTTP port. Every flag has an environment variable; a
-flag wins over its variable, a variable over the default. Without --bundle the embedded demo
-model is built on first run (a tiny synthetic checkpoint with the real tokenizer: its vectors
-are NOT meaningful). SIGTERM drains: health goes NOT_SERVING, new work is refused, admitted
-work finishes within --drain-grace-s, then the process exits 0."""
+Run the moe-embed service: gRPC (moe_embed.v1.Embedder, grpc.health.v1.Health, reflection)
+and the OpenAI-compatible HTTP API (POST /v1/embeddings, GET /v1/models, /health, /ready,
+/docs) on one engine, with Prometheus metrics on a separate HTTP port. TLS, mTLS and API keys
+come from files, re-read when they change or on SIGHUP. Every flag has an environment
+variable; a flag wins over its variable, a variable over the default. Without --bundle the
+embedded demo model is built on first run (a tiny synthetic checkpoint with the real
+tokenizer: its vectors are NOT meaningful). SIGTERM drains both protocols: health goes
+NOT_SERVING (HTTP /ready 503), new work is refused, admitted work finishes within
+--drain-grace-s, then the process exits 0."""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -40,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC embedding service",
+    p = sub.add_parser("serve", help="run the embedding service (gRPC and HTTP)",
                        description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_config.add_arguments(p)

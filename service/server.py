@@ -1,9 +1,11 @@
-"""The gRPC server: a thin adapter from protobuf to the engine, plus health, reflection,
-metrics and the drain on SIGTERM.
+"""The server: the gRPC adapter (protobuf to the engine), the OpenAI-compatible HTTP adapter
+beside it on the same event loop (service/http/), health, reflection, TLS and API keys
+(service/security.py), metrics and the drain on SIGTERM.
 
-Health (overall "" and "moe_embed.v1.Embedder") is NOT_SERVING until every worker has loaded,
-SERVING while at least one worker can serve, NOT_SERVING when none can (all dead or
-restarting), and NOT_SERVING for good from the moment a drain starts.
+Health (overall "" and "moe_embed.v1.Embedder"; HTTP /ready) is NOT_SERVING until every worker
+has loaded, SERVING while at least one worker can serve, NOT_SERVING when none can (all dead or
+restarting), and NOT_SERVING for good from the moment a drain starts. Health needs no API key;
+with TLS on, `--health-port` serves it in plaintext for the kubelet's probes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,14 @@ from .engine import EmbedOutcome, Engine
 from .errors import ServiceError
 from .logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
 from .metrics import Metrics
+from .security import (
+    AUTHORIZATION,
+    RELOAD_POLL_S,
+    ApiKeyInterceptor,
+    Security,
+    SecurityError,
+    metadata_value,
+)
 from .worker_pool import WorkerStartError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
@@ -108,11 +119,23 @@ def _cancel_code(context: grpc.aio.ServicerContext) -> str:
 class EmbedderServicer(pb_grpc.EmbedderServicer):
     """Protobuf in, engine call, protobuf out; errors become statuses via errors.py."""
 
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics,
+                 security: Security | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.security = security
         self.model = engine.bundle.manifest.model_id
         self.last_call = time.monotonic()  # when the latest call began (for the lame duck)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """The fairness unit: the API key with keys on (checked by ApiKeyInterceptor), else
+        the client connection."""
+        if self.security is not None and self.security.keys is not None:
+            key = self.security.caller(metadata_value(context.invocation_metadata(),
+                                                      AUTHORIZATION))
+            if key:
+                return key
+        return context.peer()
 
     async def _embed(self, request: pb.EmbedRequest | Malformed, timeout_s: float | None,
                      caller: str) -> pb.EmbedResponse:
@@ -138,7 +161,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._begin(context)
         code = "OK"
         try:
-            resp = await self._embed(request, context.time_remaining(), context.peer())
+            resp = await self._embed(request, context.time_remaining(), self._caller(context))
             log.debug("request_done", method="Embed", inputs=len(resp.embeddings),
                       tokens=resp.total_tokens, total_ms=round(resp.timing.total_ms, 3))
             return resp
@@ -158,7 +181,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         back when its response has been written, so a client that stops reading stops the
         server from reading (and from buffering) more."""
         self._begin(context)
-        caller = f"{context.peer()}/stream-{next(_streams)}"
+        caller = f"{self._caller(context)}/stream-{next(_streams)}"
         out: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         tasks: set[asyncio.Task] = set()
@@ -283,17 +306,26 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
 
 
 class EmbedServer:
-    """One running service: gRPC server, engine (workers), health, metrics endpoint."""
+    """One running service: gRPC server, HTTP server, engine (workers), health, metrics
+    endpoint, and the TLS material and API keys they use."""
+
+    reload_poll_s = RELOAD_POLL_S  # how often TLS and key files are checked for a change
 
     def __init__(self, config: ServeConfig, bundle_path: str | Path) -> None:
         self.config = config
         self.bundle_path = Path(bundle_path)
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
+        self.security = Security(config)
         self.engine: Engine | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._http = None  # service.http.server.HttpServer when HTTP is on
+        self._watch_task: asyncio.Task | None = None
         self._stop_metrics = None
         self._drained: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
@@ -306,33 +338,92 @@ class EmbedServer:
         await self.load()
 
     async def listen(self) -> int:
-        """Open the gRPC and metrics ports; Embed answers UNAVAILABLE until `load` is done."""
+        """Open the gRPC, HTTP, health and metrics ports; Embed answers UNAVAILABLE until
+        `load` is done. Raises SecurityError naming a TLS or key file that cannot be used."""
         cfg = self.config
         self._drained = asyncio.Event()
+        self.security.load()
         self.engine = Engine(cfg, self.bundle_path, self.metrics)
-        server = self._server = grpc.aio.server(options=server_options(cfg))
-        self.servicer = EmbedderServicer(self.engine, self.metrics)
+        interceptors = ([ApiKeyInterceptor(self.security, self.metrics, SERVICE_NAME)]
+                        if self.security.keys is not None else [])
+        server = self._server = grpc.aio.server(options=server_options(cfg),
+                                                interceptors=interceptors)
+        self.servicer = EmbedderServicer(self.engine, self.metrics, self.security)
         add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ), server)
+        if cfg.reflection:
+            reflection.enable_server_reflection((
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ), server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (server.add_secure_port(address, self.security.grpc_credentials())
+                     if cfg.tls else server.add_insecure_port(address))
         if not self.port:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+            raise OSError(f"cannot listen on {address}")
         await server.start()
+        try:
+            await self._listen_beside()
+        except BaseException:
+            await self._shutdown(grace_s=0)
+            raise
+        info = self.engine.info()
+        log.info("listening", host=cfg.host, port=self.port, http_port=self.http_port,
+                 health_port=self.health_port, metrics_port=cfg.metrics_port, tls=cfg.tls,
+                 mtls=bool(cfg.tls_client_ca_file),
+                 api_keys=len(self.security.keys) if self.security.keys else 0,
+                 reflection=cfg.reflection, model_id=info["model_id"],
+                 bundle=str(self.bundle_path), workers=cfg.workers,
+                 threads_per_worker=cfg.threads_per_worker)
+        return self.port
+
+    async def _listen_beside(self) -> None:
+        """The ports beside gRPC: plaintext health, HTTP, metrics; and the file watch."""
+        cfg = self.config
+        if cfg.health_port:
+            health = self._health_server = grpc.aio.server(options=server_options(cfg))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health)
+            self.health_port = health.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            if not self.health_port:
+                raise OSError(f"cannot listen on {cfg.host}:{cfg.health_port}")
+            await health.start()
+        if cfg.http_port:
+            await self._listen_http()
         if cfg.metrics_port:
             self._stop_metrics = self.metrics.serve(cfg.metrics_port,
                                                     cfg.metrics_host or cfg.host)
             self.metrics_port = cfg.metrics_port
-        info = self.engine.info()
-        log.info("listening", host=cfg.host, port=self.port, metrics_port=cfg.metrics_port,
-                 model_id=info["model_id"], bundle=str(self.bundle_path),
-                 workers=cfg.workers, threads_per_worker=cfg.threads_per_worker)
-        return self.port
+        if self.security.files:
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self.security.watch(self.reload_poll_s), name="credentials-watch")
+
+    async def _listen_http(self) -> None:
+        from .http.app import HttpContext, create_app  # FastAPI only when HTTP is on
+        from .http.server import HttpServer, bind
+
+        assert self.engine is not None
+        cfg = self.config
+
+        def note_call() -> None:
+            if self.servicer is not None:
+                self.servicer.last_call = time.monotonic()
+
+        app = create_app(HttpContext(self.engine, self.metrics, self.security, note_call,
+                                     _created(self.engine)))
+        sock = bind(cfg.host, cfg.http_port)
+        self._http = HttpServer(app, sock,
+                                self.security.http_ssl_context() if cfg.tls else None)
+        self.http_port = self._http.port
+        await self._http.start()
+
+    def reload_credentials(self) -> bool:
+        """SIGHUP: re-read the TLS and API-key files now (new connections use them)."""
+        if not self.security.files:
+            log.info("reload_skipped", note="no TLS or API-key file configured")
+            return False
+        return self.security.reload(force=True)
 
     async def load(self) -> None:
         """Start the workers and wait for every one to load; then health follows the workers
@@ -401,8 +492,17 @@ class EmbedServer:
     async def _shutdown(self, grace_s: float) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        stopping = []
         if self._server is not None:
-            await self._server.stop(grace_s)
+            stopping.append(self._server.stop(grace_s))
+        if self._http is not None:
+            stopping.append(self._http.stop(grace_s))
+            self._http = None
+        await asyncio.gather(*stopping)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.engine is not None:
             await self.engine.close()
         if self._stop_metrics is not None:
@@ -416,6 +516,14 @@ class EmbedServer:
         await self._drained.wait()
 
 
+def _created(engine: Engine) -> int:
+    """The bundle's export time in Unix seconds (OpenAI's model `created`)."""
+    try:
+        return int(datetime.fromisoformat(engine.bundle.manifest.created).timestamp())
+    except (TypeError, ValueError):
+        return int(engine.bundle.path.stat().st_mtime)
+
+
 async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
     """Run until SIGTERM/SIGINT, then drain. Exit status: 0 after a drain, 1 if the workers
     could not start."""
@@ -424,6 +532,7 @@ async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = EmbedServer(config, bundle_path)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -431,6 +540,8 @@ async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
         stopping.cancel()
         exc = starting.exception()
         log.error("start_failed", error=str(exc))
+        if isinstance(exc, SecurityError):
+            return 2
         return 1 if isinstance(exc, WorkerStartError | OSError) else 2
     await stopping
     if not starting.done():

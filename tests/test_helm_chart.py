@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,11 +48,12 @@ from support.helm_chart import (
     run_helm,
 )
 from support.helm_image import dockerfile_stages, last
+from support.tls import Pki
 
 from moe_embed.export.bundle import Bundle
 from moe_embed.service import config as serve_config
 from moe_embed.service.metrics import Metrics
-from moe_embed.v1 import embedder_pb2
+from moe_embed.v1 import embedder_pb2, embedder_pb2_grpc
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 OLDEST_KUBERNETES = (1, 29)
@@ -100,6 +102,16 @@ SCENARIOS: dict[str, dict] = {
         },
     },
     "no-serviceaccount": {"serviceAccount": {"create": False}},
+    "tls-and-keys": {
+        "tls": {"enabled": True, "secretName": "embed-tls"},
+        "apiKeys": {"enabled": True, "existingSecret": "embed-keys"},
+    },
+    "mtls-networkpolicy": {
+        "tls": {"enabled": True, "secretName": "embed-tls", "clientAuth": True},
+        "networkPolicy": {"enabled": True,
+                          "httpFrom": [{"podSelector": {"matchLabels": {"role": "rag"}}}]},
+    },
+    "http-off-no-reflection": {"server": {"httpPort": 0, "reflection": False}},
     "custom-ports-explicit-workers": {
         "server": {"port": 6000, "drainGraceSeconds": 45, "workers": 2, "threadsPerWorker": 3},
         "metrics": {"port": 9100},
@@ -109,7 +121,11 @@ SCENARIOS: dict[str, dict] = {
     },
     "everything": {
         "model": HUB_PVC,
-        "server": {"port": 7000, "workers": 4},
+        "server": {"port": 7000, "workers": 4, "httpPort": 7080, "healthPort": 7081},
+        "service": {"httpPort": 80},
+        "tls": {"enabled": True, "secretName": "embed-tls", "clientAuth": True,
+                "mountPath": "/var/run/tls"},
+        "apiKeys": {"enabled": True, "existingSecret": "embed-keys", "secretKey": "keys.txt"},
         "metrics": {"port": 9464, "serviceMonitor": {"enabled": True}},
         "autoscaling": {"enabled": True, "queueDepth": {"enabled": True}},
         "networkPolicy": {"enabled": True},
@@ -215,12 +231,19 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
         ({"model": {"source": "hub", "hub": {"storage": "hostPath"}}}, "model.hub.storage"),
         ({"model": {"source": "hub", "hub": {"moeMode": "dense"}}}, "model.hub.moeMode"),
         ({"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20) must exceed"),
-        ({"metrics": {"port": 50051}}, "server.port and metrics.port must differ"),
+        ({"metrics": {"port": 50051}}, "metrics.port and server.port must differ"),
+        ({"server": {"httpPort": 9090}}, "metrics.port and server.httpPort must differ"),
+        ({"tls": {"enabled": True, "secretName": "t"}, "server": {"healthPort": 8080}},
+         "server.healthPort and server.httpPort must differ"),
+        ({"tls": {"enabled": True}}, "tls.secretName is required"),
+        ({"tls": {"clientAuth": True}}, "tls.clientAuth needs tls.enabled"),
+        ({"apiKeys": {"enabled": True}}, "apiKeys.existingSecret is required"),
         ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
          "serviceMonitor.enabled needs metrics.enabled"),
     ],
     ids=["bad-source", "claim-missing", "bad-storage", "bad-moe-mode", "short-grace",
-         "port-clash", "monitor-without-metrics"],
+         "port-clash", "http-port-clash", "health-port-clash", "tls-without-secret",
+         "client-auth-without-tls", "keys-without-secret", "monitor-without-metrics"],
 )
 def test_bad_values_fail_the_render_with_a_clear_message(
     helm: Path, overrides: dict, message: str
@@ -241,8 +264,16 @@ def test_ports_agree_across_values_env_container_and_probes(rendered: Rendered) 
 
     assert env["MOE_EMBED_PORT"] == str(v["server"]["port"])
     assert config.port == ports["grpc"] == v["server"]["port"]
+    # the kubelet speaks no TLS: with TLS on, the probes ask the plaintext health port
+    probe_port = config.health_port if config.tls else config.port
+    assert probe_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"]["port"] == config.port, probe
+        assert server[probe]["grpc"]["port"] == probe_port, probe
+    assert ("health" in ports) == config.tls
+    if config.tls:
+        assert ports["health"] == config.health_port == v["server"]["healthPort"]
+    assert config.http_port == v["server"]["httpPort"]
+    assert ports.get("http", 0) == config.http_port
     if v["metrics"]["enabled"]:
         assert env["MOE_EMBED_METRICS_PORT"] == str(v["metrics"]["port"])
         assert config.metrics_port == ports["metrics"] == v["metrics"]["port"]
@@ -265,6 +296,7 @@ def test_server_accepts_the_chart_environment(rendered: Rendered) -> None:
     assert config.max_message_bytes == v["maxMessageBytes"]
     assert config.drain_grace_s == v["drainGraceSeconds"]
     assert config.log_level == v["logLevel"]
+    assert config.reflection == v["reflection"]
     assert config.cache_dir == rendered.values["cache"]["mountPath"]
     if v["workers"] != "":
         assert config.workers == v["workers"]
@@ -280,7 +312,9 @@ def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
     bare = resolve_server_config({})
     for field in ("bundle", "port", "metrics_port", "workers", "threads_per_worker",
                   "max_batch_tokens", "max_wait_ms", "max_queue", "max_inputs",
-                  "max_message_bytes", "drain_grace_s", "batch_timeout_s", "log_level"):
+                  "max_message_bytes", "drain_grace_s", "batch_timeout_s", "log_level",
+                  "http_port", "health_port", "tls_cert_file", "tls_key_file",
+                  "tls_client_ca_file", "api_key_file", "reflection"):
         assert getattr(chart, field) == getattr(bare, field), field
     assert (bare.host, chart.host) == ("127.0.0.1", "0.0.0.0")
 
@@ -342,6 +376,41 @@ def test_writable_dirs_are_emptydirs(rendered: Rendered) -> None:
             mount, volume = mount_at(spec, c, path)
             assert not mount.get("readOnly"), (c["name"], path)
             assert "emptyDir" in volume, (c["name"], path, volume)
+
+
+def test_tls_and_api_keys_are_files_of_whole_secret_volumes(rendered: Rendered) -> None:
+    """The server reads TLS material and keys from the Secrets' files: mounted read-only and
+    whole (a subPath mount never sees a rotated Secret); ca.crt only for mTLS."""
+    tls, keys = rendered.values["tls"], rendered.values["apiKeys"]
+    env, server = env_of(rendered.server), rendered.server
+    config = resolve_server_config(env)
+    secrets = {v["name"]: v["secret"] for v in rendered.pod_spec["volumes"] if "secret" in v}
+    expected = {}
+    if tls["enabled"]:
+        expected["tls"] = tls["secretName"]
+        files = {"tls.crt": config.tls_cert_file, "tls.key": config.tls_key_file}
+        if tls["clientAuth"]:
+            files["ca.crt"] = config.tls_client_ca_file
+        else:
+            assert not config.tls_client_ca_file
+        for item, path in files.items():
+            mount, volume = mount_at(rendered.pod_spec, server, path)
+            assert volume["secret"]["secretName"] == tls["secretName"]
+            assert path == f"{mount['mountPath']}/{item}"
+            assert item in {i["path"] for i in volume["secret"]["items"]}
+    else:
+        assert not config.tls and "MOE_EMBED_TLS_CERT_FILE" not in env
+    if keys["enabled"]:
+        expected["api-keys"] = keys["existingSecret"]
+        mount, volume = mount_at(rendered.pod_spec, server, config.api_key_file)
+        assert volume["secret"]["secretName"] == keys["existingSecret"]
+        assert config.api_key_file == f"{mount['mountPath']}/{keys['secretKey']}"
+    else:
+        assert not config.api_key_file
+    assert {name: s["secretName"] for name, s in secrets.items()} == expected
+    for mount in server["volumeMounts"]:
+        if mount["name"] in secrets:
+            assert mount["readOnly"] is True and "subPath" not in mount
 
 
 # ---- model provisioning ------------------------------------------------------------------
@@ -454,6 +523,10 @@ def test_services_route_to_the_server_ports(rendered: Rendered) -> None:
     assert main["spec"]["type"] == v["service"]["type"]
     assert main_ports["grpc"] == v["service"]["port"]
     assert ("metrics" in main_ports) == v["metrics"]["enabled"]
+    assert ("http" in main_ports) == (v["server"]["httpPort"] != 0)
+    if "http" in main_ports:
+        assert main_ports["http"] == v["service"]["httpPort"]
+    assert "health" not in main_ports  # the kubelet probes the pod, not the Service
 
     assert (headless is not None) == v["headless"]["enabled"]
     if headless:
@@ -509,6 +582,8 @@ def test_network_policy_opens_only_the_server_ports(rendered: Rendered) -> None:
     assert opened == container_ports
     by_port = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
     assert by_port["grpc"].get("from", []) == n["grpcFrom"]
+    if "http" in by_port:
+        assert by_port["http"].get("from", []) == n["httpFrom"]
     assert ("Egress" in policy["spec"]["policyTypes"]) == n["restrictEgress"]
     if n["restrictEgress"]:
         egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
@@ -599,17 +674,61 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_pod_command_serves_health_and_metrics_on_the_chart_ports(
-    helm: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def pod_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pod's cache emptyDir, shared by the pod runs so the demo model is built once."""
+    return tmp_path_factory.mktemp("pod-cache")
+
+
+def mount_secrets(r: Rendered, env: dict[str, str], root: Path, pki: Pki) -> None:
+    """What the kubelet does for the chart's Secret volumes: each volume's items as files in a
+    directory, mounted where the container says; env paths into them follow the mount."""
+    contents = {"tls.crt": b"".join(b.bytes() for b in pki.server.cert_chain_pems),
+                "tls.key": pki.server.private_key_pem.bytes(),
+                "ca.crt": pki.ca.cert_pem.bytes(),
+                r.values["apiKeys"]["secretKey"]: f"# test keys\n{POD_API_KEY}\n".encode()}
+    for mount in r.server["volumeMounts"]:
+        secret = r.volume(mount["name"]).get("secret")
+        if secret is None:
+            continue
+        assert mount["readOnly"] is True and "subPath" not in mount  # or rotation is lost
+        directory = root / mount["name"]
+        directory.mkdir(parents=True)
+        for item in secret["items"]:
+            (directory / item["path"]).write_bytes(contents[item["key"]])
+        for name, value in env.items():
+            if value.startswith(mount["mountPath"] + "/"):
+                env[name] = str(directory) + value[len(mount["mountPath"]):]
+
+
+POD_API_KEY = "sk-pod-test-key"
+POD_MODES = {
+    "defaults": {},
+    # everything on: mTLS and API keys; the kubelet's plaintext probes must still pass
+    "mtls-and-keys": {"tls": {"enabled": True, "secretName": "embed-tls", "clientAuth": True},
+                      "apiKeys": {"enabled": True, "existingSecret": "embed-keys"}},
+}
+
+
+@pytest.mark.parametrize("mode", list(POD_MODES))
+def test_pod_command_serves_probes_metrics_and_calls_on_the_chart_ports(
+    helm: Path, tmp_path: Path, pod_cache: Path, mode: str
 ) -> None:
-    """The image's entrypoint with the container's args and env (demo model) answers the
-    gRPC probes on the probe port, serves /metrics, and drains within the grace period."""
-    r = render(helm, {"server": {"port": free_port()}, "metrics": {"port": free_port()}})
+    """The image's entrypoint with the container's args, env and Secret files (demo model)
+    answers the kubelet's gRPC probes on the probe port (plaintext, no key, whatever TLS and
+    keys are on), serves /metrics, serves a real call on the gRPC and HTTP ports the way a
+    client of that configuration makes it, and drains within the grace period."""
+    r = render(helm, {**POD_MODES[mode],
+                      "server": {"port": free_port(), "httpPort": free_port(),
+                                 "healthPort": free_port()},
+                      "metrics": {"port": free_port()}})
     server = r.server
     env = {k: v for k, v in env_of(server).items() if isinstance(v, str)}
-    env["MOE_EMBED_CACHE_DIR"] = str(tmp_path / "cache")  # the pod's emptyDir
-    env["HF_HOME"] = str(tmp_path / "cache" / "huggingface")
+    env["MOE_EMBED_CACHE_DIR"] = str(pod_cache)  # the pod's emptyDir
+    env["HF_HOME"] = str(pod_cache / "huggingface")
     env |= {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    pki = Pki.make(tmp_path / "pki")
+    mount_secrets(r, env, tmp_path / "secrets", pki)
     (entrypoint,) = json.loads(last(dockerfile_stages()[-1], "ENTRYPOINT"))
     binary = shutil.which(entrypoint, path=str(REPO / ".venv" / "bin")) or entrypoint
     log_path = tmp_path / "server.log"
@@ -636,9 +755,29 @@ def test_pod_command_serves_health_and_metrics_on_the_chart_ports(
             time.sleep(0.5)
         for probe in ("readinessProbe", "livenessProbe"):
             assert check(server[probe]) == health_pb2.HealthCheckResponse.SERVING, probe
-        port = {p["name"]: p["containerPort"] for p in server["ports"]}["metrics"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics",
+                                    timeout=10) as reply:
             assert b"moe_embed_queue_depth" in reply.read()
+
+        tls, keys = r.values["tls"]["enabled"], r.values["apiKeys"]["enabled"]
+        headers = {"Authorization": f"Bearer {POD_API_KEY}"} if keys else {}
+        metadata = (("authorization", headers["Authorization"]),) if keys else ()
+        grpc_target = f"127.0.0.1:{ports['grpc']}"
+        channel = (pki.channel(ports["grpc"]) if tls else grpc.insecure_channel(grpc_target))
+        with channel:
+            reply = embedder_pb2_grpc.EmbedderStub(channel).Embed(
+                embedder_pb2.EmbedRequest(inputs=["hello"], task=embedder_pb2.TASK_NONE),
+                metadata=metadata, timeout=30)
+            assert len(reply.embeddings) == 1
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{ports['http']}/v1/embeddings"
+        client = pki.requests_kwargs() if tls else {}
+        reply = requests.post(url, json={"input": ["hello"]}, headers=headers, timeout=30,
+                              **client)
+        assert reply.status_code == 200 and len(reply.json()["data"]) == 1
+        if keys:
+            assert requests.post(url, json={"input": ["hello"]}, timeout=30,
+                                 **client).status_code == 401
 
         proc.send_signal(signal.SIGTERM)  # after preStop: what the kubelet sends
         grace = r.pod_spec["terminationGracePeriodSeconds"]
@@ -658,12 +797,21 @@ def test_chart_app_version_is_the_package_version() -> None:
     assert chart["appVersion"] == PYPROJECT["project"]["version"]
 
 
-def test_chart_readme_grpcurl_requests_match_the_contract() -> None:
-    bodies = re.findall(r"-d '([^']*)'", (CHART / "README.md").read_text())
-    assert bodies
-    for body in bodies:
+def test_chart_readme_requests_match_the_contracts() -> None:
+    """grpcurl bodies parse as EmbedRequest; curl bodies (to /v1/embeddings) as the HTTP
+    API's request."""
+    from moe_embed.service.http.schema import EmbeddingRequest
+
+    commands = re.split(r"\n(?=\S)|\n\s*\n", (CHART / "README.md").read_text())
+    grpcurl = [b for c in commands if "grpcurl" in c for b in re.findall(r"-d '([^']*)'", c)]
+    curl = [b for c in commands if "/v1/embeddings" in c
+            for b in re.findall(r"-d '([^']*)'", c)]
+    assert grpcurl and curl
+    for body in grpcurl:
         request = json_format.Parse(body, embedder_pb2.EmbedRequest())
         assert request.inputs and request.task != embedder_pb2.TASK_UNSPECIFIED, body
+    for body in curl:
+        assert EmbeddingRequest.model_validate_json(body).input, body
 
 
 def test_every_value_is_documented_in_the_chart_readme() -> None:
@@ -691,7 +839,7 @@ def test_image_ports_and_cache_match_the_chart() -> None:
     v = default_values()
     runtime = dockerfile_stages()[-1]
     exposed = {int(p.split("/")[0]) for _, rest in runtime if _ == "EXPOSE" for p in rest.split()}
-    assert exposed == {v["server"]["port"], v["metrics"]["port"]}
+    assert exposed == {v["server"]["port"], v["server"]["httpPort"], v["metrics"]["port"]}
     env = " ".join(rest for ins, rest in runtime if ins == "ENV")
     assert f"MOE_EMBED_CACHE_DIR={v['cache']['mountPath']}" in env.split()
 

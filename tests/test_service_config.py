@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,48 @@ def test_help_documents_every_flag_with_env_and_default(capsys) -> None:
     for s in config.SETTINGS:
         assert s.flag in text and f"env {s.env};" in text, s.flag
     assert text.count("default") >= len(config.SETTINGS)
+
+
+def test_http_tls_keys_and_reflection_settings() -> None:
+    cfg = config.resolve(_parse([]), env={}, cores=2)
+    assert (cfg.http_port, cfg.health_port, cfg.reflection) == (8080, 0, True)
+    assert (cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file, cfg.api_key_file) == \
+        ("", "", "", "")
+    assert not cfg.tls
+    env = {"MOE_EMBED_REFLECTION": "false", "MOE_EMBED_HTTP_PORT": "0",
+           "MOE_EMBED_TLS_CERT_FILE": "/tls/tls.crt", "MOE_EMBED_TLS_KEY_FILE": "/tls/tls.key",
+           "MOE_EMBED_TLS_CLIENT_CA_FILE": "/tls/ca.crt", "MOE_EMBED_API_KEY_FILE": "/keys/k",
+           "MOE_EMBED_HEALTH_PORT": "8081"}
+    cfg = config.resolve(_parse([]), env=env)
+    assert (cfg.reflection, cfg.http_port, cfg.health_port, cfg.tls) == (False, 0, 8081, True)
+    assert cfg.api_key_file == "/keys/k" and cfg.tls_client_ca_file == "/tls/ca.crt"
+    # a flag beats its variable, both ways for the boolean pair
+    assert config.resolve(_parse(["--reflection"]), env=env).reflection is True
+    assert config.resolve(_parse(["--no-reflection"]),
+                          env={"MOE_EMBED_REFLECTION": "on"}).reflection is False
+    with pytest.raises(ValueError, match="MOE_EMBED_REFLECTION"):
+        config.resolve(_parse([]), env={"MOE_EMBED_REFLECTION": "maybe"})
+
+
+def test_ports_must_differ_and_tls_files_go_together() -> None:
+    with pytest.raises(ValueError, match="port and http_port are both 7000"):
+        config.resolve(_parse(["--port", "7000", "--http-port", "7000"]), env={})
+    with pytest.raises(ValueError, match="http_port and metrics_port"):
+        config.resolve(_parse(["--http-port", "9090"]), env={})
+    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file"):
+        config.resolve(_parse(["--tls-key-file", "k.pem"]), env={})
+    config.resolve(_parse(["--http-port", "0", "--metrics-port", "0", "--port", "0"]), env={})
+
+
+def test_no_api_key_on_the_command_line() -> None:
+    """Keys come from a file (a Secret), never from argv where `ps` shows them."""
+    flags = {s.flag for s in config.SETTINGS}
+    assert "--api-key-file" in flags
+    assert not {f for f in flags if "key" in f} - {"--api-key-file", "--tls-key-file"}
+
+
+def test_readme_documents_every_flag_and_its_variable() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1]
+    for s in config.SETTINGS:
+        assert f"`{s.flag}" in table and f"`{s.env}`" in table, s.flag

@@ -79,6 +79,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The port the kubelet's gRPC probes ask: with TLS on, the plaintext health port. */}}
+{{- define "moe-embed.probePort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.server.healthPort }}{{ else }}{{ .Values.server.port }}{{ end }}
+{{- end }}
+
 {{/* Fails the render on values that would deploy something broken. */}}
 {{- define "moe-embed.validate" -}}
 {{- $src := .Values.model.source }}
@@ -101,8 +106,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if le (int .Values.terminationGracePeriodSeconds) $needed }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.drainGraceSeconds (%d)" (int .Values.terminationGracePeriodSeconds) $needed) }}
 {{- end }}
-{{- if eq (int .Values.server.port) (int .Values.metrics.port) }}
-{{- fail "server.port and metrics.port must differ" }}
+{{- $ports := dict }}
+{{- $_ := set $ports "server.port" (int .Values.server.port) }}
+{{- if ne (int .Values.server.httpPort) 0 }}{{ $_ := set $ports "server.httpPort" (int .Values.server.httpPort) }}{{ end }}
+{{- if .Values.tls.enabled }}{{ $_ := set $ports "server.healthPort" (int .Values.server.healthPort) }}{{ end }}
+{{- if .Values.metrics.enabled }}{{ $_ := set $ports "metrics.port" (int .Values.metrics.port) }}{{ end }}
+{{- range $a := keys $ports | sortAlpha }}
+{{- range $b := keys $ports | sortAlpha }}
+{{- if and (lt $a $b) (eq (get $ports $a) (get $ports $b)) }}
+{{- fail (printf "%s and %s must differ (both %d)" $a $b (get $ports $a)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
+{{- fail "tls.secretName is required when tls.enabled (a kubernetes.io/tls Secret: tls.crt, tls.key, and ca.crt for clientAuth)" }}
+{{- end }}
+{{- if and .Values.tls.clientAuth (not .Values.tls.enabled) }}
+{{- fail "tls.clientAuth needs tls.enabled" }}
+{{- end }}
+{{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) }}
+{{- fail "apiKeys.existingSecret is required when apiKeys.enabled (a Secret whose apiKeys.secretKey holds one key per line)" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}

@@ -51,8 +51,8 @@ class ServerThread:
     """An EmbedServer on 127.0.0.1 whose event loop runs in a daemon thread."""
 
     def __init__(self, bundle: Path, **settings: Any) -> None:
-        settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "workers": 1,
-                    "threads_per_worker": 1, "log_level": "warning", **settings}
+        settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0,
+                    "workers": 1, "threads_per_worker": 1, "log_level": "warning", **settings}
         self.config = ServeConfig(**settings)
         configure_logging(self.config.log_level)
         self.server = EmbedServer(self.config, bundle)
@@ -85,6 +85,11 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def url(self) -> str:
+        """The HTTP API's base URL (plain http; the server has http_port set)."""
+        return f"http://127.0.0.1:{self.server.http_port}"
 
     @property
     def pool(self):
@@ -161,18 +166,25 @@ class ServeProcess:
     """`moe-embed serve` as its own process on loopback ports, its JSON log in a file."""
 
     def __init__(self, bundle: Path, log_path: Path, *args: str, **env: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.log_path = log_path
         with open(log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
                 [str(Path(sys.executable).with_name("moe-embed")), "serve",
                  "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
-                 "--metrics-port", str(self.metrics_port), *args],
+                 "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
+                 *args],
                 env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
         self.target = f"127.0.0.1:{self.port}"
+        self.health_target = self.target  # where health answers in plaintext
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def wait_serving(self, timeout: float = 120) -> ServeProcess:
-        wait_for(lambda: health_status(self.target) == SERVING or self.proc.poll() is not None,
+        wait_for(lambda: health_status(self.health_target) == SERVING
+                 or self.proc.poll() is not None,
                  timeout, "the server to serve", interval=0.1)
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         return self

@@ -1,0 +1,363 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app: a thin adapter from JSON to the same
+`Engine` calls the gRPC adapter makes.
+
+Every API route goes through `_serve`: request id (`x-request-id` in, and back), API key, the
+handler, the one error mapping (service/errors.py) into OpenAI's error shape, the metrics
+(`moe_embed_requests_total{method="http:/v1/embeddings"}`, codes named as for gRPC) and the log
+line. A client that disconnects cancels its request: inputs still queued never reach a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...workers.runtime.requests import Input
+from .. import errors
+from ..engine import EmbedOutcome, Engine
+from ..errors import ServiceError
+from ..logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
+from ..metrics import Metrics
+from ..security import Security, unauthenticated
+from . import schema
+
+log = structlog.get_logger("moe_embed.http")
+
+EMBEDDINGS = "/v1/embeddings"
+MAX_MESSAGE_CHARS = 1000  # an error message quotes request values: never echo megabytes
+JSON = "application/json"
+# the engine's field names as OpenAI's schema calls them
+HTTP_FIELDS = {"inputs": "input"}
+_ERROR_CONTENT = {JSON: {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"description": "Bad input: `param` names the field and index (`input[3]`); "
+                         "also a malformed JSON body or a value of the wrong type",
+          "content": _ERROR_CONTENT},
+    401: {"description": "Missing or wrong API key (`Authorization: Bearer <key>`)",
+          "content": _ERROR_CONTENT},
+    404: {"description": "`model` names a model this server does not serve",
+          "content": _ERROR_CONTENT},
+    413: {"description": "The body is over --max-message-bytes, or the response would be",
+          "content": _ERROR_CONTENT},
+    429: {"description": "The queue is full (or this caller holds its fair share of it): "
+                         "retry after `Retry-After` seconds", "content": _ERROR_CONTENT},
+    500: {"description": "A failure of the server (a batch lost with two workers)",
+          "content": _ERROR_CONTENT},
+    503: {"description": "Loading or draining: retry (elsewhere) after `Retry-After`",
+          "content": _ERROR_CONTENT},
+}
+DESCRIPTION = """\
+OpenAI-compatible embeddings for nomic-embed-text-v2-moe, served by moe-embed on the same
+queue, batches and workers as its gRPC API.
+
+The model was trained with task prefixes (`search_query: `, `search_document: `,
+`classification: `, `clustering: `). OpenAI's schema has no such field, so texts go in **as
+given**: add the prefix yourself, or set the extension field `task` and the server adds it.
+
+With API keys on, every `/v1` route needs `Authorization: Bearer <key>`; `/health`, `/ready`
+and this document do not.
+"""
+
+
+@dataclass
+class HttpContext:
+    """What the routes need from the server that runs them."""
+
+    engine: Engine
+    metrics: Metrics
+    security: Security
+    note_call: Callable[[], None]  # for the drain's lame duck: a call has just come
+    created: int  # the served model's "created" time (the bundle's mtime)
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.bundle.manifest.model_id
+
+    def readiness(self) -> str:
+        """`ok`, or why this server should not be sent work."""
+        engine = self.engine
+        if engine.draining:
+            return "draining"
+        if not engine.ready:
+            return "loading"
+        if not engine.pool.ready_count:
+            return "no_worker"
+        return "ok"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its response."""
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")).encode(), status, headers, JSON)
+
+
+def _short(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more chars)"
+
+
+def error_body(err: ServiceError) -> tuple[int, dict]:
+    """The HTTP status and OpenAI error body of a failure; the engine's field names are
+    OpenAI's (`inputs[3]` -> `input[3]`)."""
+    status, kind, code = errors.http_status(err)
+    param, message = None, err.message
+    if err.field is not None:
+        field = HTTP_FIELDS.get(err.field, err.field)
+        param = field if err.index is None else f"{field}[{err.index}]"
+        if message.startswith(f"{err.path}:"):
+            message = f"{param}:{message[len(err.path) + 1:]}"
+    return status, {"error": {"message": _short(message), "type": kind, "param": param,
+                              "code": code}}
+
+
+def error_response(err: ServiceError, draining: bool = False) -> Response:
+    status, body = error_body(err)
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status in (429, 503):
+        headers["Retry-After"] = str(errors.RETRY_AFTER_S)
+    if draining:
+        headers["Connection"] = "close"  # the client reconnects, to another replica
+    return _json(body, status, headers)
+
+
+def _invalid_body(exc: ValidationError) -> ServiceError:
+    """The first problem pydantic found, as a 400 naming its field."""
+    first = exc.errors(include_url=False)[0]
+    loc, kind, msg = first["loc"], first["type"], first["msg"]
+    if kind == "json_invalid":
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the body is not valid JSON: {msg.removeprefix('Invalid JSON: ')}")
+    if not loc:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                            "the body must be a JSON object with an `input` field")
+    index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    return errors.invalid_argument(str(loc[0]), msg[0].lower() + msg[1:] if msg else kind,
+                                   index)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.too_large("body", f"{declared} bytes is over the limit of {limit} "
+                               "(--max-message-bytes); send fewer or shorter inputs")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.too_large("body", f"over the limit of {limit} bytes "
+                                   "(--max-message-bytes); send fewer or shorter inputs")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[EmbedOutcome]) -> EmbedOutcome:
+    """Await `work`, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    return task.result()
+
+
+def _embedding(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # what the openai client decodes: little-endian float32
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def create_app(ctx: HttpContext) -> FastAPI:
+    """The FastAPI application of one server."""
+    app = FastAPI(title="moe-embed", version=_version(), description=DESCRIPTION,
+                  openapi_tags=[{"name": "embeddings"}, {"name": "health"}])
+    engine, security, metrics = ctx.engine, ctx.security, ctx.metrics
+    limit = engine.config.max_message_bytes
+
+    def caller_of(request: Request) -> str:
+        """The fairness unit: the API key with keys on, else the client connection."""
+        if security.keys is None:
+            client = request.client
+            return f"http:{client.host}:{client.port}" if client else "http:unknown"
+        caller = security.caller(request.headers.get("authorization"))
+        if caller is None:
+            raise unauthenticated()
+        return caller
+
+    async def serve(request: Request, method: str,
+                    handler: Callable[[str], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        ctx.note_call()
+        request_id = request_id_from(request.headers.items())
+        bind_request_id(request_id)
+        code = "OK"
+        try:
+            response = await handler(caller_of(request))
+        except ServiceError as err:
+            code = err.code.name
+            log.info("request_failed", method=method, code=code, error=_short(err.message))
+            response = error_response(err, engine.draining)
+        except ClientGone:
+            code = "CANCELLED"
+            log.info("request_cancelled", method=method, note="the client disconnected")
+            response = Response(status_code=499)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:  # a bug: still an OpenAI-shaped 500, and logged
+            err = errors.internal(f"internal error: {exc!r}")
+            code = err.code.name
+            log.exception("request_error", method=method)
+            response = error_response(err)
+        finally:
+            metrics.observe_request(method, code, time.perf_counter() - start)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    def check_model(name: str | None) -> None:
+        model_id = ctx.model_id
+        if name is not None and name not in (model_id, model_id.rsplit("/", 1)[-1]):
+            raise errors.not_found("model", f"model {name!r} is not served here; this server "
+                                   f"serves {model_id!r} (GET /v1/models)")
+
+    @app.post(EMBEDDINGS, tags=["embeddings"], response_model=schema.EmbeddingResponse,
+              responses=ERROR_RESPONSES, summary="Create embeddings (OpenAI's schema)",
+              openapi_extra={"requestBody": {"required": True, "content": {JSON: {
+                  "schema": schema.EmbeddingRequest.model_json_schema()}}}})
+    async def embeddings(request: Request) -> Response:
+        async def handle(caller: str) -> Response:
+            body = await _read_body(request, limit)
+            try:
+                req = schema.EmbeddingRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise _invalid_body(exc) from None
+            check_model(req.model)
+            if req.model_extra:  # names only (cut short), never values
+                log.info("fields_ignored", fields=[f[:40] for f in sorted(req.model_extra)[:8]])
+            inputs: list[Input] = req.input
+            out = await _unless_disconnected(request, engine.embed(
+                inputs, req.task, req.dimensions or 0, truncate=req.truncate,
+                normalize=req.normalize, caller=caller))
+            log.debug("request_done", method=EMBEDDINGS, inputs=len(out.vectors),
+                      tokens=sum(out.token_counts), total_ms=round(out.total_ms, 3))
+            tokens = sum(out.token_counts)
+            return _json({
+                "object": "list",
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": _embedding(v, req.encoding_format)}
+                         for i, v in enumerate(out.vectors)],
+                "model": ctx.model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            })
+        return await serve(request, "http:" + EMBEDDINGS, handle)
+
+    def model_card() -> dict:
+        info = engine.info()
+        return {"id": ctx.model_id, "object": "model", "created": ctx.created,
+                "owned_by": "moe-embed", "dimensions": info["dimensions"],
+                "min_dimensions": info["min_dimensions"],
+                "max_dimensions": info["max_dimensions"], "max_tokens": info["max_tokens"],
+                "max_inputs": info["max_inputs"]}
+
+    @app.get("/v1/models", tags=["embeddings"], response_model=schema.ModelList,
+             responses={401: ERROR_RESPONSES[401]}, summary="The served model")
+    async def models(request: Request) -> Response:
+        async def handle(_caller: str) -> Response:
+            return _json({"object": "list", "data": [model_card()]})
+        return await serve(request, "http:/v1/models", handle)
+
+    @app.get("/v1/models/{model:path}", tags=["embeddings"], response_model=schema.Model,
+             responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]},
+             summary="One model, if served")
+    async def model(request: Request, model: str) -> Response:
+        async def handle(_caller: str) -> Response:
+            check_model(model)
+            return _json(model_card())
+        return await serve(request, "http:/v1/models", handle)
+
+    @app.get("/health", tags=["health"], response_model=schema.Health,
+             summary="Liveness: 200 while the process answers (loading and draining too)")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/ready", tags=["health"], response_model=schema.Health,
+             responses={503: {"description": "Loading, draining, or no worker can serve",
+                              "model": schema.Health}},
+             summary="Readiness: 200 when embeddings can be served, else 503 with the reason")
+    async def ready() -> Response:
+        status = ctx.readiness()
+        if status == "ok":
+            return _json({"status": status})
+        return _json({"status": status}, 503, {"Retry-After": str(errors.RETRY_AFTER_S)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _json({"error": {"message": str(exc.detail), "type": kind, "param": None,
+                                "code": code}}, exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        return error_response(errors.invalid_argument(
+            ".".join(str(p) for p in first["loc"][1:]) or "request", first["msg"]))
+
+    _add_error_schema(app)
+    return app
+
+
+def _add_error_schema(app: FastAPI) -> None:
+    """Put ErrorResponse (which no route returns as a model) into the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            defs = schema.ErrorResponse.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            components.update(defs.pop("$defs", {}))
+            components["ErrorResponse"] = defs
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _version() -> str:
+    from ..server import package_version
+
+    return package_version()
