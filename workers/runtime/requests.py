@@ -62,7 +62,8 @@ def _check_ids(ids: Sequence[int], index: int, limits: Limits, truncate: bool) -
         raise InvalidInput("inputs", "empty list of token ids", index=index)
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise InvalidInput("inputs", f"token id {t!r} is not an integer", index=index)
+            shown = repr(t[:40] if isinstance(t, str | bytes) else t)[:40]
+            raise InvalidInput("inputs", f"token id {shown} is not an integer", index=index)
         if not 0 <= t < limits.vocab_size:
             raise InvalidInput("inputs", f"token id {t} is outside the vocabulary "
                                f"0..{limits.vocab_size - 1}", index=index)
