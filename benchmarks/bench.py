@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "RSS")
-PEER_NAMES = ("routed", "all-experts", "torch", "service")
+PEER_NAMES = ("routed", "all-experts", "torch", "llama.cpp", "service")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2-3 minute smoke run (smaller inputs, "
                    "fewer repetitions; writes under OUT/quick unless --out is given)")
     p.add_argument("--only", default="", help="comma list of workloads (W1..W5, RSS) and/or "
-                   "peers (routed, all-experts, torch, service); default everything")
+                   "peers (routed, all-experts, torch, llama.cpp, service); default everything "
+                   "(llama.cpp only where `make llama-peer` has installed it)")
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--cache", type=Path, default=None, help="checkpoint/bundle cache (default "
                    "$MOE_EMBED_BENCH_CACHE or ~/.cache/moe-embed/bench)")

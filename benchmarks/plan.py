@@ -29,11 +29,14 @@ class Plan:
 
 
 FULL = Plan(
-    w1_texts=None, w1_reps={"routed": 5, "all-experts": 5, "torch": 3, "service": 5},
+    w1_texts=None, w1_reps={"routed": 5, "all-experts": 5, "torch": 3, "service": 5,
+                            "llama.cpp": 5},
     w1_budget_s=30,
-    w2_shape=(32, 128), w2_reps={"routed": 3, "all-experts": 2, "torch": 2}, w2_budget_s=60,
+    w2_shape=(32, 128), w2_reps={"routed": 3, "all-experts": 2, "torch": 2, "llama.cpp": 2},
+    w2_budget_s=60,
     w3_texts=256, w3_max_tokens=512, w3_batch_tokens=8192,
-    w3_reps={"routed": 3, "all-experts": 1, "torch": 1, "service": 2, "service-2x1": 1},
+    w3_reps={"routed": 3, "all-experts": 1, "torch": 1, "service": 2, "service-2x1": 1,
+             "llama.cpp": 1},
     w3_budget_s=120,
     w4_clients=(1, 8, 32), w4_warmup_s=2.0, w4_duration_s=10.0, w4_inprocess_reps=5,
     w4_overhead_rounds=12,
@@ -41,11 +44,14 @@ FULL = Plan(
 )
 
 QUICK = Plan(
-    w1_texts=8, w1_reps={"routed": 2, "all-experts": 2, "torch": 1, "service": 2},
+    w1_texts=8, w1_reps={"routed": 2, "all-experts": 2, "torch": 1, "service": 2,
+                         "llama.cpp": 2},
     w1_budget_s=8,
-    w2_shape=(4, 128), w2_reps={"routed": 1, "all-experts": 1, "torch": 1}, w2_budget_s=10,
+    w2_shape=(4, 128), w2_reps={"routed": 1, "all-experts": 1, "torch": 1, "llama.cpp": 1},
+    w2_budget_s=10,
     w3_texts=8, w3_max_tokens=256, w3_batch_tokens=8192,
-    w3_reps={"routed": 1, "all-experts": 1, "torch": 1, "service": 1, "service-2x1": 1},
+    w3_reps={"routed": 1, "all-experts": 1, "torch": 1, "service": 1, "service-2x1": 1,
+             "llama.cpp": 1},
     w3_budget_s=20,
     w4_clients=(1, 8, 32), w4_warmup_s=1.0, w4_duration_s=2.0, w4_inprocess_reps=2,
     w4_overhead_rounds=2,

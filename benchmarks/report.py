@@ -10,8 +10,9 @@ from targets import Target, evaluate, fmt
 
 PEER_LABELS = {"routed": "moe-embed in-process (routed)", "service": "moe-embed gRPC service "
                "(1 worker)", "service-2x1": "moe-embed gRPC service (2 workers x 1 thread)",
-               "torch": "PyTorch eager reference", "all-experts": "all-experts ONNX graph"}
-ORDER = ("routed", "service", "service-2x1", "all-experts", "torch")
+               "torch": "PyTorch eager reference", "all-experts": "all-experts ONNX graph",
+               "llama.cpp": "llama.cpp F32 GGUF"}
+ORDER = ("routed", "service", "service-2x1", "llama.cpp", "all-experts", "torch")
 
 
 def _n(v: Any, digits: int = 1) -> str:

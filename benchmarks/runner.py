@@ -93,6 +93,10 @@ def _open(name: str, bundles: dict, checkpoint: str, threads: int) -> tuple[Any,
 def _inprocess(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder) -> None:
     bundles = {"routed": art.routed, "all-experts": art.all_experts}
     for name in (p for p in peers.PEERS if p in args.peers):
+        if name == "llama.cpp" and (why := peers.llama_available()):
+            log(f"skipping the llama.cpp peer: {why}")
+            rec.results.setdefault("skipped", {})[name] = why
+            continue
         todo = [w for w in ("W1", "W2", "W3") if w in args.workloads]
         if name == "routed" and "W4" in args.workloads:
             todo.append("W4")

@@ -49,9 +49,20 @@ def _worst_text_ratio(res: dict) -> float | None:
     return min(s / f for f, s in zip(fast, slow, strict=True))
 
 
+def _service_vs_inprocess(res: dict) -> float | None:
+    """W4's adjacent blocks of short queries: service p50 / in-process p50."""
+    return _ratio(_get(res, "W4", "overhead", "service", "p50_ms"),
+                  _get(res, "W4", "overhead", "inprocess", "p50_ms"))
+
+
 def evaluate(res: dict) -> list[Target]:
     tps = lambda w, p: _get(res, w, p, "tokens_per_s")  # noqa: E731
     out = [
+        Target("W1", "service time at the per-text bound max(bytes / bandwidth, FLOPs / "
+               "peak) / measured", ">= 60% of the per-text bound",
+               _get(res, "W1", "service", "roofline", "frac_of_bound"), 0.60, unit="%"),
+        Target("W1", "service / llama.cpp F32 (tokens/s)", ">= 1.8x",
+               _ratio(tps("W1", "service"), tps("W1", "llama.cpp")), 1.8),
         Target("W1", "routed weight-bytes rate / read bandwidth", ">= 70% of the memory "
                "roofline", _get(res, "W1", "routed", "frac_bandwidth"), 0.70, unit="%"),
         Target("W1", "routed / PyTorch eager (tokens/s)", ">= 2.0x",
@@ -73,6 +84,8 @@ def evaluate(res: dict) -> list[Target]:
                "<= 2 ms",
                _get(res, "W4", "overhead", "overhead_ms"), 2.0, higher_is_better=False,
                unit="ms"),
+        Target("W4", "service p50 / in-process p50, short queries (adjacent blocks)",
+               "<= 1.2x", _service_vs_inprocess(res), 1.2, higher_is_better=False),
         Target("W4", "service tokens/s at 32 clients / W3 in-process tokens/s", ">= 90%",
                _ratio(_get(res, "W4", "service", "levels", "32", "tokens_per_s"),
                       tps("W3", "routed")), 0.90, unit="%"),

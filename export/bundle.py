@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,16 +177,27 @@ class Bundle:
             bundle.verify()
         return bundle
 
-    def verify(self) -> None:
-        """Check every file's size and sha256 against the manifest."""
-        for rel, entry in self.manifest.files.items():
+    def verify(self, threads: int | None = None) -> None:
+        """Check every file's size and sha256 against the manifest, hashing files on all
+        usable cores (hashlib releases the GIL): ~2 GB of fp32 bundle in about a second when
+        the files are in the page cache."""
+        files = sorted(self.manifest.files.items(), key=lambda kv: -kv[1].bytes)
+        for rel, entry in files:
             p = self.path / rel
             if not p.is_file():
                 raise BundleError(f"{self.path}: file '{rel}' listed in the manifest is missing")
-            if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
-                raise BundleError(
-                    f"{self.path}: file '{rel}' does not match its sha256 in the manifest "
-                    "(modified or corrupted); re-export the bundle")
+            if p.stat().st_size != entry.bytes:
+                raise BundleError(self._mismatch(rel))
+        workers = threads or len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            digests = pool.map(lambda kv: sha256_file(self.path / kv[0]), files)
+            for (rel, entry), digest in zip(files, digests, strict=True):
+                if digest != entry.sha256:
+                    raise BundleError(self._mismatch(rel))
+
+    def _mismatch(self, rel: str) -> str:
+        return (f"{self.path}: file '{rel}' does not match its sha256 in the manifest "
+                "(modified or corrupted); re-export the bundle")
 
     def file(self, rel: str) -> Path:
         if rel not in self.manifest.files:
