@@ -45,13 +45,14 @@ def request(text: str, task: str, rid: str = "") -> pb.EmbedRequest:
 class Server:
     """`moe-embed serve --bundle DIR` on 127.0.0.1 with W workers x T threads."""
 
-    def __init__(self, bundle: Path, workers: int, threads: int, log_path: Path) -> None:
+    def __init__(self, bundle: Path, workers: int, threads: int, log_path: Path,
+                 cli: Path = CLI) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.workers, self.threads = workers, threads
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-        cmd = [str(CLI), "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+        cmd = [str(cli), "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", "0", "--workers", str(workers),
                "--threads-per-worker", str(threads), "--log-level", "warning"]
         self._log = open(log_path, "wb")  # closed in stop()
