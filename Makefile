@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden
+.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,3 +46,9 @@ llama-peer: $(STAMP)
 llama-golden: $(STAMP)
 	$(BIN)/python benchmarks/llama_peer/provision.py
 	$(BIN)/python benchmarks/llama_golden.py $(ARGS)
+
+## The quantized-bundle table (benchmarks/QUANT.md): moe-embed fp32/int8/int4 vs llama.cpp's GGUF
+## variants of the same checkpoint, side by side in one run (needs llama-peer; ~30 min, --quick: a few).
+quant-table: $(STAMP)
+	$(BIN)/python benchmarks/llama_peer/provision.py
+	$(BIN)/python benchmarks/quant_table.py $(ARGS)

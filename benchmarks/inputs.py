@@ -3,7 +3,8 @@
 W1 and the short requests of W4/W5 are texts of tests/data/multilingual.json; W2 is random ids
 in the XLM-R range; W3 is a corpus of real-tokenizer texts whose lengths spread log-uniformly
 over 8..512 tokens, built from the multilingual words so the service (which takes texts) and
-the in-process peers (which take ids) compute the same tokens.
+the in-process peers (which take ids) compute the same tokens. The retrieval corpus of
+benchmarks/quant_table.py (queries searching documents) is made the same way.
 """
 
 from __future__ import annotations
@@ -108,3 +109,40 @@ def token_budget_batches(ids: list[list[int]], budget: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def retrieval_corpus(tok: Tokenizer, queries: int = 200, docs: int = 2000, lo: int = 12,
+                     hi: int = 64, seed: int = 0) -> tuple[TextSet, TextSet]:
+    """A deterministic search corpus from the multilingual words: (queries, documents).
+
+    Each document has a topic (one multilingual text): about 70% of its words come from that
+    text, the rest from all texts, until it reaches a log-uniform target length in [lo, hi]
+    tokens; so documents of a topic are near each other and a query has real neighbours. A
+    query is a span of 2-8 consecutive words of a distinct random document. Tasks:
+    search_query and search_document (their prefixes are part of the ids).
+    """
+    rng = np.random.default_rng(seed)
+    texts = multilingual_texts()
+    topics = [t.split() for t in texts]
+    words = sorted({w for t in topics for w in t})
+    lengths = dict(zip(words, (len(x) - 2 for x in encode(tok, words, "none")), strict=True))
+    targets = np.exp(rng.uniform(math.log(lo), math.log(hi), size=docs)).round().astype(int)
+    doc_words = []
+    for target in targets:
+        topic = topics[int(rng.integers(len(topics)))]
+        parts, count = [], 8  # <s>, </s> and the task prefix
+        while count < target:
+            pool = topic if rng.random() < 0.7 else words
+            w = pool[int(rng.integers(len(pool)))]
+            parts.append(w)
+            count += lengths[w]
+        doc_words.append(parts)
+    query_texts = []
+    for d in rng.choice(docs, size=queries, replace=False):
+        parts = doc_words[int(d)]
+        n = int(rng.integers(2, 9))
+        start = int(rng.integers(max(1, len(parts) - n + 1)))
+        query_texts.append(" ".join(parts[start:start + n]))
+    doc_texts = [" ".join(p) for p in doc_words]
+    return (TextSet(query_texts, "search_query", encode(tok, query_texts, "search_query")),
+            TextSet(doc_texts, "search_document", encode(tok, doc_texts, "search_document")))

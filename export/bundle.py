@@ -4,6 +4,13 @@ A bundle is a directory: manifest.json, tokenizer.json, and the graphs/weights i
 with its sha256. The manifest is typed (`Manifest` and the dataclasses it holds); readers use
 its fields, never raw JSON keys. Loading verifies the format version and every hash, so a
 tampered or truncated file is refused before any session is created.
+
+Precision: `precision` names the recipe (fp32, int8, int4), `recipe` records it in full (the
+storage format of every weight role) and `tensors` how each initializer of each graph is stored
+(name, original shape, format, bytes, role, layer, file). Bundles written before quantized
+bundles existed (format 2, fp32 only) have neither `recipe` nor `tensors`; they load as they are
+(fp32, no tensor records) and round-trip unchanged. A quantized graph runs with ONNX Runtime's
+contrib ops, which any build that reads format 2 already has, so the format version stays 2.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .recipes import PRECISIONS, Recipe, RecipeError, TensorStorage
 
 FORMAT = "moe-embed-bundle"
 FORMAT_VERSION = 2  # 2: routed segments take packed [N, H] hidden states
@@ -105,17 +113,30 @@ class Manifest:
     exporter: dict[str, Any]
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    recipe: Recipe | None = None  # None only in bundles written before quantization existed
+    tensors: tuple[TensorStorage, ...] = ()  # every graph initializer, file by file
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT, "format_version": self.format_version,
             "model_id": self.model_id, "source": self.source, "created": self.created,
             "precision": self.precision, "moe_mode": self.moe_mode,
             "config": self.config.to_dict(), "max_tokens": self.max_tokens,
             "dimensions": asdict(self.dimensions), "tokenizer": self.tokenizer,
             "graphs": self.graphs.to_json(), "exporter": self.exporter,
-            "files": {k: asdict(v) for k, v in self.files.items()},
         }
+        if self.recipe is not None:
+            d["recipe"] = self.recipe.to_dict()
+            d["tensors"] = [t.to_dict() for t in self.tensors]
+        d["files"] = {k: asdict(v) for k, v in self.files.items()}
+        return d
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of the recorded tensors per storage format (empty for an old bundle)."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.format] = out.get(t.format, 0) + t.bytes
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: Path) -> Manifest:
@@ -126,17 +147,34 @@ class Manifest:
                 f"{where}: format_version {d.get('format_version')!r} is not supported "
                 f"(this build reads version {FORMAT_VERSION}); re-export the bundle")
         try:
-            return cls(
+            m = cls(
                 model_id=d["model_id"], source=d["source"], created=d["created"],
                 precision=d["precision"], moe_mode=d["moe_mode"],
                 config=ModelConfig.from_dict(d["config"]), max_tokens=d["max_tokens"],
                 dimensions=DimensionRange(**d["dimensions"]), tokenizer=d["tokenizer"],
                 graphs=Graphs.from_json(d["graphs"]), exporter=d["exporter"],
                 files={k: FileEntry(**v) for k, v in d["files"].items()},
-                format_version=d["format_version"])
-        except (KeyError, TypeError) as exc:
+                format_version=d["format_version"],
+                recipe=Recipe.from_dict(d["recipe"]) if "recipe" in d else None,
+                tensors=tuple(TensorStorage.from_dict(t) for t in d["tensors"])
+                if "recipe" in d else ())
+        except (KeyError, TypeError, RecipeError) as exc:
             raise BundleError(f"{where}: malformed manifest ({exc!r}); re-export the bundle") \
                 from exc
+        if m.precision not in PRECISIONS:
+            raise BundleError(f"{where}: precision {m.precision!r} is not one this build "
+                              f"serves ({', '.join(PRECISIONS)}); upgrade moe-embed or re-export")
+        if m.recipe is None and m.precision != "fp32":
+            raise BundleError(f"{where}: a {m.precision} bundle must record its recipe; "
+                              "malformed manifest, re-export the bundle")
+        if m.recipe is not None and m.recipe.name != m.precision:
+            raise BundleError(f"{where}: precision {m.precision!r} but recipe "
+                              f"{m.recipe.name!r}; malformed manifest, re-export the bundle")
+        unlisted = sorted({t.file for t in m.tensors} - set(m.files))
+        if unlisted:
+            raise BundleError(f"{where}: tensor records name files the manifest does not list: "
+                              f"{unlisted}; malformed manifest, re-export the bundle")
+        return m
 
 
 def write_manifest(directory: Path, manifest: Manifest, files: list[str]) -> Path:

@@ -7,19 +7,26 @@ import time
 
 from .bundle import MOE_MODES
 from .progress import Progress, json_logger
+from .recipes import PRECISIONS
 
 SIZES = ("full", "tiny")  # synthetic.SIZES, without importing torch for --help
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.moe_mode == "all-experts" and args.precision != "fp32":
+        args.parser.error(f"--moe-mode all-experts is a benchmark peer exported in fp32 only; "
+                          f"drop --precision {args.precision}")
     from .split import export_bundle  # torch and onnx: only when exporting
 
     log = json_logger("export")
     t0 = time.perf_counter()
-    log.info("export.start", source=args.source, out=args.out, moe_mode=args.moe_mode)
+    log.info("export.start", source=args.source, out=args.out, moe_mode=args.moe_mode,
+             precision=args.precision)
     out = export_bundle(args.source, args.out, moe_mode=args.moe_mode, revision=args.revision,
-                        progress=Progress("export", "export.progress"))
-    log.info("export.done", out=str(out), seconds=round(time.perf_counter() - t0, 1))
+                        progress=Progress("export", "export.progress"), precision=args.precision)
+    log.info("export.done", out=str(out), precision=args.precision,
+             mib=round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1),
+             seconds=round(time.perf_counter() - t0, 1))
     return 0
 
 
@@ -41,14 +48,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="export an HF checkpoint to a moe-embed bundle",
         description="Read an HF checkpoint (hub id or local directory with config.json, "
         "model.safetensors[.index.json] and tokenizer.json) and write a bundle: dense ONNX "
-        "segments, one ONNX graph per expert, router weights, manifest.json with sha256s.")
-    p.add_argument("source", help="hub id (e.g. nomic-ai/nomic-embed-text-v2-moe) or local dir")
+        "segments, one ONNX graph per expert, router weights, manifest.json with sha256s. "
+        "SOURCE may also be an fp32 bundle directory (one with a manifest.json): its graphs are "
+        "then quantized without reading the checkpoint again.")
+    p.add_argument("source", help="hub id (e.g. nomic-ai/nomic-embed-text-v2-moe), local "
+                   "checkpoint dir, or an fp32 bundle dir")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--moe-mode", choices=MOE_MODES, default="routed",
                    help="routed (the product) or all-experts (benchmark peer only); "
                    "default: routed")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.set_defaults(func=_export)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact), int8 (int8 weights, 8-bit table: ~1/4 the size, ~2x the "
+                   "speed) or int4 (4-bit experts and table: ~1/6 the size); see README's "
+                   "'Quantized bundles'. all-experts bundles are fp32 only. Default: fp32")
+    p.set_defaults(func=_export, parser=p)
 
     s = sub.add_parser(
         "synthetic", help="write a synthetic checkpoint in the upstream HF format",

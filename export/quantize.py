@@ -35,211 +35,47 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-Kind = Literal["expert", "segment"]
+from .recipes import (
+    DYNAMIC_FORMATS,
+    EXPERT_ROLES,
+    GATHER_ROLES,
+    PRECISIONS,
+    RECIPES,
+    ROLES,
+    SEGMENT_ROLES,
+    Kind,
+    NBits,
+    Recipe,
+    RecipeError,
+    TensorStorage,
+    expected_bytes,
+    get_recipe,
+    parse_format,
+)
+
+__all__ = ["EXPERT_ROLES", "GATHER_ROLES", "PRECISIONS", "RECIPES", "ROLES", "SEGMENT_ROLES",
+           "Kind", "NBits", "Recipe", "RecipeError", "TensorStorage", "expected_bytes",
+           "get_recipe", "parse_format", "quantize_graph", "quantize_table",
+           "storage_records", "storage_summary"]
+
 MS_DOMAIN = "com.microsoft"
 
-SEGMENT_ROLES = ("word_embeddings", "attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")
-EXPERT_ROLES = ("expert.w1", "expert.w2")
-ROLES = SEGMENT_ROLES + EXPERT_ROLES
-GATHER_ROLES = ("word_embeddings",)
-
-DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
-_NBITS = re.compile(r"^nbits(?P<bits>[48])-block(?P<block>[0-9]+)(?P<sym>-sym)?$")
 _SEGMENT_WEIGHT = re.compile(
     r"^encoder\.layers\.(?P<layer>[0-9]+)\.(?P<role>attn\.Wqkv|attn\.out_proj|mlp\.fc1|mlp\.fc2)"
     r"\.weight\.T$")
 _SEGMENT_ROLE = {"attn.Wqkv": "attn.qkv", "attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.fc1",
                  "mlp.fc2": "mlp.fc2"}
 _EXPERT_WEIGHT = {"w1.T": "expert.w1", "w2": "expert.w2"}
-_OVERRIDE = re.compile(r"^layers\.(?P<layer>[0-9]+)\.(?P<role>.+)$")
 
-
-class RecipeError(ValueError):
-    """A recipe is malformed, or does not fit the graph it is applied to."""
-
-
-@dataclass(frozen=True)
-class NBits:
-    bits: int
-    block_size: int
-    symmetric: bool
-
-
-def parse_format(fmt: str) -> NBits | bool | None:
-    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``nbits*`` -> NBits. Else raise."""
-    if fmt == "fp32":
-        return None
-    if fmt in DYNAMIC_FORMATS:
-        return DYNAMIC_FORMATS[fmt]
-    m = _NBITS.match(fmt)
-    if m:
-        block = int(m["block"])
-        if block < 16 or block > 256 or block & (block - 1):
-            raise RecipeError(f"format {fmt!r}: block size must be a power of two in 16..256")
-        return NBits(int(m["bits"]), block, bool(m["sym"]))
-    raise RecipeError(
-        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-per-channel', 'int8-per-tensor' "
-        "or 'nbits{4|8}-block{16..256}[-sym]'")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A storage format per role, optional per-layer overrides, and MatMulNBits' compute level.
-
-    `overrides` keys are ``layers.{i}.{role}`` (e.g. ``layers.11.mlp.fc2``, ``layers.3.expert.w2``).
-    `accuracy_level` is MatMulNBits' attribute: 4 quantizes activations to int8 per block at run
-    time (int8 dot products), 0 dequantizes weights and computes in fp32.
-    """
-
-    name: str
-    formats: Mapping[str, str]
-    overrides: Mapping[str, str] = field(default_factory=dict)
-    accuracy_level: int = 4
-
-    def validate(self) -> Recipe:
-        if not isinstance(self.name, str) or not self.name:
-            raise RecipeError("recipe name must be a non-empty string")
-        if not isinstance(self.formats, Mapping) or not isinstance(self.overrides, Mapping):
-            raise RecipeError(f"recipe {self.name!r}: 'formats' and 'overrides' must be mappings")
-        missing = [r for r in ROLES if r not in self.formats]
-        unknown = [r for r in self.formats if r not in ROLES]
-        if missing or unknown:
-            raise RecipeError(f"recipe {self.name!r}: roles missing {missing}, unknown {unknown}; "
-                              f"every one of {list(ROLES)} needs a format")
-        entries = [(role, fmt, role) for role, fmt in self.formats.items()]
-        for key, fmt in self.overrides.items():
-            m = _OVERRIDE.match(str(key))
-            if not m or m["role"] not in ROLES:
-                raise RecipeError(f"recipe {self.name!r}: override {key!r} is not "
-                                  "'layers.{i}.{role}' with a known role")
-            entries.append((m["role"], fmt, key))
-        for role, fmt, where in entries:
-            if not isinstance(fmt, str):
-                raise RecipeError(f"recipe {self.name!r}: {where}: format must be a string")
-            try:
-                parsed = parse_format(fmt)
-            except RecipeError as exc:
-                raise RecipeError(f"recipe {self.name!r}: {where}: {exc}") from None
-            if role in GATHER_ROLES and isinstance(parsed, bool):
-                raise RecipeError(f"recipe {self.name!r}: {where}: {fmt!r} is for MatMul weights; "
-                                  "the embedding table takes 'fp32' or 'nbits*'")
-        if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
-            raise RecipeError(f"recipe {self.name!r}: accuracy_level must be 0..4, "
-                              f"got {self.accuracy_level!r}")
-        return self
-
-    def format_for(self, role: str, layer: int | None) -> str:
-        if layer is not None:
-            fmt = self.overrides.get(f"layers.{layer}.{role}")
-            if fmt is not None:
-                return fmt
-        return self.formats[role]
-
-    @property
-    def is_identity(self) -> bool:
-        return all(f == "fp32" for f in (*self.formats.values(), *self.overrides.values()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "formats": dict(self.formats),
-                "overrides": dict(self.overrides), "accuracy_level": self.accuracy_level}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Recipe:
-        if not isinstance(raw, Mapping):
-            raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
-        extra = set(raw) - {"name", "formats", "overrides", "accuracy_level"}
-        if extra or "name" not in raw or "formats" not in raw:
-            raise RecipeError(f"recipe needs 'name' and 'formats' (optional 'overrides', "
-                              f"'accuracy_level'); unexpected {sorted(extra)}")
-        return cls(raw["name"], dict(raw["formats"]) if isinstance(raw["formats"], Mapping)
-                   else raw["formats"], dict(raw.get("overrides") or {}),
-                   raw.get("accuracy_level", 4)).validate()
-
-
-def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Recipe:
-    formats = {"word_embeddings": table, "expert.w1": experts, "expert.w2": experts}
-    formats.update({r: dense for r in ("attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")})
-    formats.update(roles)
-    return Recipe(name, formats).validate()
-
-
-# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
-# VNNI + AMX); cosine = pooled embeddings vs fp32, mean over 100 random sequences of 8-61 tokens.
-#
-# - int8: MatMul weights as dynamic int8 per channel (DynamicQuantizeMatMul: 3.2-6.1x the fp32
-#   expert, 3-13x the dense linears), except attn.qkv: dynamic int8 quantizes a call's activations
-#   with one scale and the attention softmax amplifies q/k errors; MatMulNBits 8-bit with
-#   accuracy_level 4 quantizes them per block of 32, like llama.cpp's Q8_0. Cosine 0.9981
-#   all-dynamic, 0.9990 with qkv at nbits8-block32 (block 128: 0.9983; Q8_0-like nbits8-block32
-#   everywhere: 0.9990 at 524 MiB). It costs speed: batch 2.74x -> 1.95x fp32, one short text
-#   2.82x -> 2.39x. The table's block size does not matter at 8 bits: block 128. 466 MiB.
-# - int4: 4-bit block-32 experts (block 64: 0.983), dense linears at dynamic int8 (4-bit dense:
-#   0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32: +13 MiB for
-#   +0.0006). Cosine 0.984; 299 MiB. Slower than int8 (4-bit experts run at ~0.8x fp32 on
-#   hundreds of rows): batch 1.25x, one text 1.9x fp32.
-RECIPES: dict[str, Recipe] = {
-    "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
-    "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
-                    **{"attn.qkv": "nbits8-block32"}),
-    "int4": _recipe("int4", "nbits4-block32", "int8-per-channel", "nbits4-block64"),
-}
-PRECISIONS = tuple(RECIPES)
-
-
-def get_recipe(precision: str) -> Recipe:
-    try:
-        return RECIPES[precision]
-    except KeyError:
-        raise RecipeError(f"precision must be one of {list(RECIPES)}, got {precision!r}") from None
-
-
-@dataclass(frozen=True)
-class TensorStorage:
-    """How one initializer of the fp32 graph is stored in the quantized graph."""
-
-    name: str  # initializer name in the fp32 graph
-    shape: tuple[int, ...]  # its original shape
-    format: str  # "fp32", "int64", ... (unchanged) or a storage format above
-    bytes: int  # bytes of every initializer now holding it: data + scales + zero points
-    role: str | None = None  # "attn.qkv", "expert.w1", "word_embeddings", ...; None = not a weight
-    layer: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        return d
-
-
-def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) -> int:
-    """Bytes a weight of `shape` occupies in `fmt` (fp32 MatMul weight [K, N], table [V, H])."""
-    parsed = parse_format(fmt)
-    if parsed is None:
-        return 4 * math.prod(shape)
-    if role in GATHER_ROLES:  # blocks along H of each of the V rows
-        v, k = shape
-        n = v
-    else:
-        k, n = shape
-    if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
-        return k * n + (5 * n if parsed else 5)
-    blocks = -(-k // parsed.block_size)
-    # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
-    data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8
-    zp = 0 if parsed.symmetric else n * -(-blocks * parsed.bits // 8)
-    return data + 4 * n * blocks + zp
-
-
-# --------------------------------------------------------------------------------------------
-# The rewrite
 
 
 @dataclass
@@ -473,9 +309,29 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
 
 
 def _tensor_bytes(t: TensorProto) -> int:
+    """Bytes of an initializer's data, from its shape and type (never materialized)."""
     if t.data_location == TensorProto.EXTERNAL:
         return int(next(e.value for e in t.external_data if e.key == "length"))
-    return numpy_helper.to_array(t).nbytes
+    return math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def storage_records(model: onnx.ModelProto, kind: Kind | None,
+                    layer: int | None = None) -> list[TensorStorage]:
+    """How each initializer of an unquantized graph is stored: as it is (what quantize_graph
+    reports for the fp32 recipe, without rewriting the graph). `kind` None: no roles (the
+    all-experts peer graph, whose weights no recipe knows)."""
+    weights: dict[str, _Weight] = {}
+    if kind is not None:
+        weights = {w.name: w for w in _classify(model, _node_names(model), kind, RECIPES["fp32"],
+                                                layer)}
+    out = []
+    for t in model.graph.initializer:
+        w = weights.get(t.name)
+        fmt = ("fp32" if t.data_type == TensorProto.FLOAT
+               else helper.tensor_dtype_to_np_dtype(t.data_type).name)
+        out.append(TensorStorage(t.name, tuple(t.dims), fmt, _tensor_bytes(t),
+                                 w.role if w else None, w.layer if w else None))
+    return out
 
 
 def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,

@@ -3,15 +3,22 @@
 `routed` (the product): len(moe_layers)+1 dense segment graphs, E graphs per MoE layer, and the
 router weights and expert biases as safetensors for the worker's torch router.
 `all-experts` (benchmark peer only): the whole network as one graph that runs every expert.
+
+`precision` picks a recipe (export/recipes.py): fp32 writes the graphs as built; int8 and int4
+quantize each graph (export/quantize.py) right after it is built. The source may also be an
+fp32 routed bundle: its graphs are read one by one instead of the checkpoint's tensors, which
+gives the same graphs, so the same quantized bundle.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -19,7 +26,10 @@ from safetensors.torch import save_file
 
 from .bundle import (
     FORMAT_VERSION,
+    MANIFEST,
     MOE_MODES,
+    Bundle,
+    BundleError,
     DimensionRange,
     Graphs,
     Manifest,
@@ -30,8 +40,10 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .onnx_graphs import OPSET, all_experts_graph, expert_graph, expert_weights, plan_segments
 from .onnx_graphs import segment_graph as build_segment
+from .quantize import quantize_graph, storage_records
+from .recipes import Kind, TensorStorage, get_recipe
 
-__all__ = ["MOE_MODES", "export_bundle"]
+__all__ = ["MOE_MODES", "export_bundle", "is_bundle"]
 ProgressFn = Callable[[int, int, str], None]
 _PROTO_LIMIT = 1 << 30  # above this, weights go to an external-data file beside the graph
 
@@ -62,78 +74,183 @@ def _model_id(ck: Checkpoint) -> str:
     return Path(str(ck.source["path"])).name
 
 
+class _FromCheckpoint:
+    """Graphs built from a checkpoint's tensors."""
+
+    def __init__(self, ck: Checkpoint) -> None:
+        self.ck, self.cfg = ck, ck.config
+        self.model_id, self.source, self.raw_config = _model_id(ck), ck.source, ck.raw_config
+        self.tokenizer_path = ck.tokenizer_path
+        self.dimensions = DimensionRange(*default_dims_range(ck.config))
+        self.max_tokens = ck.config.max_tokens
+        self.origin: dict[str, Any] = {}
+
+    def segments(self) -> Iterator[tuple[SegmentEntry, onnx.ModelProto]]:
+        for seg in plan_segments(self.cfg):
+            rel = f"segments/segment_{seg.index:02d}.onnx"
+            yield (SegmentEntry(rel, seg.moe_residual, tuple(seg.full_layers), seg.attn_layer,
+                                seg.needs_mask), build_segment(self.cfg, seg, self.ck.tensors))
+
+    def experts(self, layer: int) -> Iterator[tuple[str, onnx.ModelProto]]:
+        w1, w2 = expert_weights(self.cfg, self.ck.tensors, layer)
+        for e in range(self.cfg.num_experts):
+            yield (f"experts/layer_{layer:02d}/expert_{e}.onnx",
+                   expert_graph(w1[e], w2[e], f"l{layer}_e{e}"))
+
+    def write_router(self, path: Path) -> None:
+        router: dict[str, torch.Tensor] = {}
+        for layer in self.cfg.moe_layers:
+            p = f"encoder.layers.{layer}.mlp."
+            router[f"{layer}.router"] = self.ck.tensors[p + "router.layer.weight"].contiguous()
+            router[f"{layer}.expert_bias"] = self.ck.tensors[p + "experts.bias"].contiguous()
+        save_file(router, str(path))
+
+    def all_experts(self) -> onnx.ModelProto:
+        return all_experts_graph(self.cfg, self.ck.tensors)
+
+
+class _FromBundle:
+    """The graphs of an existing routed fp32 bundle, read one at a time (the checkpoint is not
+    needed: a quantized export of the full model then never holds all its weights at once)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        m = bundle.manifest
+        if m.moe_mode != "routed":
+            raise BundleError(f"{bundle.path}: an {m.moe_mode} bundle cannot be re-exported "
+                              "(its single graph has no segments or experts to quantize); "
+                              "export from the checkpoint")
+        if m.precision != "fp32":
+            raise BundleError(f"{bundle.path}: already quantized ({m.precision}); a bundle can "
+                              "only be exported from a checkpoint or an fp32 bundle")
+        self.bundle, self.cfg = bundle, m.config
+        self.model_id, self.source = m.model_id, m.source
+        self.raw_config = json.loads(bundle.path.joinpath("config.json").read_text())
+        self.tokenizer_path = bundle.file(m.tokenizer)
+        self.dimensions, self.max_tokens = m.dimensions, m.max_tokens
+        self.origin = {"from_bundle": {"path": str(bundle.path.resolve()),
+                                       "manifest_sha256": bundle.digest}}
+
+    def segments(self) -> Iterator[tuple[SegmentEntry, onnx.ModelProto]]:
+        for entry in self.bundle.manifest.graphs.segments:
+            yield entry, onnx.load(str(self.bundle.file(entry.file)))
+
+    def experts(self, layer: int) -> Iterator[tuple[str, onnx.ModelProto]]:
+        for rel in self.bundle.manifest.graphs.experts[layer]:
+            yield rel, onnx.load(str(self.bundle.file(rel)))
+
+    def write_router(self, path: Path) -> None:
+        shutil.copyfile(self.bundle.file(self.bundle.manifest.graphs.router), path)
+
+    def all_experts(self) -> onnx.ModelProto:
+        raise AssertionError("unreachable: refused in __init__")
+
+
+def is_bundle(source: str | Path) -> bool:
+    """Whether `source` names a bundle directory (it has a manifest.json)."""
+    return Path(source).expanduser().joinpath(MANIFEST).is_file()
+
+
 def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "routed",
-                  revision: str | None = None, progress: ProgressFn | None = None) -> Path:
-    """Write a complete, hashed bundle for `source` (hub id, local dir or loaded checkpoint)."""
+                  revision: str | None = None, progress: ProgressFn | None = None,
+                  precision: str = "fp32") -> Path:
+    """Write a complete, hashed bundle for `source` (hub id, local dir, loaded checkpoint, or the
+    directory of an fp32 routed bundle) at `precision` (a recipe of export/recipes.py).
+
+    Each graph is quantized as it is built and written before the next one is made. The manifest
+    records the recipe and, for every initializer of every graph, how it is stored.
+    """
     if moe_mode not in MOE_MODES:
         raise ValueError(f"moe_mode must be one of {MOE_MODES}, got {moe_mode!r}")
-    ck = source if isinstance(source, Checkpoint) else load_checkpoint(source, revision)
-    cfg, tensors = ck.config, ck.tensors
+    recipe = get_recipe(precision)
+    if moe_mode == "all-experts" and precision != "fp32":
+        raise ValueError(f"moe_mode all-experts is a benchmark peer exported in fp32 only, "
+                         f"not {precision}")
+    if isinstance(source, Checkpoint):
+        src: _FromCheckpoint | _FromBundle = _FromCheckpoint(source)
+    elif is_bundle(source):
+        if moe_mode != "routed":
+            raise BundleError(f"{source}: an all-experts bundle is exported from the checkpoint, "
+                              "not from a bundle")
+        src = _FromBundle(Bundle.load(Path(source).expanduser()))  # hashes verified
+    else:
+        src = _FromCheckpoint(load_checkpoint(source, revision))
+    cfg = src.cfg
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files: list[str] = []
+    tensors: list[TensorStorage] = []
     report = progress or (lambda step, total, what: None)
 
-    def emit(step: int, total: int, rel: str, model: onnx.ModelProto) -> list[str]:
+    def emit(step: int, total: int, rel: str, model: onnx.ModelProto, kind: Kind | None,
+             layer: int | None = None) -> list[str]:
+        if kind is None or recipe.is_identity:
+            records = storage_records(model, kind, layer)
+        else:
+            model, records = quantize_graph(model, recipe, kind, layer)
         names = _save(model, tmp / rel)
+        del model
         rels = [str(Path(rel).parent / n) if Path(rel).parent != Path(".") else n for n in names]
         files.extend(rels)
+        tensors.extend(replace(r, file=rel) for r in records)
         report(step, total, rel)
         return rels
 
     if moe_mode == "routed":
-        plan = plan_segments(cfg)
-        total = len(plan) + len(cfg.moe_layers) * cfg.num_experts + 1
+        total = len(cfg.moe_layers) + 1 + len(cfg.moe_layers) * cfg.num_experts + 1
         step = 0
         segments = []
-        for seg in plan:
+        for entry, model in src.segments():
             step += 1
-            rel = f"segments/segment_{seg.index:02d}.onnx"
-            emit(step, total, rel, build_segment(cfg, seg, tensors))
-            segments.append(SegmentEntry(rel, seg.moe_residual, tuple(seg.full_layers),
-                                         seg.attn_layer, seg.needs_mask))
+            emit(step, total, entry.file, model, "segment")
+            segments.append(entry)
+            del model
         experts: dict[int, tuple[str, ...]] = {}
-        router: dict[str, torch.Tensor] = {}
         for layer in cfg.moe_layers:
-            w1, w2 = expert_weights(cfg, tensors, layer)
             rels = []
-            for e in range(cfg.num_experts):
+            for rel, model in src.experts(layer):
                 step += 1
-                rel = f"experts/layer_{layer:02d}/expert_{e}.onnx"
-                emit(step, total, rel, expert_graph(w1[e], w2[e], f"l{layer}_e{e}"))
+                emit(step, total, rel, model, "expert", layer)
                 rels.append(rel)
+                del model
             experts[layer] = tuple(rels)
-            p = f"encoder.layers.{layer}.mlp."
-            router[f"{layer}.router"] = tensors[p + "router.layer.weight"].contiguous()
-            router[f"{layer}.expert_bias"] = tensors[p + "experts.bias"].contiguous()
-        save_file(router, str(tmp / "router.safetensors"))
+        src.write_router(tmp / "router.safetensors")
         files.append("router.safetensors")
         graphs = Graphs(tuple(segments), experts, "router.safetensors")
         report(total, total, "router.safetensors")
     else:
-        graphs = Graphs(model=emit(1, 1, "model.onnx", all_experts_graph(cfg, tensors))[0])
+        graphs = Graphs(model=emit(1, 1, "model.onnx", src.all_experts(), None)[0])
 
-    shutil.copyfile(ck.tokenizer_path, tmp / "tokenizer.json")
-    (tmp / "config.json").write_text(json.dumps(ck.raw_config, indent=2) + "\n")
+    shutil.copyfile(src.tokenizer_path, tmp / "tokenizer.json")
+    (tmp / "config.json").write_text(json.dumps(src.raw_config, indent=2) + "\n")
     files += ["tokenizer.json", "config.json"]
-    lo, hi = default_dims_range(cfg)
+    exporter = {"format_version": FORMAT_VERSION, "onnx_opset": OPSET, "onnx": onnx.__version__,
+                "torch": torch.__version__, **src.origin}
+    if not recipe.is_identity:
+        exporter["onnxruntime"] = _ort_version()
     write_manifest(tmp, Manifest(
-        model_id=_model_id(ck),
-        source=ck.source,
+        model_id=src.model_id,
+        source=src.source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        precision="fp32",
+        precision=precision,
         moe_mode=moe_mode,
         config=cfg,
-        max_tokens=cfg.max_tokens,
-        dimensions=DimensionRange(lo, hi),
+        max_tokens=src.max_tokens,
+        dimensions=src.dimensions,
         tokenizer="tokenizer.json",
         graphs=graphs,
-        exporter={"format_version": FORMAT_VERSION, "onnx_opset": OPSET,
-                  "onnx": onnx.__version__, "torch": torch.__version__},
+        exporter=exporter,
+        recipe=recipe,
+        tensors=tuple(tensors),
     ), files)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _ort_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime")

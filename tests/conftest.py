@@ -34,6 +34,18 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def tiny_bundles(tiny_checkpoint: Path, tiny_bundle: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The routed bundle at every precision, each exported from the checkpoint."""
+    out = {"fp32": tiny_bundle}
+    for precision in ("int8", "int4"):
+        out[precision] = export_bundle(str(tiny_checkpoint),
+                                       tmp_path_factory.mktemp("bundle") / precision,
+                                       precision=precision)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_all_experts_bundle(tiny_checkpoint: Path,
                             tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bundle(str(tiny_checkpoint), tmp_path_factory.mktemp("bundle") / "all",

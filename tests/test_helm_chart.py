@@ -79,6 +79,7 @@ SCENARIOS: dict[str, dict] = {
     "hub-emptydir-public": {"model": {"source": "hub"}},
     "hub-emptydir-token-value": {"model": {"source": "hub", "hub": {"token": {"value": "hf_x"}}}},
     "hub-pvc-existing-secret": {"model": HUB_PVC},
+    "hub-int8": {"model": {"source": "hub", "precision": "int8"}},
     "hub-into-existing-pvc": {
         "model": {"source": "hub", "hub": {"storage": "persistentVolumeClaim",
                                            "persistence": {"existingClaim": "shared-models"}}},
@@ -230,6 +231,9 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
         ({"model": {"source": "existingClaim"}}, "model.existingClaim.claimName is required"),
         ({"model": {"source": "hub", "hub": {"storage": "hostPath"}}}, "model.hub.storage"),
         ({"model": {"source": "hub", "hub": {"moeMode": "dense"}}}, "model.hub.moeMode"),
+        ({"model": {"precision": "int3"}}, "model.precision must be fp32, int8 or int4"),
+        ({"model": {"source": "hub", "precision": "int8", "hub": {"moeMode": "all-experts"}}},
+         "all-experts is exported in fp32 only"),
         ({"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20) must exceed"),
         ({"metrics": {"port": 50051}}, "metrics.port and server.port must differ"),
         ({"server": {"httpPort": 9090}}, "metrics.port and server.httpPort must differ"),
@@ -241,9 +245,10 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
         ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
          "serviceMonitor.enabled needs metrics.enabled"),
     ],
-    ids=["bad-source", "claim-missing", "bad-storage", "bad-moe-mode", "short-grace",
-         "port-clash", "http-port-clash", "health-port-clash", "tls-without-secret",
-         "client-auth-without-tls", "keys-without-secret", "monitor-without-metrics"],
+    ids=["bad-source", "claim-missing", "bad-storage", "bad-moe-mode", "bad-precision",
+         "all-experts-quantized", "short-grace", "port-clash", "http-port-clash",
+         "health-port-clash", "tls-without-secret", "client-auth-without-tls",
+         "keys-without-secret", "monitor-without-metrics"],
 )
 def test_bad_values_fail_the_render_with_a_clear_message(
     helm: Path, overrides: dict, message: str
@@ -441,7 +446,11 @@ def check_hub(r: Rendered) -> None:
     assert init_env["HUB_MODEL_ID"] == hub["id"]
     assert init_env["HUB_REVISION"] == hub["revision"]
     assert init_env["MOE_MODE"] == hub["moeMode"]
+    assert init_env["PRECISION"] == r.values["model"]["precision"]
     assert 'moe-embed export "$HUB_MODEL_ID"' in init["args"][0]
+    for line in init["args"][0].splitlines():
+        if "moe-embed export" in line:  # every export the script may run takes the precision
+            assert '--precision "$PRECISION"' in line, line
     assert init["resources"] == hub["resources"]
 
     bundle = server_env["MOE_EMBED_BUNDLE"]
@@ -491,12 +500,19 @@ def check_existing_claim(r: Rendered) -> None:
 
 
 def test_hub_bundle_dir_changes_with_what_is_exported(helm: Path) -> None:
-    """On a PVC, a new revision or MoE mode must export anew, not reuse the old bundle."""
-    dirs = {
-        env_of(render(helm, {"model": {"source": "hub", "hub": hub}}).server)["MOE_EMBED_BUNDLE"]
-        for hub in ({}, {"revision": "v2"}, {"moeMode": "all-experts"}, {"id": "org/other"})
-    }
-    assert len(dirs) == 4, dirs
+    """On a PVC, a new revision, MoE mode or precision must export anew, not reuse the old
+    bundle; fp32 keeps the directory name it had before precisions existed."""
+    def bundle_dir(model: dict) -> str:
+        return env_of(render(helm, {"model": {"source": "hub", **model}}).server)[
+            "MOE_EMBED_BUNDLE"]
+
+    dirs = [bundle_dir({"hub": hub}) for hub in ({}, {"revision": "v2"},
+                                                 {"moeMode": "all-experts"}, {"id": "org/other"})]
+    dirs += [bundle_dir({"precision": p}) for p in ("int8", "int4")]
+    assert len(set(dirs)) == 6, dirs
+    assert dirs[0].endswith("/nomic-ai_nomic-embed-text-v2-moe--default--routed")
+    assert bundle_dir({"precision": "fp32"}) == dirs[0]
+    assert dirs[4].endswith("--routed--int8")
 
 
 # ---- services, scaling, monitoring -------------------------------------------------------

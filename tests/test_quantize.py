@@ -35,6 +35,7 @@ from moe_embed.export.quantize import (
     parse_format,
     quantize_graph,
     quantize_table,
+    storage_records,
 )
 from moe_embed.export.synthetic import upstream_config
 
@@ -207,6 +208,17 @@ def test_fp32_recipe_is_identity() -> None:
     q, _ = quantize_graph(model, RECIPES["fp32"], "segment")
     assert [n.op_type for n in q.graph.node] == [n.op_type for n in model.graph.node]
     assert _init_bytes(q) == _init_bytes(model)
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_storage_records_of_an_fp32_graph_match_the_fp32_recipe(quantized, graph: str) -> None:
+    """What an fp32 bundle's manifest records (without rewriting its graphs) is what the
+    identity recipe reports."""
+    model, kind, layer, _ = GRAPHS[graph]
+    assert storage_records(model, kind, layer) == quantized[("fp32", graph)][1]
+    generic = storage_records(model, None)  # the all-experts graph: no roles
+    assert [(r.name, r.bytes, r.role) for r in generic] == [
+        (r.name, r.bytes, None) for r in quantized[("fp32", graph)][1]]
 
 
 def test_input_graph_untouched_and_root_logger_kept() -> None:

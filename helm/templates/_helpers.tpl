@@ -50,10 +50,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 /models
 {{- end }}
 
-{{/* The hub bundle's directory name: a new id, revision or MoE mode gets a new export. */}}
+{{/* The hub bundle's directory name: a new id, revision, MoE mode or precision gets a new
+export (fp32 keeps the name it had before precisions existed, so its PVCs stay valid). */}}
 {{- define "moe-embed.hubBundleDir" -}}
 {{- $h := .Values.model.hub }}
-{{- printf "%s--%s--%s" $h.id (default "default" $h.revision) $h.moeMode | replace "/" "_" | replace ":" "_" }}
+{{- $p := ternary "" (printf "--%s" .Values.model.precision) (eq .Values.model.precision "fp32") }}
+{{- printf "%s--%s--%s%s" $h.id (default "default" $h.revision) $h.moeMode $p | replace "/" "_" | replace ":" "_" }}
 {{- end }}
 
 {{/* MOE_EMBED_BUNDLE for the chosen source; empty for the demo model. */}}
@@ -101,6 +103,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if not (has .Values.model.hub.moeMode (list "routed" "all-experts")) }}
 {{- fail (printf "model.hub.moeMode must be routed or all-experts, not %q" .Values.model.hub.moeMode) }}
+{{- end }}
+{{- if not (has .Values.model.precision (list "fp32" "int8" "int4")) }}
+{{- fail (printf "model.precision must be fp32, int8 or int4, not %q" .Values.model.precision) }}
+{{- end }}
+{{- if and (eq .Values.model.hub.moeMode "all-experts") (ne .Values.model.precision "fp32") }}
+{{- fail "model.hub.moeMode all-experts is exported in fp32 only: set model.precision=fp32" }}
 {{- end }}
 {{- $needed := add (int .Values.preStopSleepSeconds) (int .Values.server.drainGraceSeconds) }}
 {{- if le (int .Values.terminationGracePeriodSeconds) $needed }}

@@ -1,0 +1,221 @@
+"""Recipes and storage formats of quantized bundles: pure data, no ONNX import.
+
+The frontend reads manifests (export/bundle.py) without importing onnx or torch, and a manifest
+records the recipe a bundle was made with and how each tensor is stored; so the recipe types, the
+shipped recipes and the storage record live here, and export/quantize.py (which rewrites graphs
+with ONNX Runtime's tools) imports them. See export/quantize.py for what each format means.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["expert", "segment"]
+
+SEGMENT_ROLES = ("word_embeddings", "attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")
+EXPERT_ROLES = ("expert.w1", "expert.w2")
+ROLES = SEGMENT_ROLES + EXPERT_ROLES
+GATHER_ROLES = ("word_embeddings",)
+
+DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
+_NBITS = re.compile(r"^nbits(?P<bits>[48])-block(?P<block>[0-9]+)(?P<sym>-sym)?$")
+_OVERRIDE = re.compile(r"^layers\.(?P<layer>[0-9]+)\.(?P<role>.+)$")
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed, or does not fit the graph it is applied to."""
+
+
+@dataclass(frozen=True)
+class NBits:
+    bits: int
+    block_size: int
+    symmetric: bool
+
+
+def parse_format(fmt: str) -> NBits | bool | None:
+    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``nbits*`` -> NBits. Else raise."""
+    if fmt == "fp32":
+        return None
+    if fmt in DYNAMIC_FORMATS:
+        return DYNAMIC_FORMATS[fmt]
+    m = _NBITS.match(fmt)
+    if m:
+        block = int(m["block"])
+        if block < 16 or block > 256 or block & (block - 1):
+            raise RecipeError(f"format {fmt!r}: block size must be a power of two in 16..256")
+        return NBits(int(m["bits"]), block, bool(m["sym"]))
+    raise RecipeError(
+        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-per-channel', 'int8-per-tensor' "
+        "or 'nbits{4|8}-block{16..256}[-sym]'")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A storage format per role, optional per-layer overrides, and MatMulNBits' compute level.
+
+    `overrides` keys are ``layers.{i}.{role}`` (e.g. ``layers.11.mlp.fc2``, ``layers.3.expert.w2``).
+    `accuracy_level` is MatMulNBits' attribute: 4 quantizes activations to int8 per block at run
+    time (int8 dot products), 0 dequantizes weights and computes in fp32.
+    """
+
+    name: str
+    formats: Mapping[str, str]
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    accuracy_level: int = 4
+
+    def validate(self) -> Recipe:
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError("recipe name must be a non-empty string")
+        if not isinstance(self.formats, Mapping) or not isinstance(self.overrides, Mapping):
+            raise RecipeError(f"recipe {self.name!r}: 'formats' and 'overrides' must be mappings")
+        missing = [r for r in ROLES if r not in self.formats]
+        unknown = [r for r in self.formats if r not in ROLES]
+        if missing or unknown:
+            raise RecipeError(f"recipe {self.name!r}: roles missing {missing}, unknown {unknown}; "
+                              f"every one of {list(ROLES)} needs a format")
+        entries = [(role, fmt, role) for role, fmt in self.formats.items()]
+        for key, fmt in self.overrides.items():
+            m = _OVERRIDE.match(str(key))
+            if not m or m["role"] not in ROLES:
+                raise RecipeError(f"recipe {self.name!r}: override {key!r} is not "
+                                  "'layers.{i}.{role}' with a known role")
+            entries.append((m["role"], fmt, key))
+        for role, fmt, where in entries:
+            if not isinstance(fmt, str):
+                raise RecipeError(f"recipe {self.name!r}: {where}: format must be a string")
+            try:
+                parsed = parse_format(fmt)
+            except RecipeError as exc:
+                raise RecipeError(f"recipe {self.name!r}: {where}: {exc}") from None
+            if role in GATHER_ROLES and isinstance(parsed, bool):
+                raise RecipeError(f"recipe {self.name!r}: {where}: {fmt!r} is for MatMul weights; "
+                                  "the embedding table takes 'fp32' or 'nbits*'")
+        if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
+            raise RecipeError(f"recipe {self.name!r}: accuracy_level must be 0..4, "
+                              f"got {self.accuracy_level!r}")
+        return self
+
+    def format_for(self, role: str, layer: int | None) -> str:
+        if layer is not None:
+            fmt = self.overrides.get(f"layers.{layer}.{role}")
+            if fmt is not None:
+                return fmt
+        return self.formats[role]
+
+    @property
+    def is_identity(self) -> bool:
+        return all(f == "fp32" for f in (*self.formats.values(), *self.overrides.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "formats": dict(self.formats),
+                "overrides": dict(self.overrides), "accuracy_level": self.accuracy_level}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Recipe:
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
+        extra = set(raw) - {"name", "formats", "overrides", "accuracy_level"}
+        if extra or "name" not in raw or "formats" not in raw:
+            raise RecipeError(f"recipe needs 'name' and 'formats' (optional 'overrides', "
+                              f"'accuracy_level'); unexpected {sorted(extra)}")
+        return cls(raw["name"], dict(raw["formats"]) if isinstance(raw["formats"], Mapping)
+                   else raw["formats"], dict(raw.get("overrides") or {}),
+                   raw.get("accuracy_level", 4)).validate()
+
+
+def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Recipe:
+    formats = {"word_embeddings": table, "expert.w1": experts, "expert.w2": experts}
+    formats.update({r: dense for r in ("attn.qkv", "attn.out_proj", "mlp.fc1", "mlp.fc2")})
+    formats.update(roles)
+    return Recipe(name, formats).validate()
+
+
+# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
+# VNNI + AMX); cosine = pooled embeddings vs the fp32 reference. benchmarks/QUANT.md has the table
+# against llama.cpp's GGUF variants; benchmarks/quant_kernels.py the per-kernel figures.
+#
+# - int8: the FFN weights (experts, fc1, fc2) as dynamic int8 per channel: DynamicQuantizeMatMul
+#   runs them 3-9x faster than fp32 (AMX/VNNI), but quantizes each call's activations with one
+#   scale. Attention's two projections take MatMulNBits 8-bit block 32 with accuracy_level 4
+#   (weights and activations quantized per block of 32, like llama.cpp's Q8_0): quantized one
+#   role at a time, dynamic int8 costs 1 - cos ~1.0e-3 on attn.out_proj (its inputs are nearly
+#   the same for every token of a text on random weights, so its error does not average out in
+#   the mean pooling) and on attn.qkv (the softmax amplifies q/k errors), block 32 ~3e-4; on
+#   fc1 / fc2 / experts dynamic int8 costs 4.4e-4 / 4.9e-4 / 1.7e-4. MatMulNBits 8-bit has no
+#   fast int8 path here: at 16+ rows it runs at 0.85-1.0x fp32, so every role moved to it costs
+#   batch speed (all-dynamic int8: 3.3x fp32 on a batch, 1 - cos 2.3e-3; this recipe 1.9x, 1.1e-3;
+#   fc1/fc2 at block 32 too: ~1.5x). Row-wise activation scaling around dynamic int8 gained
+#   nothing (1.22e-3 either way) and cost 9%. Table 8-bit block 128 (block 32: +21 MiB; the table
+#   alone costs 7e-5 at block 128). 484 MiB.
+# - int4: 4-bit block-32 experts (block 128: -23 MiB and 1.2x faster, but 1 - cos 0.020 instead
+#   of 0.014; block 64 no better than 128 on these weights), dense linears at dynamic int8
+#   (4-bit dense: 0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32:
+#   +13 MiB for +0.0006). 316 MiB. MatMulNBits 4-bit is ~2x fp32 at a few rows, ~0.8x at
+#   hundreds: slower than int8 everywhere.
+RECIPES: dict[str, Recipe] = {
+    "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
+    "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
+                    **{"attn.qkv": "nbits8-block32", "attn.out_proj": "nbits8-block32"}),
+    "int4": _recipe("int4", "nbits4-block32", "int8-per-channel", "nbits4-block64"),
+}
+PRECISIONS = tuple(RECIPES)
+
+
+def get_recipe(precision: str) -> Recipe:
+    try:
+        return RECIPES[precision]
+    except KeyError:
+        raise RecipeError(f"precision must be one of {list(RECIPES)}, got {precision!r}") from None
+
+
+@dataclass(frozen=True)
+class TensorStorage:
+    """How one initializer of the fp32 graph is stored in the quantized graph."""
+
+    name: str  # initializer name in the fp32 graph
+    shape: tuple[int, ...]  # its original shape
+    format: str  # "fp32", "int64", ... (unchanged) or a storage format above
+    bytes: int  # bytes of every initializer now holding it: data + scales + zero points
+    role: str | None = None  # "attn.qkv", "expert.w1", "word_embeddings", ...; None = not a weight
+    layer: int | None = None
+    file: str | None = None  # the bundle file (graph) holding it; set by the exporter
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorStorage:
+        if not isinstance(d, Mapping) or not isinstance(d.get("shape"), list):
+            raise TypeError(f"not a tensor storage record: {d!r}")
+        return cls(d["name"], tuple(d["shape"]), d["format"], d["bytes"], d.get("role"),
+                   d.get("layer"), d.get("file"))
+
+
+def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) -> int:
+    """Bytes a weight of `shape` occupies in `fmt` (fp32 MatMul weight [K, N], table [V, H])."""
+    parsed = parse_format(fmt)
+    if parsed is None:
+        return 4 * math.prod(shape)
+    if role in GATHER_ROLES:  # blocks along H of each of the V rows
+        v, k = shape
+        n = v
+    else:
+        k, n = shape
+    if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
+        return k * n + (5 * n if parsed else 5)
+    blocks = -(-k // parsed.block_size)
+    # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
+    data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8
+    zp = 0 if parsed.symmetric else n * -(-blocks * parsed.bits // 8)
+    return data + 4 * n * blocks + zp
+
+
+# --------------------------------------------------------------------------------------------
+# The rewrite
