@@ -218,7 +218,7 @@ def markdown(res: dict, md_dir, json_path) -> str:
         "Differences of a few 1e-4 in mean cosine between recipes are within that noise; the "
         "corpus column (thousands of texts) is the steadier one.",
         "",
-        "Regenerate: `make llama-peer && make quant-table` (about 30 minutes on a quiet 2-core "
+        "Regenerate: `make llama-peer && make quant-table` (about 50 minutes on a quiet 2-core "
         "machine; `ARGS=--quick` for a smoke run of a few minutes).",
         "",
     ]

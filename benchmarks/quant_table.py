@@ -26,7 +26,7 @@ embeddings, mean cosine over the corpus, top-10 overlap (|top-10 of the variant 
 reference| / 10 for each query searching the 2,000 documents by dot product, averaged), and for
 moe-embed the routing fidelity: the fraction of (token, MoE layer) pairs whose top-2 expert set
 equals the reference's. Writes benchmarks/QUANT.md and benchmarks/results/quant.json (under
-benchmarks/results/quick with --quick). About 45 minutes on a quiet 2-core machine, most of it
+benchmarks/results/quick with --quick). About 50 minutes on a quiet 2-core machine, most of it
 llama.cpp's batch runs (~250-450 tokens/s here); --quick (5 variants, small inputs) about 5.
 The bundles, the reference embeddings and each child's job, log and embeddings are kept under
 <bench cache>/quant-<checkpoint key>-v<version>/.

@@ -58,7 +58,7 @@ class ServeConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     drain_grace_s: float = 20.0
     batch_timeout_s: float = 10.0
-    max_concurrent_streams: int = 100
+    max_concurrent_streams: int = 1024
     keepalive_s: float = 60.0
     max_connection_age_s: float = 0.0
     cache_dir: str = "~/.cache/moe-embed"

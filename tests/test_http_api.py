@@ -184,6 +184,7 @@ def test_models_lists_the_served_model_and_model_is_checked(server, client) -> N
     assert model.id == "synthetic-tiny" and model.object == "model"
     card = requests.get(f"{server.url}/v1/models/synthetic-tiny", timeout=10).json()
     assert (card["min_dimensions"], card["max_dimensions"], card["max_inputs"]) == (16, 64, 16)
+    assert card["precision"] == "fp32"
     with pytest.raises(openai.NotFoundError) as exc:
         client.embeddings.create(model="text-embedding-3-small", input="x")
     assert exc.value.code == "model_not_found" and exc.value.param == "model"

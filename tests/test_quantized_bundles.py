@@ -16,7 +16,8 @@ import shutil
 
 import numpy as np
 import pytest
-from support.service import ServerThread, vectors
+import requests
+from support.service import ServerThread, free_port, vectors
 
 from moe_embed.export.bundle import Bundle, BundleError, Manifest
 from moe_embed.export.commands import PRECISIONS
@@ -96,11 +97,13 @@ def test_quantized_bundles_are_smaller(tiny_bundles) -> None:
 def test_served_end_to_end_over_grpc(tiny_bundles, reference_query_vectors, multilingual_texts,
                                      precision) -> None:
     path = tiny_bundles[precision]
-    server = ServerThread(path, workers=1).start()
+    server = ServerThread(path, workers=1, http_port=free_port()).start()
     try:
         stub = server.stub()
         info = stub.Info(pb.InfoRequest())
         assert (info.precision, info.bundle_hash) == (precision, Bundle.load(path).digest)
+        card = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert card["precision"] == precision
         got = np.concatenate([vectors(stub.Embed(pb.EmbedRequest(
             inputs=[t], task=pb.TASK_SEARCH_QUERY))) for t in multilingual_texts])
         short = vectors(stub.Embed(pb.EmbedRequest(inputs=multilingual_texts[:3],

@@ -4,6 +4,7 @@ floods the queue, malformed bytes, cancelled streams, oversized responses, conne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -243,6 +244,19 @@ def test_concurrent_streams_per_connection_are_limited(tiny_bundle, tmp_path) ->
             assert not got.done()  # the connection has no stream left for it
             release.set()
             assert len(got.result(30).embeddings) == 1
+
+
+def test_a_burst_on_a_fresh_connection_is_not_refused(served) -> None:
+    """A client that fires a few hundred calls at once on a new channel opens its streams
+    before the server's SETTINGS arrive; the default limit must leave room for that burst
+    (streams beyond it are reset with REFUSED_STREAM, which the client reports UNAVAILABLE)."""
+    async def burst() -> list[int]:
+        async with grpc.aio.insecure_channel(served.target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            replies = await asyncio.gather(*(stub.Embed(_embed([f"burst {i}"]), timeout=120)
+                                             for i in range(300)))
+            return [len(r.embeddings) for r in replies]
+    assert asyncio.run(burst()) == [1] * 300
 
 
 def test_metrics_answer_only_on_their_path(served) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from moe_embed.service.errors import ServiceError
 from moe_embed.service.metrics import Metrics
 from moe_embed.service.scheduler import Scheduler
 from moe_embed.service.worker_pool import WorkerPool
+from moe_embed.workers.process.main import next_to_step
 
 
 @contextlib.asynccontextmanager
@@ -187,6 +189,73 @@ def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
             os.kill(pid, signal.SIGCONT)
             await asyncio.wait_for(asyncio.gather(large.future, small.future, more.future), 60)
             assert done.index("small") < done.index("large"), done
+    asyncio.run(main())
+
+
+def test_batches_of_similar_size_keep_their_order(tiny_bundle) -> None:
+    """Only a far smaller batch overtakes: a slightly smaller one sent ahead to the busy worker
+    waits its turn, so a stream of small batches cannot starve an equally small first one."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            first = job([100] * 4, caller="a")
+            sched.submit(first)
+            await until(lambda: sent(sched) == (1, 4))
+            second = job([100] * 3, caller="b")  # express-sized, 3/4 of the first
+            sched.submit(second)
+            await until(lambda: sent(sched) == (2, 7))  # both held by the stopped worker
+            done: list[str] = []
+            for name, j in (("first", first), ("second", second)):
+                j.future.add_done_callback(lambda f, name=name: done.append(name))
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(first.future, second.future), 60)
+            assert done == ["first", "second"], done
+    asyncio.run(main())
+
+
+def test_the_worker_lets_only_far_smaller_batches_ahead_and_only_so_much() -> None:
+    """The worker's own rule (the frontend relies on it): oldest first, unless a later batch is
+    at most a quarter of its size, and never more than its own tokens in all."""
+    def batch(tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(tokens=tokens, yielded=0, overtook=False)
+
+    old, similar = batch(400), batch(300)
+    assert next_to_step([old, similar]) is old  # similar sizes keep their order
+    big = batch(1000)
+    assert next_to_step([big, batch(600), batch(250)]).tokens == 250  # the far smaller one
+    big, lights = batch(1000), [batch(250) for _ in range(5)]
+    ahead = []
+    for light in lights:
+        chosen = next_to_step([big, light])
+        ahead.append(chosen is light)
+    assert ahead == [True] * 4 + [False]  # 4 x 250 = its own 1000 tokens, then it runs
+    assert big.yielded == 1000
+
+
+def test_a_large_batch_yields_at_most_its_own_size(tiny_bundle) -> None:
+    """Light batches overtake a heavy one only up to its own token count: a steady stream of
+    them delays it by at most its own size, then it finishes ahead of the rest."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            big = job([400] * 20, caller="heavy")  # 8000 tokens
+            sched.submit(big)
+            await until(lambda: sent(sched) == (1, 20))
+            # 24 express batches of 5 x 100 tokens: 16 of them (8000 tokens) may overtake
+            smalls = [job([100], caller=f"light{i}") for i in range(120)]
+            for j in smalls:
+                sched.submit(j)
+            await until(lambda: sent(sched)[0] == 2)
+            done: list[str] = []
+            big.future.add_done_callback(lambda f: done.append("big"))
+            for j in smalls:
+                j.future.add_done_callback(lambda f: done.append("small"))
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(big.future, *(j.future for j in smalls)), 120)
+            before = done.index("big")
+            assert 60 <= before <= 90, done  # 80 let through (+- the batch held beside it)
     asyncio.run(main())
 
 

@@ -289,7 +289,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
                 "owned_by": "moe-embed", "dimensions": info["dimensions"],
                 "min_dimensions": info["min_dimensions"],
                 "max_dimensions": info["max_dimensions"], "max_tokens": info["max_tokens"],
-                "max_inputs": info["max_inputs"]}
+                "max_inputs": info["max_inputs"], "precision": info["precision"]}
 
     @app.get("/v1/models", tags=["embeddings"], response_model=schema.ModelList,
              responses={401: ERROR_RESPONSES[401]}, summary="The served model")

@@ -115,6 +115,7 @@ class Model(BaseModel):
     max_dimensions: int = Field(description="Extension: the largest Matryoshka size.")
     max_tokens: int = Field(description="Extension: tokens per input (longer ones are cut).")
     max_inputs: int = Field(description="Extension: inputs per request.")
+    precision: str = Field(description="Extension: the bundle's precision (fp32, int8, int4).")
 
 
 class ModelList(BaseModel):

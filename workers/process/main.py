@@ -7,9 +7,12 @@ tokens per expert) or, if a batch raised, a Failed naming the reason and the row
 
 A worker holds up to two batches (one running, one sent ahead). It runs them step by step
 (one session call at a time) and, between steps, reads any batch that has arrived and always
-advances the one with the fewest tokens: a small batch sent while a large one runs is done
-first, after one step of the large one, instead of after all of it. The worker exits on Stop
-or when the frontend's end of the pipe closes.
+advances the oldest, unless a later one is at most a quarter of its size: a small batch sent
+while a large one runs is done first, after one step of the large one, instead of after all of
+it. A batch yields to smaller ones at most its own token count in all, so its delay is bounded by
+its own size, and batches of similar size keep their order (shortest-first would let a stream of
+small batches starve the first one). The worker exits on Stop or when the frontend's end of the
+pipe closes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Running:
         self.tokens = batch.ids.size
         self.steps = runtime.embed_steps(batch.ids, batch.offsets, batch.dims, batch.normalize)
         self.seconds = 0.0  # time spent in its own steps
+        self.yielded = 0  # tokens of later batches let through ahead of this one
+        self.overtook = False  # already counted in the batch it overtook
 
     def step(self) -> protocol.Result | protocol.Failed | None:
         """Advance by one step; the reply once it is done."""
@@ -59,9 +64,24 @@ class Running:
             self.seconds += time.perf_counter() - start
 
 
+def next_to_step(running: list[Running]) -> Running:
+    """The batch to advance: the oldest, or the smallest of the later ones that are far smaller
+    than it, while the oldest has let through fewer tokens than its own."""
+    oldest = running[0]
+    small = [r for r in running[1:] if r.tokens * protocol.OVERTAKE_RATIO <= oldest.tokens
+             and (r.overtook or oldest.yielded + r.tokens <= oldest.tokens)]
+    if not small:
+        return oldest
+    task = min(small, key=lambda r: r.tokens)
+    if not task.overtook:
+        task.overtook = True
+        oldest.yielded += task.tokens
+    return task
+
+
 def serve(runtime, requests: Connection, results: Connection) -> None:
-    """The worker's loop: read batches, step the smallest, write replies (see the module
-    docstring). Returns on Stop or when the frontend is gone."""
+    """The worker's loop: read batches, step one (`next_to_step`), write replies (see the
+    module docstring). Returns on Stop or when the frontend is gone."""
     log = structlog.get_logger("moe_embed.worker")
     running: list[Running] = []
     while True:
@@ -76,7 +96,7 @@ def serve(runtime, requests: Connection, results: Connection) -> None:
         except (EOFError, OSError):
             log.info("worker_frontend_gone")
             return
-        task = min(running, key=lambda r: r.tokens)
+        task = next_to_step(running)
         reply = task.step()
         if reply is not None:
             running.remove(task)
