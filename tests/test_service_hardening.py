@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -257,6 +258,16 @@ def test_a_burst_on_a_fresh_connection_is_not_refused(served) -> None:
                                              for i in range(300)))
             return [len(r.embeddings) for r in replies]
     assert asyncio.run(burst()) == [1] * 300
+
+
+def test_the_frontend_loads_neither_torch_nor_onnx_runtime(served) -> None:
+    """The frontend tokenizes, batches and dispatches: torch and ONNX Runtime belong to the
+    workers (each is hundreds of MB of RSS). Checked on the running process's mappings."""
+    maps = Path(f"/proc/{served.proc.pid}/maps").read_text()
+    for library in ("libtorch", "onnxruntime"):
+        assert library not in maps, library
+    workers = [Path(f"/proc/{pid}/maps").read_text() for pid in served.worker_pids()]
+    assert workers and all("onnxruntime" in m for m in workers)  # the check can see them
 
 
 def test_metrics_answer_only_on_their_path(served) -> None:
