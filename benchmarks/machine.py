@@ -41,6 +41,22 @@ def _git(*args: str) -> str:
         return ""
 
 
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa() -> tuple[str, list[str]]:
+    """The CPU's model name and which of the instruction sets that matter here it has (every
+    report names them: kernels' speed differs between AVX2-only and AVX-512/VNNI machines)."""
+    model, flags = "", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return model, [f for f in ISA_FLAGS if f in flags]
+
+
 def info() -> dict:
     """Hardware, software versions and the git commit this run measured."""
     import psutil

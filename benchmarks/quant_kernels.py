@@ -50,21 +50,9 @@ LINEARS = {  # name: (K, N, role)
 }
 ROWS = (1, 4, 16, 64, 512)
 ERROR_ROWS = 64
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-         "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 # ---------------------------------------------------------------- machine & session setup
-
-def cpu_flags() -> tuple[str, list[str]]:
-    model, flags = "", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    return model, [f for f in FLAGS if f in flags]
-
 
 def session(model: onnx.ModelProto, threads: int, optimized: Path | None = None):
     """With the product's session options (workers/runtime/sessions.py): ORT's global pool
@@ -243,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.budget = min(a.budget, 0.04)
-    model, flags = cpu_flags()
+    from machine import cpu_isa
+
+    model, flags = cpu_isa()
     one, five, _ = os.getloadavg()
     print(f"# Quantized kernels: {model}, {os.cpu_count()} cores, flags {' '.join(flags)}")
     print(f"# onnxruntime {ort.__version__}, onnx {onnx.__version__}, {a.threads} threads "

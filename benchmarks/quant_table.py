@@ -54,8 +54,6 @@ GGUF = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 # Run order: each target pair next to each other in time (a shared machine drifts).
 ORDER = ("fp32", "Q8_0", "int8", "Q4_K_M", "int4", "F16", "Q6_K", "Q5_K_M", "Q4_0", "Q3_K_M",
          "Q2_K")
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-         "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -85,14 +83,10 @@ def log(msg: str) -> None:
 
 
 def cpu() -> dict:
-    model, flags = "", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    return {"model": model, "flags": [f for f in FLAGS if f in flags],
-            "cores_usable": len(os.sched_getaffinity(0))}
+    from machine import cpu_isa
+
+    model, flags = cpu_isa()
+    return {"model": model, "flags": flags, "cores_usable": len(os.sched_getaffinity(0))}
 
 
 def load_average() -> list[float]:
