@@ -3,7 +3,8 @@
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
 worker gets a full batch at once; a busy worker's second slot gets an express batch (at most
 EXPRESS_TOKENS, the lightest callers' inputs first) when one is full or when the oldest input
-has waited `max_wait`. The worker runs the smaller of its two batches first, pausing the
+has waited `max_wait`. The worker runs that batch first when it is at most a quarter of the
+one it holds (up to that one's own token count in all; workers/process/main.py), pausing the
 larger between session calls, so a light request does not wait for a heavy batch to end.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the

@@ -60,6 +60,17 @@ async def until(predicate, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def completion_order(pid: int, jobs: list[tuple[str, Job]],
+                           timeout: float = 60.0) -> list[str]:
+    """Resume the stopped worker `pid` and return the jobs' names in the order they finish."""
+    done: list[str] = []
+    for name, j in jobs:
+        j.future.add_done_callback(lambda f, name=name: done.append(name))
+    os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(asyncio.gather(*(j.future for _, j in jobs)), timeout)
+    return done
+
+
 def test_idle_worker_gets_work_at_once(tiny_bundle) -> None:
     async def main() -> None:
         async with running(tiny_bundle, max_wait_s=10.0) as sched:
@@ -169,8 +180,8 @@ def test_stuck_worker_is_killed_and_its_batch_resent(tiny_bundle) -> None:
 
 
 def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
-    """A busy worker's second slot gets an express batch, and the worker runs the smaller of
-    its batches first: a light request sent after a large batch is answered before it."""
+    """A busy worker's second slot gets an express batch, and the worker runs it first when it
+    is far smaller: a light request sent after a large batch is answered before it."""
     async def main() -> None:
         async with running(tiny_bundle, max_wait_s=0.0) as sched:
             pid = sched.pool.pids()[0]
@@ -183,11 +194,8 @@ def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
             sched.submit(more)
             sched.submit(small)
             await until(lambda: sent(sched)[0] == 2)  # the express batch, to the busy worker
-            done: list[str] = []
-            for name, j in (("large", large), ("small", small), ("more", more)):
-                j.future.add_done_callback(lambda f, name=name: done.append(name))
-            os.kill(pid, signal.SIGCONT)
-            await asyncio.wait_for(asyncio.gather(large.future, small.future, more.future), 60)
+            done = await completion_order(pid, [("large", large), ("small", small),
+                                                ("more", more)])
             assert done.index("small") < done.index("large"), done
     asyncio.run(main())
 
@@ -205,11 +213,7 @@ def test_batches_of_similar_size_keep_their_order(tiny_bundle) -> None:
             second = job([100] * 3, caller="b")  # express-sized, 3/4 of the first
             sched.submit(second)
             await until(lambda: sent(sched) == (2, 7))  # both held by the stopped worker
-            done: list[str] = []
-            for name, j in (("first", first), ("second", second)):
-                j.future.add_done_callback(lambda f, name=name: done.append(name))
-            os.kill(pid, signal.SIGCONT)
-            await asyncio.wait_for(asyncio.gather(first.future, second.future), 60)
+            done = await completion_order(pid, [("first", first), ("second", second)])
             assert done == ["first", "second"], done
     asyncio.run(main())
 
@@ -248,12 +252,8 @@ def test_a_large_batch_yields_at_most_its_own_size(tiny_bundle) -> None:
             for j in smalls:
                 sched.submit(j)
             await until(lambda: sent(sched)[0] == 2)
-            done: list[str] = []
-            big.future.add_done_callback(lambda f: done.append("big"))
-            for j in smalls:
-                j.future.add_done_callback(lambda f: done.append("small"))
-            os.kill(pid, signal.SIGCONT)
-            await asyncio.wait_for(asyncio.gather(big.future, *(j.future for j in smalls)), 120)
+            done = await completion_order(pid, [("big", big)] + [("small", j) for j in smalls],
+                                          timeout=120)
             before = done.index("big")
             assert 60 <= before <= 90, done  # 80 let through (+- the batch held beside it)
     asyncio.run(main())

@@ -64,11 +64,14 @@ class Running:
             self.seconds += time.perf_counter() - start
 
 
+OVERTAKE_RATIO = 4  # a later batch runs first only if it is at most 1/4 of the oldest
+
+
 def next_to_step(running: list[Running]) -> Running:
     """The batch to advance: the oldest, or the smallest of the later ones that are far smaller
     than it, while the oldest has let through fewer tokens than its own."""
     oldest = running[0]
-    small = [r for r in running[1:] if r.tokens * protocol.OVERTAKE_RATIO <= oldest.tokens
+    small = [r for r in running[1:] if r.tokens * OVERTAKE_RATIO <= oldest.tokens
              and (r.overtook or oldest.yielded + r.tokens <= oldest.tokens)]
     if not small:
         return oldest

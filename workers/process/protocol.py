@@ -33,11 +33,6 @@ class Kind(IntEnum):
     LOAD_FAILED = 13
 
 
-# A batch sent to a busy worker runs ahead of the one it holds only if it is at most
-# 1/OVERTAKE_RATIO of that one's real tokens (see process/main.py: next_to_step).
-OVERTAKE_RATIO = 4
-
-
 class Reason(IntEnum):
     """Why a batch failed in a worker."""
 
