@@ -60,6 +60,15 @@ async def until(predicate, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def held_by_stopped_worker(sched: Scheduler, first: Job) -> int:
+    """Stop the only worker, send it `first`, and return its pid once the batch has gone."""
+    pid = sched.pool.pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    sched.submit(first)
+    await until(lambda: sent(sched) == (1, len(first.ids)))
+    return pid
+
+
 async def completion_order(pid: int, jobs: list[tuple[str, Job]],
                            timeout: float = 60.0) -> list[str]:
     """Resume the stopped worker `pid` and return the jobs' names in the order they finish."""
@@ -184,11 +193,8 @@ def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
     is far smaller: a light request sent after a large batch is answered before it."""
     async def main() -> None:
         async with running(tiny_bundle, max_wait_s=0.0) as sched:
-            pid = sched.pool.pids()[0]
-            os.kill(pid, signal.SIGSTOP)
             large = job([400] * 20, caller="heavy")
-            sched.submit(large)
-            await until(lambda: sent(sched) == (1, 20))
+            pid = await held_by_stopped_worker(sched, large)
             more = job([400] * 20, caller="heavy")  # queued behind, more than an express fits
             small = job([5], caller="light")
             sched.submit(more)
@@ -205,11 +211,8 @@ def test_batches_of_similar_size_keep_their_order(tiny_bundle) -> None:
     waits its turn, so a stream of small batches cannot starve an equally small first one."""
     async def main() -> None:
         async with running(tiny_bundle, max_wait_s=0.0) as sched:
-            pid = sched.pool.pids()[0]
-            os.kill(pid, signal.SIGSTOP)
             first = job([100] * 4, caller="a")
-            sched.submit(first)
-            await until(lambda: sent(sched) == (1, 4))
+            pid = await held_by_stopped_worker(sched, first)
             second = job([100] * 3, caller="b")  # express-sized, 3/4 of the first
             sched.submit(second)
             await until(lambda: sent(sched) == (2, 7))  # both held by the stopped worker
@@ -242,11 +245,8 @@ def test_a_large_batch_yields_at_most_its_own_size(tiny_bundle) -> None:
     them delays it by at most its own size, then it finishes ahead of the rest."""
     async def main() -> None:
         async with running(tiny_bundle, max_wait_s=0.0) as sched:
-            pid = sched.pool.pids()[0]
-            os.kill(pid, signal.SIGSTOP)
             big = job([400] * 20, caller="heavy")  # 8000 tokens
-            sched.submit(big)
-            await until(lambda: sent(sched) == (1, 20))
+            pid = await held_by_stopped_worker(sched, big)
             # 24 express batches of 5 x 100 tokens: 16 of them (8000 tokens) may overtake
             smalls = [job([100], caller=f"light{i}") for i in range(120)]
             for j in smalls:
