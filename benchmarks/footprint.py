@@ -1,11 +1,12 @@
 """Script, not a test: what one replica costs to run: memory, start time, and the throughput
 that goes with them.
 
-    .venv/bin/python benchmarks/footprint.py [--config NAME=MOE_EMBED_CLI:BUNDLE ...]
+    .venv/bin/python benchmarks/footprint.py [--config NAME=MOE_EMBED_CLI:BUNDLE[:FLAGS] ...]
         [--workers 1,2] [--rounds 2] [--quick]
 
-For each configuration (a `moe-embed` executable and a bundle; default: this checkout on the
-cached full-size fp32 bundle of `make bench`) and each worker count, in interleaved rounds:
+For each configuration (a `moe-embed` executable, a bundle and optional serve flags, e.g.
+`--no-share-weights`; default: this checkout on the cached full-size fp32 bundle of
+`make bench`) and each worker count, in interleaved rounds:
 - start: seconds from process start to grpc.health SERVING;
 - memory once idle: the frontend's RSS, every process's PSS (from /proc/PID/smaps_rollup), and
   how much of the workers' memory is shared file pages (the weights, when they are mapped);
@@ -49,25 +50,24 @@ def smaps(pid: int) -> dict[str, float]:
     return out
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def measure(cli: Path, bundle: Path, workers: int, threads: int, ctx, quick: bool) -> dict:
+def measure(cli: Path, bundle: Path, flags: tuple[str, ...], workers: int, threads: int, ctx,
+            quick: bool) -> dict:
     import service_client as svc
     import workloads as wl
+    from machine import descendants
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        server = svc.Server(bundle, workers, threads, Path(tmp) / "serve.log", cli=cli)
+        server = svc.Server(bundle, workers, threads, Path(tmp) / "serve.log", cli=cli,
+                            flags=flags)
         try:
             server.wait_serving()
             start_s = time.perf_counter() - t0
             time.sleep(2.0)
             front = smaps(server.proc.pid)
-            kids = [smaps(p) for p in children(server.proc.pid)]
-            worker_mem = [k for k in kids if k["rss"] > 100]  # workers, not the resource tracker
+            kids = [smaps(p) for p in descendants(server.proc.pid)]
+            # workers (and the loader they are forked from), not the resource tracker
+            worker_mem = [k for k in kids if k["rss"] > 100]
             w1 = wl.w1_service(ctx, server.target)
             w3 = wl.w3_service(ctx, server.target, "service")
         finally:
@@ -87,8 +87,9 @@ def measure(cli: Path, bundle: Path, workers: int, threads: int, ctx, quick: boo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", action="append", default=[],
-                    help="NAME=MOE_EMBED_CLI:BUNDLE (repeatable); default: this checkout's "
-                         "moe-embed on the cached full-size fp32 bundle")
+                    help="NAME=MOE_EMBED_CLI:BUNDLE[:FLAGS] (repeatable; FLAGS: serve flags "
+                         "separated by spaces); default: this checkout's moe-embed on the "
+                         "cached full-size fp32 bundle")
     ap.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="cores shared by the workers of one server (default: all usable)")
@@ -108,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = {}
     for spec in args.config:
         name, _, rest = spec.partition("=")
-        cli, _, bundle = rest.partition(":")
-        configs[name] = (Path(cli), Path(bundle))
+        cli, _, rest = rest.partition(":")
+        bundle, _, flags = rest.partition(":")
+        configs[name] = (Path(cli), Path(bundle), tuple(flags.split()))
     if not configs:
         art = artifacts.ensure(artifacts.default_cache())
-        configs["this"] = (Path(sys.executable).with_name("moe-embed"), art.routed.path)
+        configs["this"] = (Path(sys.executable).with_name("moe-embed"), art.routed.path, ())
     plan = QUICK if args.quick else FULL
     first_bundle = next(iter(configs.values()))[1]
     tok = Tokenizer(first_bundle / "tokenizer.json")
@@ -127,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load at start: {report['load_start']['uptime']}", flush=True)
     rows: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.rounds):
-        for name, (cli, bundle) in configs.items():
+        for name, (cli, bundle, flags) in configs.items():
             for n in counts:
-                m = measure(cli, bundle, n, max(1, args.threads // n), ctx, args.quick)
+                m = measure(cli, bundle, flags, n, max(1, args.threads // n), ctx, args.quick)
                 rows.setdefault((name, n), []).append(m)
                 report["rounds"].append({"round": r, "config": name, "workers": n, **m})
                 print(json.dumps({"round": r, "config": name, "workers": n, **m}), flush=True)

@@ -33,6 +33,24 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (workers forked by the loader are the frontend's
+    grandchildren)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            out += [kid, *descendants(kid)]
+    return out
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,

@@ -192,6 +192,18 @@ MUTATIONS: tuple[Mutation, ...] = (
              "                batch = self.queue.take(now, EXPRESS_TOKENS, lightest_first=True)",
              "                batch = self.queue.take(now)",
              ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
+    Mutation("one-thread workers load their own weights (no loader)", "service/worker_pool.py",
+             "        self.forked = share_weights and threads == 1",
+             "        self.forked = False",
+             ("tests/test_service_resilience.py::"
+              "test_one_thread_workers_share_the_loaders_weights",)),
+    Mutation("the loader forks with ONNX Runtime's telemetry thread running",
+             "service/worker_pool.py",
+             "                env={**os.environ, **LOADER_ENV})",
+             "                env={k: v for k, v in os.environ.items()\n"
+             "                     if k != 'ORT_DISABLE_TELEMETRY'})",
+             ("tests/test_service_resilience.py::"
+              "test_one_thread_workers_share_the_loaders_weights",)),
 )
 
 

@@ -141,18 +141,22 @@ class Soak:
                                                           options=list(options.items())))
 
     def sample_rss(self) -> None:
-        def rss(pid: int) -> float:
+        """Frontend RSS; the workers' (and their loader's) total PSS, which counts the weights
+        they share once."""
+        def field(path: str, key: str) -> float:
             try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                for line in Path(path).read_text().splitlines():
+                    if line.startswith(key):
                         return int(line.split()[1]) / 1024
             except OSError:
                 pass
             return 0.0
-        children = Path(f"/proc/{self.srv.proc.pid}/task/{self.srv.proc.pid}/children")
-        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
-        self.rss["frontend"].append(rss(self.srv.proc.pid))
-        self.rss["workers"].append(sum(rss(p) for p in pids))
+        from machine import descendants
+
+        pid = self.srv.proc.pid
+        self.rss["frontend"].append(field(f"/proc/{pid}/status", "VmRSS:"))
+        self.rss["workers"].append(sum(field(f"/proc/{p}/smaps_rollup", "Pss:")
+                                       for p in descendants(pid)))
 
     # -- the clients -------------------------------------------------------------------------
     def heavy(self, k: int, rate_inputs_s: float) -> None:

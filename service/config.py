@@ -51,6 +51,7 @@ class ServeConfig:
     metrics_port: int = 9090
     workers: int = 1
     threads_per_worker: int = 1
+    share_weights: bool = True
     max_batch_tokens: int = 8192
     max_wait_ms: float = 2.0
     max_queue: int = 4096
@@ -161,9 +162,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_port", "--metrics-port", "MOE_EMBED_METRICS_PORT", int,
             "Prometheus /metrics HTTP port (0 disables)", "PORT"),
     Setting("workers", "--workers", "MOE_EMBED_WORKERS", int,
-            "worker processes, each with its own runtime and weights", "N"),
+            "worker processes (see --share-weights for their memory)", "N"),
     Setting("threads_per_worker", "--threads-per-worker", "MOE_EMBED_THREADS_PER_WORKER", int,
             "ONNX Runtime / torch threads in each worker", "N"),
+    Setting("share_weights", "--share-weights", "MOE_EMBED_SHARE_WEIGHTS", parse_bool,
+            "workers with one thread each are forked from one loader process and share its "
+            "weights (and restart in milliseconds); workers with more threads, or with "
+            "--no-share-weights, each load their own copy"),
     Setting("max_batch_tokens", "--max-batch-tokens", "MOE_EMBED_MAX_BATCH_TOKENS", int,
             "real tokens in one batch (what its linear layers compute: padding never reaches "
             "them); attention's padded width is bounded separately, per 512-token chunk in "

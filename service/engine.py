@@ -61,28 +61,36 @@ class Engine:
         self.config = config
         self.bundle = Bundle.load(bundle_path, verify=False)  # workers verify every hash
         self.limits = Limits.of(self.bundle, config.max_inputs)
-        self.tokenizer = Tokenizer.from_bundle(self.bundle)
+        self.tokenizer: Tokenizer | None = None  # loaded in start(), while the workers load
         self.metrics = metrics
         self.draining = False
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.pool = WorkerPool(self.bundle.path, config.workers, config.threads_per_worker,
-                               config.log_level, metrics)
+                               config.log_level, metrics, share_weights=config.share_weights)
         self.scheduler = Scheduler(BatchQueue(config.max_batch_tokens, config.max_queue),
                                    self.pool, metrics, config.max_wait_ms / 1e3,
                                    config.batch_timeout_s)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.pool.start()
+        """Start the workers, then load the tokenizer while they load (both take seconds)."""
+        starting = asyncio.ensure_future(self.pool.start())
+        await asyncio.sleep(0)  # pool.start spawns every worker before it first waits
+        try:
+            self.tokenizer = await asyncio.to_thread(Tokenizer.from_bundle, self.bundle)
+        except BaseException:
+            starting.cancel()
+            raise
+        await starting
         self.scheduler.start()
 
     @property
     def ready(self) -> bool:
-        """Every worker has loaded once. While one restarts, work queues for the others (or
-        for it), so requests keep being admitted."""
-        return self.pool.started
+        """Every worker has loaded once (and the tokenizer). While one restarts, work queues
+        for the others (or for it), so requests keep being admitted."""
+        return self.pool.started and self.tokenizer is not None
 
     def begin_drain(self) -> None:
         """Refuse new work from now on; work already admitted still runs."""
@@ -109,12 +117,18 @@ class Engine:
         if not self.pool.can_serve():
             raise self.scheduler.no_worker()
 
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise errors.unavailable("the tokenizer is still loading; retry shortly")
+        return self.tokenizer
+
     async def _encode(self, inputs: Sequence[Input], task: str,
                       truncate: bool) -> list[np.ndarray]:
+        tokenizer = self._tokenizer()
         t = task_named(task)
         if _chars(inputs) > INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, inputs, t, truncate)
-        return self.tokenizer.encode(inputs, t, truncate)
+            return await asyncio.to_thread(tokenizer.encode, inputs, t, truncate)
+        return tokenizer.encode(inputs, t, truncate)
 
     async def embed(self, inputs: Sequence[Input], task: str, dimensions: int = 0,
                     truncate: bool = True, normalize: bool = True,
@@ -164,12 +178,13 @@ class Engine:
     async def tokenize(self, inputs: Sequence[str], task: str,
                        truncate: bool = True) -> list[tuple[list[int], list[str]]]:
         """The ids and pieces the model would see."""
+        tokenizer = self._tokenizer()
         try:
             validate_embed(inputs, task, 0, self.limits, truncate)
             t = task_named(task)
             if _chars(inputs) > INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.tokenize, inputs, t, truncate)
-            return self.tokenizer.tokenize(inputs, t, truncate)
+                return await asyncio.to_thread(tokenizer.tokenize, inputs, t, truncate)
+            return tokenizer.tokenize(inputs, t, truncate)
         except Exception as exc:
             raise errors.service_error(exc) from exc
 

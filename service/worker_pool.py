@@ -1,8 +1,11 @@
 """The worker processes behind one awaitable: "run this batch on a worker, return its result or
 raise `WorkerDied`".
 
-Each worker is a "spawn" process (torch and ONNX Runtime are not fork-safe) with two pipes:
-batches go down one, results come up the other, read by the event loop when readable. A
+Workers with one thread each are forked from one loader process that has loaded the runtime
+(`workers/process/loader.py`): they share every weight copy-on-write, and a restart takes
+milliseconds. Workers with more threads are "spawn" processes that load their own runtime
+(ONNX Runtime's thread pool does not survive fork). Either way a worker has two pipes: batches
+go down one, results come up the other, read by the event loop when readable. A
 worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe): a caller
 first `acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
 that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
@@ -16,15 +19,24 @@ import fcntl
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import structlog
 
+from ..workers.process import loader as loader_program
 from ..workers.process import protocol
+from ..workers.process.loader import send_fork
 from ..workers.process.main import worker_main
 from .metrics import Metrics
 
+# Environment of the loader: no thread may run in it when it forks. ONNX Runtime's telemetry
+# keeps a thread (and an SQLite store under ~/.cache) from import on, and would otherwise send
+# usage events from a user's cluster; OpenBLAS starts a pool on numpy's import.
+LOADER_ENV = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
 MAX_IN_FLIGHT = 2  # batches per worker: one running, one waiting in its pipe
 PIPE_BYTES = 1 << 20  # grown pipes: a batch message never blocks the event loop on write
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -78,16 +90,16 @@ def _grow_pipe(conn: Connection) -> None:
 class Worker:
     """The frontend's handle on one worker process (a restart makes a new handle)."""
 
-    def __init__(self, index: int, process: multiprocessing.Process, requests: Connection,
-                 results: Connection) -> None:
+    def __init__(self, index: int, process: multiprocessing.Process | None,
+                 requests: Connection, results: Connection) -> None:
         self.index = index
-        self.process = process
+        self.process = process  # None when forked by the loader (not our child)
         self.requests = requests
         self.results = results
         self.ready = False
         self.dead = False
         self.killed = False  # killed by the pool (stuck): gets no more work, death pending
-        self.pid: int | None = process.pid
+        self.pid: int | None = process.pid if process is not None else None  # forked: from Ready
         self.slots = 0  # acquired: batches running or about to be sent
         self.tokens = 0  # real tokens of the batches it holds
         self.in_flight: dict[int, asyncio.Future] = {}
@@ -96,10 +108,65 @@ class Worker:
     def busy(self) -> bool:
         return self.slots > 0
 
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode if self.process is not None else None
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.is_alive()
+        return self.pid is not None and _pid_alive(self.pid)
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the process to end (a forked worker is not our child: poll its pid)."""
+        if self.process is not None:
+            self.process.join(timeout_s)
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def kill_now(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Loader:
+    """The frontend's handle on the loader process (see workers/process/loader.py)."""
+
+    def __init__(self, process: subprocess.Popen, control: Connection) -> None:
+        self.process = process
+        self.control = control
+        self.failed = False  # reported LoadFailed: it exits; the next fork needs a new one
+        self.gone = False  # its control connection closed
+
+    @property
+    def usable(self) -> bool:
+        return not (self.failed or self.gone) and self.process.poll() is None
+
+    def reap(self, timeout_s: float) -> None:
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+
 
 class WorkerPool:
     def __init__(self, bundle_path: str | Path, workers: int, threads: int, log_level: str,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, share_weights: bool = True) -> None:
         self.bundle_path = str(bundle_path)
         self.size = workers
         self.threads = threads
@@ -107,7 +174,11 @@ class WorkerPool:
         self.metrics = metrics
         self.changes = Changes()
         self._ctx = multiprocessing.get_context("spawn")
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # spawned workers: no telemetry
         self.workers: list[Worker | None] = [None] * workers
+        # share the weights: fork the workers from one loader (ORT's pool does not survive fork)
+        self.forked = share_weights and threads == 1
+        self._loader: Loader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Future | None = None
         self._closing = False
@@ -143,21 +214,72 @@ class WorkerPool:
     def pids(self) -> list[int | None]:
         return [w.pid if w is not None else None for w in self.workers]
 
+    def loader_pid(self) -> int | None:
+        """The pid of the process the workers are forked from (None: each loads its own)."""
+        return self._loader.process.pid if self._loader is not None else None
+
     def _spawn(self, index: int) -> None:
         req_r, req_w = self._ctx.Pipe(duplex=False)
         res_r, res_w = self._ctx.Pipe(duplex=False)
         _grow_pipe(req_w)
         _grow_pipe(res_w)
-        process = self._ctx.Process(
-            target=worker_main, name=f"moe-embed-worker-{index}", daemon=True,
-            args=(req_r, res_w, self.bundle_path, self.threads, index, self.log_level))
-        process.start()
+        process = None
+        if self.forked:
+            loader = self._usable_loader()
+            try:
+                send_fork(loader.control, index, req_r.fileno(), res_w.fileno())
+            except OSError:
+                loader.gone = True  # the worker's pipe ends died with the message: EOF below
+        else:
+            process = self._ctx.Process(
+                target=worker_main, name=f"moe-embed-worker-{index}", daemon=True,
+                args=(req_r, res_w, self.bundle_path, self.threads, index, self.log_level))
+            process.start()
         req_r.close()
         res_w.close()  # the worker holds the only write end: its death reads as EOF here
         worker = self.workers[index] = Worker(index, process, req_w, res_r)
         assert self._loop is not None
         self._loop.add_reader(res_r.fileno(), self._readable, worker)
-        log.info("worker_spawned", worker=index, pid=process.pid)
+        log.info("worker_spawned", worker=index, pid=worker.pid, forked=self.forked)
+
+    def _usable_loader(self) -> Loader:
+        """The loader to fork from, starting one if there is none (or it failed or died)."""
+        if self._loader is not None and self._loader.usable:
+            return self._loader
+        if self._loader is not None:
+            self._close_loader(self._loader)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = subprocess.Popen(
+                loader_program.command(theirs.fileno(), self.bundle_path, self.log_level),
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                env={**os.environ, **LOADER_ENV})
+        control = Connection(ours.detach())
+        loader = self._loader = Loader(process, control)
+        assert self._loop is not None
+        self._loop.add_reader(control.fileno(), self._loader_readable, loader)
+        log.info("loader_spawned", pid=process.pid)
+        return loader
+
+    def _loader_readable(self, loader: Loader) -> None:
+        try:
+            msg = protocol.decode(loader.control.recv_bytes())
+        except (EOFError, OSError):
+            loader.gone = True
+            self._close_loader(loader)
+            loader.reap(0.2)  # it closed its end: it is exiting
+            return
+        if isinstance(msg, protocol.Ready):
+            log.info("loader_ready", pid=msg.pid, load_s=round(msg.load_s, 3))
+        elif isinstance(msg, protocol.LoadFailed):
+            loader.failed = True  # each pending worker gets the LoadFailed on its own pipe
+
+    def _close_loader(self, loader: Loader) -> None:
+        conn = loader.control
+        if not conn.closed:
+            assert self._loop is not None
+            self._loop.remove_reader(conn.fileno())
+            conn.close()  # the loader exits on EOF; its workers live on
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop every worker (Stop, then SIGKILL after timeout_s)."""
@@ -172,13 +294,20 @@ class WorkerPool:
         for w in self.workers:
             if w is None:
                 continue
-            await loop.run_in_executor(None, w.process.join, timeout_s)
-            if w.process.is_alive():
-                w.process.kill()
-                await loop.run_in_executor(None, w.process.join, timeout_s)
+            await loop.run_in_executor(None, w.join, timeout_s)
+            if w.alive():
+                w.kill_now()
+                await loop.run_in_executor(None, w.join, timeout_s)
             w.requests.close()
             self._stop_reading(w)
             self._fail_pending(w, "server shut down")
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            self._close_loader(loader)
+            await loop.run_in_executor(None, loader.reap, timeout_s)
+            if loader.process.poll() is None:
+                loader.process.kill()
+                await loop.run_in_executor(None, loader.reap, timeout_s)
 
     # -- the awaitable ---------------------------------------------------------------------
     def _best(self) -> Worker | None:
@@ -320,23 +449,23 @@ class WorkerPool:
         was_ready = worker.ready
         worker.dead = True
         worker.ready = False
-        worker.process.join(timeout=0.2)  # it closed its pipe: it is exiting
+        worker.join(0.2)  # it closed its pipe: it is exiting
+        code = worker.exitcode
         log.warning("worker_died", worker=worker.index, pid=worker.pid,
-                    exitcode=worker.process.exitcode, in_flight=len(worker.in_flight))
-        self._fail_pending(worker, f"died (exit code {worker.process.exitcode})")
+                    exitcode=code, in_flight=len(worker.in_flight))
+        self._fail_pending(worker, "died" if code is None else f"died (exit code {code})")
         self.metrics.workers_ready.set(self.ready_count)
         self.changes.fire()
         if self._starting is not None and not self._starting.done():
             self._starting.set_exception(WorkerStartError(
-                f"worker {worker.index} exited with code {worker.process.exitcode} "
-                "before loading its runtime"))
+                f"worker {worker.index} exited (exit code {code}) before loading its runtime"))
             return
         self.restarts += 1
         self.metrics.worker_restarts.labels(str(worker.index)).inc()
         if not was_ready:
             self._early_deaths[worker.index] += 1
             self.last_load_error = self.last_load_error or \
-                f"worker {worker.index} exited with code {worker.process.exitcode} while loading"
+                f"worker {worker.index} exited (exit code {code}) while loading"
         n = self._early_deaths[worker.index]
         delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
         assert self._loop is not None

@@ -167,6 +167,52 @@ def test_batch_that_kills_two_workers_fails_with_internal(two_workers) -> None:
     assert len(srv.stub().Embed(_request(["alive again"])).embeddings) == 1
 
 
+def _smaps_kb(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")
+
+
+def _parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def test_one_thread_workers_share_the_loaders_weights(two_workers, tiny_bundle) -> None:
+    srv = two_workers
+    wait_for(lambda: srv.pool.ready_count == 2, 120, "both workers ready")
+    stub = srv.stub()
+    for k in range(8):
+        stub.Embed(_request([f"text number {k} " * (k + 1)] * 4))
+    loader = srv.pool.loader_pid()
+    assert len(os.listdir(f"/proc/{loader}/task")) == 1  # a fork copies only the calling thread
+    weights_kb = sum(f.stat().st_size for f in tiny_bundle.rglob("*")
+                     if f.suffix in (".onnx", ".data", ".safetensors")) // 1024
+    for pid in srv.pool.pids():
+        assert _parent(pid) == loader != os.getpid()
+        # a worker that loaded its own runtime holds every weight privately
+        private = _smaps_kb(pid, "Private_Dirty")
+        assert private < weights_kb / 2, (pid, private, weights_kb)
+        assert _smaps_kb(pid, "Shared_Dirty") > weights_kb, pid
+
+
+def test_a_dead_loader_is_replaced_when_a_worker_needs_it(two_workers) -> None:
+    srv = two_workers
+    wait_for(lambda: srv.pool.ready_count == 2, 120, "both workers ready")
+    old_loader, (victim, survivor) = srv.pool.loader_pid(), srv.pool.pids()
+    os.kill(old_loader, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{old_loader}"), 10, "the loader to be gone")
+    assert len(srv.stub().Embed(_request(["the workers outlive their loader"])).embeddings) == 1
+    restarts = srv.pool.restarts
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: srv.pool.restarts == restarts + 1 and srv.pool.ready_count == 2, 120,
+             "the worker to be forked from a new loader")
+    assert srv.pool.loader_pid() not in (None, old_loader)
+    assert srv.pool.pids()[1] == survivor
+    assert _parent(srv.pool.pids()[0]) == srv.pool.loader_pid()
+    assert len(srv.stub().Embed(_request(["alive again"])).embeddings) == 1
+
+
 def _inputs_admitted(srv: ServeProcess) -> float:
     """Inputs the server has admitted: those sent to a worker plus those still queued."""
     m = srv.metrics()

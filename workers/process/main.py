@@ -1,6 +1,7 @@
 """A worker process: loads one Runtime, then embeds the batches the frontend sends it.
 
-Started with the multiprocessing "spawn" context (torch and ONNX Runtime are not fork-safe).
+Started with the multiprocessing "spawn" context (`worker_main`), or forked from a loader that
+holds a runtime already (`loader.py`, one ORT thread per worker).
 The loop reads Batches from `requests`, runs the runtime on them (packed ids in, one vector
 per input out, each with its own dimensions and normalize) and writes a Result (vectors +
 tokens per expert) or, if a batch raised, a Failed naming the reason and the row.
@@ -109,22 +110,34 @@ def serve(runtime, requests: Connection, results: Connection) -> None:
                 return
 
 
-def worker_main(requests: Connection, results: Connection, bundle_path: str, threads: int,
-                index: int, log_level: str = "info") -> None:
-    """Process entry point (must stay importable at module level for "spawn")."""
-    # Ctrl-C and SIGTERM are for the frontend, which drains and then sends Stop; a worker
-    # whose frontend dies anyway sees EOF on its pipe and exits.
+def load_runtime(bundle_path: str, threads: int):  # -> runtime.Runtime
+    """The runtime, warmed up: one tiny forward so the first real request does not pay ORT's
+    first-run setup. (Hashing the bundle while torch and ONNX Runtime import was tried: on 2
+    cores, next to the frontend loading its tokenizer, it made the start slower.)"""
+    from ..runtime.runtime import Runtime, pack
+
+    runtime = Runtime(bundle_path, threads=threads)
+    runtime.forward(*pack([[0, 2]]))
+    return runtime
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C and SIGTERM are for the frontend, which drains and then sends Stop; a worker
+    whose frontend dies anyway sees EOF on its pipe and exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_main(requests: Connection, results: Connection, bundle_path: str, threads: int,
+                index: int, log_level: str = "info") -> None:
+    """Process entry point of a worker that loads its own runtime (must stay importable at
+    module level for "spawn")."""
+    ignore_interrupts()
     configure_json_logging(log_level, worker=index, pid=os.getpid())
     log = structlog.get_logger("moe_embed.worker")
     start = time.perf_counter()
     try:
-        from ..runtime.runtime import Runtime, pack
-
-        runtime = Runtime(bundle_path, threads=threads)
-        # one tiny forward so the first real request does not pay ORT's first-run setup
-        runtime.forward(*pack([[0, 2]]))
+        runtime = load_runtime(bundle_path, threads)
     except Exception as exc:  # reported to the frontend, which exits with it
         log.error("worker_load_failed", error=str(exc))
         results.send_bytes(protocol.LoadFailed(str(exc)).encode())

@@ -6,6 +6,7 @@ nothing is pickled, so a batch costs a couple of memcpys each way.
 
   BATCH       frontend -> worker  batch_id, n, offsets[n+1], ids[total], dims[n], normalize[n]
   STOP        frontend -> worker  exit the main loop
+  FORK        frontend -> loader  index; followed by the new worker's two pipe ends (SCM_RIGHTS)
   READY       worker -> frontend  pid, load_s
   RESULT      worker -> frontend  batch_id, n, compute_ms, widths[n], values[sum widths],
                                   moe_layers[L], expert_tokens[L, E]
@@ -27,6 +28,7 @@ import numpy as np
 class Kind(IntEnum):
     BATCH = 1
     STOP = 2
+    FORK = 3
     READY = 10
     RESULT = 11
     FAILED = 12
@@ -44,6 +46,7 @@ _BATCH_HEAD = struct.Struct("<BQI")  # kind, batch_id, n
 _RESULT_HEAD = struct.Struct("<BQIdII")  # kind, batch_id, n, compute_ms, layers, experts
 _FAILED_HEAD = struct.Struct("<BQBi")  # kind, batch_id, reason, row
 _READY = struct.Struct("<Bqd")  # kind, pid, load_s
+_FORK = struct.Struct("<BI")  # kind, worker index
 
 
 @dataclass
@@ -84,6 +87,20 @@ class Batch:
 class Stop:
     def encode(self) -> bytes:
         return bytes([Kind.STOP])
+
+
+@dataclass
+class Fork:
+    """Ask the loader for worker `index`; its pipe ends follow as file descriptors."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        return _FORK.pack(Kind.FORK, self.index)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> Fork:
+        return cls(_FORK.unpack_from(buf)[1])
 
 
 @dataclass
@@ -182,8 +199,9 @@ class LoadFailed:
         return cls(buf[1:].decode(errors="replace"))
 
 
-Message = Batch | Stop | Ready | Result | Failed | LoadFailed
-_DECODERS = {Kind.BATCH: Batch.decode, Kind.STOP: lambda buf: Stop(), Kind.READY: Ready.decode,
+Message = Batch | Stop | Fork | Ready | Result | Failed | LoadFailed
+_DECODERS = {Kind.BATCH: Batch.decode, Kind.STOP: lambda buf: Stop(), Kind.FORK: Fork.decode,
+             Kind.READY: Ready.decode,
              Kind.RESULT: Result.decode, Kind.FAILED: Failed.decode,
              Kind.LOAD_FAILED: LoadFailed.decode}
 

@@ -25,7 +25,7 @@ from .errors import InvalidInput
 from .pooling import finish_rows, mean_pool
 from .requests import Limits
 from .router import Router
-from .sessions import create_session, init_thread_pool
+from .sessions import create_session, create_sessions, init_thread_pool
 
 T = TypeVar("T")
 
@@ -94,10 +94,12 @@ class Runtime:
         self.moe_layers = self.config.moe_layers
         g = manifest.graphs
         if self.moe_mode == "routed":
-            self.segments = [(create_session(self.bundle.file(s.file), self.threads),
-                              s.needs_mask) for s in g.segments]
-            self.experts = {layer: [create_session(self.bundle.file(f), self.threads)
-                                    for f in files] for layer, files in g.experts.items()}
+            layers = list(g.experts.items())
+            sessions = create_sessions(
+                [self.bundle.file(s.file) for s in g.segments]
+                + [self.bundle.file(f) for _, files in layers for f in files], self.threads)
+            self.segments = [(sessions.pop(0), s.needs_mask) for s in g.segments]
+            self.experts = {layer: [sessions.pop(0) for _ in files] for layer, files in layers}
             rw = load_file(str(self.bundle.file(g.router)))
             self.routers = {layer: Router(rw[f"{layer}.router"], rw[f"{layer}.expert_bias"],
                                           self.config.moe_top_k) for layer in self.moe_layers}
