@@ -213,6 +213,10 @@ class BatchQueue:
         """When the oldest waiting input was admitted (None: nothing waits)."""
         return min((items[0].job.admitted for items in self._callers.values()), default=None)
 
+    def callers_waiting(self) -> list[Hashable]:
+        """Callers with inputs waiting."""
+        return list(self._callers)
+
     def full(self, budget: int | None = None) -> bool:
         """A batch of `budget` tokens (default max_batch_tokens) would be full right now."""
         return self.queued_tokens >= (self.max_batch_tokens if budget is None else budget)

@@ -1,11 +1,14 @@
 """Dispatch, delivery, retry and batch metrics, in one place.
 
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
-worker gets a full batch at once; a busy worker's second slot gets an express batch (at most
-EXPRESS_TOKENS, the lightest callers' inputs first) when one is full or when the oldest input
-has waited `max_wait`. The worker runs that batch first when it is at most a quarter of the
-one it holds (up to that one's own token count in all; workers/process/main.py), pausing the
-larger between session calls, so a light request does not wait for a heavy batch to end.
+worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
+when the oldest input has waited `max_wait`. That batch is an express one (at most
+EXPRESS_TOKENS, the lightest callers' inputs first) when a caller with inputs waiting has no
+batch in flight: the worker runs it first when it is at most a quarter of the one it holds (up
+to that one's own token count in all; workers/process/main.py), pausing the larger between
+session calls, so a light request does not wait for a heavy batch to end. When every waiting
+caller already has work in flight (one client's burst), it is a full batch sent ahead, so a
+burst is not cut into small batches.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Hashable
 
 import grpc
@@ -61,6 +65,7 @@ class Scheduler:
         self._dropped_seen = 0
         self._loop_task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
+        self._in_flight: Counter[Hashable] = Counter()  # batches in flight per caller
 
     # -- requests in and out ------------------------------------------------------------
     def start(self) -> None:
@@ -122,14 +127,13 @@ class Scheduler:
                 await _first(self.pool.changes.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            if worker.busy and not self.queue.full(EXPRESS_TOKENS) and delay > 0:
+            express = worker.busy and self._a_caller_waits_with_nothing_in_flight()
+            budget = EXPRESS_TOKENS if express else None
+            if worker.busy and not self.queue.full(budget) and delay > 0:
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
-            if worker.busy:
-                batch = self.queue.take(now, EXPRESS_TOKENS, lightest_first=True)
-            else:
-                batch = self.queue.take(now)
+            batch = self.queue.take(now, budget, lightest_first=express)
             self._queue_changed()
             if batch is None:
                 continue
@@ -144,9 +148,14 @@ class Scheduler:
         expected = 0.0 if self.s_per_token is None else batch.tokens * self.s_per_token
         return self.batch_timeout_s + STUCK_FACTOR * expected
 
+    def _a_caller_waits_with_nothing_in_flight(self) -> bool:
+        return any(not self._in_flight[c] for c in self.queue.callers_waiting())
+
     async def _run(self, batch: Batch, worker: Worker | None) -> None:
         self._observe_sent(batch)
         batch.attempts = 1
+        callers = {it.job.caller for it in batch.items}
+        self._in_flight.update(callers)
         try:
             while worker is not None:
                 try:
@@ -175,6 +184,8 @@ class Scheduler:
                 self._deliver(batch, result)
                 return
         finally:
+            self._in_flight.subtract(callers)
+            self._in_flight += Counter()  # drop the zeros
             if worker is not None:
                 self.pool.release(worker)
 

@@ -206,6 +206,21 @@ def test_a_small_batch_overtakes_a_large_one(tiny_bundle) -> None:
     asyncio.run(main())
 
 
+def test_a_burst_from_one_caller_is_sent_ahead_whole(tiny_bundle) -> None:
+    """Express batches are for callers with nothing in flight: the rest of one client's burst
+    goes to the busy worker as a full batch, not cut into small ones that would run first."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0) as sched:
+            first = job([400] * 20, caller="burst")
+            pid = await held_by_stopped_worker(sched, first)
+            rest = job([400] * 20, caller="burst")
+            sched.submit(rest)
+            await until(lambda: sent(sched)[0] == 2)
+            assert sent(sched) == (2, 40)  # all 20 inputs sent ahead, not 512 tokens of them
+            await completion_order(pid, [("first", first), ("rest", rest)])
+    asyncio.run(main())
+
+
 def test_batches_of_similar_size_keep_their_order(tiny_bundle) -> None:
     """Only a far smaller batch overtakes: a slightly smaller one sent ahead to the busy worker
     waits its turn, so a stream of small batches cannot starve an equally small first one."""

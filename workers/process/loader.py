@@ -26,6 +26,7 @@ its workers then live on until their own pipes close.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -57,6 +58,14 @@ def _receive_fork(control: Connection) -> tuple[int, int, int]:
     return msg.index, requests_fd, results_fd
 
 
+def _name_process(name: str) -> None:
+    """What `ps -o comm` and `top` show (forked workers keep the loader's command line)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def _fork_worker(runtime, control: Connection, index: int, requests_fd: int, results_fd: int,
                  log_level: str) -> int:
     """Fork worker `index` serving on the given pipe ends; returns its pid (in the loader)."""
@@ -67,6 +76,7 @@ def _fork_worker(runtime, control: Connection, index: int, requests_fd: int, res
     code = 0
     try:  # the worker: never returns into the loader's loop
         control.close()
+        _name_process(f"moe-embed-w{index}")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         configure_json_logging(log_level, worker=index, pid=os.getpid())
         requests = Connection(requests_fd, writable=False)
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 def loader_main(control: Connection, bundle_path: str, log_level: str = "info") -> None:
     """Load, report, then fork workers on request until the frontend goes."""
     ignore_interrupts()
+    _name_process("moe-embed-load")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     configure_json_logging(log_level, role="loader", pid=os.getpid())
     log = structlog.get_logger("moe_embed.loader")

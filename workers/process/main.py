@@ -112,8 +112,8 @@ def serve(runtime, requests: Connection, results: Connection) -> None:
 
 def load_runtime(bundle_path: str, threads: int):  # -> runtime.Runtime
     """The runtime, warmed up: one tiny forward so the first real request does not pay ORT's
-    first-run setup. (Hashing the bundle while torch and ONNX Runtime import was tried: on 2
-    cores, next to the frontend loading its tokenizer, it made the start slower.)"""
+    first-run setup. (Tried and dropped, both slower on 2 cores: hashing the bundle while
+    torch and ONNX Runtime import, and asking the kernel to read the bundle ahead meanwhile.)"""
     from ..runtime.runtime import Runtime, pack
 
     runtime = Runtime(bundle_path, threads=threads)

@@ -5,8 +5,9 @@ Tokenizing a 4 MB string whole costs seconds and hundreds of MB, only to keep it
 ids. So a long text is normalized (with the tokenizer's own normalizer) in pieces until the
 normalized prefix is surely long enough for max_tokens + MARGIN tokens (no piece of the
 vocabulary is longer than `max_piece` characters), and only that prefix is tokenized: the ids
-kept after truncation are the ones the whole text would give, because normalization is
-character-local and idempotent and the cut lies MARGIN tokens past the last id kept.
+kept after truncation are the ones the whole text would give, because normalization is local to
+each grapheme and idempotent, pieces end between graphemes, and the cut lies MARGIN tokens past
+the last id kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ from .tasks import Task
 
 MARGIN = 64  # tokens tokenized past the truncation point
 PIECE_CHARS = 1 << 14  # raw characters normalized at a time when cutting a long text
+CUT_SEARCH = 1 << 12  # characters searched past PIECE_CHARS for a grapheme-safe cut
+
+
+def _grapheme_cut(text: str, pos: int) -> int:
+    """Where to end a piece that should end near `pos`: the first place at or after it between
+    two printable ASCII characters, which Unicode never joins into one grapheme (the normalizer
+    maps whole graphemes: a combining accent cut from its letter would normalize otherwise).
+    Text with no such pair within CUT_SEARCH characters (no spaces, no ASCII) is cut at `pos`."""
+    if pos >= len(text):
+        return len(text)
+    for p in range(max(pos, 1), min(len(text), pos + CUT_SEARCH)):
+        if " " <= text[p - 1] <= "~" and " " <= text[p] <= "~":
+            return p
+    return pos
 
 
 class Tokenizer:
@@ -51,15 +66,17 @@ class Tokenizer:
         was cut."""
         if len(text) <= self.window:
             return text, False
-        parts, size = [], 0
-        for start in range(0, len(text), PIECE_CHARS):
-            piece = text[start:start + PIECE_CHARS]
+        parts, size, start = [], 0, 0
+        while start < len(text):
+            end = _grapheme_cut(text, start + PIECE_CHARS)
+            piece = text[start:end]
             if self._normalizer is not None:
                 piece = self._normalizer.normalize_str(piece)
             parts.append(piece)
             size += len(piece)
+            start = end
             if size > self.window:
-                return "".join(parts), start + PIECE_CHARS < len(text)
+                return "".join(parts), start < len(text)
         return "".join(parts), False
 
     def _truncate(self, ids: list[int], i: int, cut: bool, truncate: bool) -> list[int]:
