@@ -54,7 +54,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
         cmd = [str(cli), "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", "0", "--workers", str(workers),
-               "--threads-per-worker", str(threads), "--log-level", os.environ.get("BENCH_SERVE_LOG", "warning"), *flags]
+               "--threads-per-worker", str(threads), "--log-level", "warning", *flags]
         self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
