@@ -204,6 +204,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        return True",
              ("tests/test_service_scheduler.py::"
               "test_a_burst_from_one_caller_is_sent_ahead_whole",)),
+    Mutation("a busy worker is sent everything that waits", "service/scheduler.py",
+             "// max(1, self.pool.with_free_slots())))",
+             "// 1))",
+             ("tests/test_service_scheduler.py::test_a_burst_is_shared_between_busy_workers",)),
     Mutation("one-thread workers load their own weights (no loader)", "service/worker_pool.py",
              "        self.forked = share_weights and threads == 1",
              "        self.forked = False",

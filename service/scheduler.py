@@ -7,8 +7,9 @@ EXPRESS_TOKENS, the lightest callers' inputs first) when a caller with inputs wa
 batch in flight: the worker runs it first when it is at most a quarter of the one it holds (up
 to that one's own token count in all; workers/process/main.py), pausing the larger between
 session calls, so a light request does not wait for a heavy batch to end. When every waiting
-caller already has work in flight (one client's burst), it is a full batch sent ahead, so a
-burst is not cut into small batches.
+caller already has work in flight (one client's burst), it is a batch sent ahead: the
+worker's share of what waits (split between the workers with a free slot), so a burst is
+neither cut into small batches nor piled onto one worker.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
@@ -128,11 +129,18 @@ class Scheduler:
                 continue
             delay = self.max_wait_s - (now - oldest)
             express = worker.busy and self._a_caller_waits_with_nothing_in_flight()
-            budget = EXPRESS_TOKENS if express else None
-            if worker.busy and not self.queue.full(budget) and delay > 0:
+            if worker.busy and not self.queue.full(EXPRESS_TOKENS if express else None) \
+                    and delay > 0:
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
+            if not worker.busy:
+                budget = None
+            elif express:
+                budget = EXPRESS_TOKENS
+            else:  # sent ahead: this worker's share of what waits, so the others get theirs
+                budget = max(EXPRESS_TOKENS, -(-self.queue.queued_tokens
+                                               // max(1, self.pool.with_free_slots())))
             batch = self.queue.take(now, budget, lightest_first=express)
             self._queue_changed()
             if batch is None:

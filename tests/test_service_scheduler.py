@@ -221,6 +221,29 @@ def test_a_burst_from_one_caller_is_sent_ahead_whole(tiny_bundle) -> None:
     asyncio.run(main())
 
 
+def test_a_burst_is_shared_between_busy_workers(tiny_bundle) -> None:
+    """What is sent ahead to a busy worker is its share of the queue, not all of it: with two
+    busy workers, the rest of a burst goes half to each."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0, workers=2) as sched:
+            pids = sched.pool.pids()
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            first, second = job([5], caller="burst"), job([5], caller="burst")
+            sched.submit(first)
+            await until(lambda: sent(sched) == (1, 1))
+            sched.submit(second)
+            await until(lambda: sent(sched) == (2, 2))  # one on each worker
+            rest = job([400] * 20, caller="burst")
+            sched.submit(rest)
+            await until(lambda: sent(sched)[1] == 22)
+            assert sent(sched) == (4, 22)  # 10 inputs sent ahead to each worker
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(first.future, second.future, rest.future), 60)
+    asyncio.run(main())
+
+
 def test_batches_of_similar_size_keep_their_order(tiny_bundle) -> None:
     """Only a far smaller batch overtakes: a slightly smaller one sent ahead to the busy worker
     waits its turn, so a stream of small batches cannot starve an equally small first one."""
