@@ -208,6 +208,12 @@ MUTATIONS: tuple[Mutation, ...] = (
              "// max(1, self.pool.with_free_slots())))",
              "// 1))",
              ("tests/test_service_scheduler.py::test_a_burst_is_shared_between_busy_workers",)),
+    Mutation("no express slot (a light caller waits for a heavy batch's slot)",
+             "service/worker_pool.py",
+             "EXPRESS_SLOTS = 1",
+             "EXPRESS_SLOTS = 0",
+             ("tests/test_service_hardening.py::"
+              "test_a_light_caller_is_not_starved_by_a_flooding_stream",)),
     Mutation("one-thread workers load their own weights (no loader)", "service/worker_pool.py",
              "        self.forked = share_weights and threads == 1",
              "        self.forked = False",

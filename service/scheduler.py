@@ -3,13 +3,14 @@
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
 worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
 when the oldest input has waited `max_wait`. That batch is an express one (at most
-EXPRESS_TOKENS, the lightest callers' inputs first) when a caller with inputs waiting has no
-batch in flight: the worker runs it first when it is at most a quarter of the one it holds (up
-to that one's own token count in all; workers/process/main.py), pausing the larger between
-session calls, so a light request does not wait for a heavy batch to end. When every waiting
-caller already has work in flight (one client's burst), it is a batch sent ahead: the
-worker's share of what waits (split between the workers with a free slot), so a burst is
-neither cut into small batches nor piled onto one worker.
+EXPRESS_TOKENS, the lightest callers' inputs first, in a slot kept for express batches when the
+worker's others are taken) when a caller with inputs waiting has no batch in flight: the
+worker runs it first when it is at most a quarter of the one it holds (up to that one's own
+token count in all; workers/process/main.py), pausing the larger between session calls, so a
+light request does not wait for a heavy batch to end. When every waiting caller already has
+work in flight (one client's burst), it is a batch sent ahead: the worker's share of what
+waits (split between the workers with a free slot), so a burst is neither cut into small
+batches nor piled onto one worker.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
@@ -120,15 +121,17 @@ class Scheduler:
             if oldest is None:
                 await _first(self._wake.wait(), timeout=until_deadline)
                 continue
-            worker = self.pool.free_slot()
+            light = self._a_caller_waits_with_nothing_in_flight()
+            worker = self.pool.free_slot(express=light)
             if worker is None:
                 if self.pool.started and not self.pool.can_serve():
                     self._fail_waiting(self.no_worker())
                     continue
-                await _first(self.pool.changes.wait(), timeout=until_deadline)
+                # a newcomer may be light, and light callers may take an express slot
+                await _first(self.pool.changes.wait(), self._wake.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            express = worker.busy and self._a_caller_waits_with_nothing_in_flight()
+            express = worker.busy and light
             if worker.busy and not self.queue.full(EXPRESS_TOKENS if express else None) \
                     and delay > 0:
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
@@ -145,7 +148,7 @@ class Scheduler:
             self._queue_changed()
             if batch is None:
                 continue
-            worker = await self.pool.acquire()  # free_slot said it is free: no wait
+            worker = await self.pool.acquire(express=express)  # free_slot said it is free
             task = asyncio.get_running_loop().create_task(self._run(batch, worker))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)

@@ -6,8 +6,9 @@ Workers with one thread each are forked from one loader process that has loaded 
 milliseconds. Workers with more threads are "spawn" processes that load their own runtime
 (ONNX Runtime's thread pool does not survive fork). Either way a worker has two pipes: batches
 go down one, results come up the other, read by the event loop when readable. A
-worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe): a caller
-first `acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
+worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe), plus one
+express batch (a light caller's, which the worker runs first): a caller first `acquire`s a slot
+on the least-loaded ready worker, then `run`s a batch on it. A worker
 that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
 is restarted with backoff; what to do with those batches is the caller's business.
 """
@@ -38,6 +39,7 @@ from .metrics import Metrics
 # usage events from a user's cluster; OpenBLAS starts a pool on numpy's import.
 LOADER_ENV = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
 MAX_IN_FLIGHT = 2  # batches per worker: one running, one waiting in its pipe
+EXPRESS_SLOTS = 1  # further slots only an express batch may take
 PIPE_BYTES = 1 << 20  # grown pipes: a batch message never blocks the event loop on write
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -310,10 +312,11 @@ class WorkerPool:
                 await loop.run_in_executor(None, loader.reap, timeout_s)
 
     # -- the awaitable ---------------------------------------------------------------------
-    def _best(self) -> Worker | None:
+    def _best(self, express: bool = False) -> Worker | None:
+        limit = MAX_IN_FLIGHT + (EXPRESS_SLOTS if express else 0)
         best = None
         for w in self.workers:
-            if w is None or not w.ready or w.dead or w.killed or w.slots >= MAX_IN_FLIGHT:
+            if w is None or not w.ready or w.dead or w.killed or w.slots >= limit:
                 continue
             if best is None or (w.slots, w.tokens) < (best.slots, best.tokens):
                 best = w
@@ -324,19 +327,19 @@ class WorkerPool:
         return sum(1 for w in self.workers if w is not None and w.ready and not w.dead
                    and not w.killed and w.slots < MAX_IN_FLIGHT)
 
-    def free_slot(self) -> Worker | None:
+    def free_slot(self, express: bool = False) -> Worker | None:
         """The worker `acquire` would return now, without taking its slot."""
-        return None if self._priority_waiting else self._best()
+        return None if self._priority_waiting else self._best(express)
 
-    async def acquire(self, priority: bool = False) -> Worker:
-        """A slot on the least-loaded ready worker, waiting for one if needed. Priority
-        callers (batches sent again after a death) are served before the others. Raises
-        NoWorkerCanServe when no worker is ready or about to be."""
+    async def acquire(self, priority: bool = False, express: bool = False) -> Worker:
+        """A slot on the least-loaded ready worker, waiting for one if needed (`express`: an
+        express slot may do). Priority callers (batches sent again after a death) are served
+        before the others. Raises NoWorkerCanServe when no worker is ready or about to be."""
         while True:
             if self.started and not self.can_serve():
                 raise NoWorkerCanServe(self.last_load_error or "no worker can serve")
             if priority or not self._priority_waiting:
-                worker = self._best()
+                worker = self._best(express)
                 if worker is not None:
                     worker.slots += 1
                     return worker

@@ -289,7 +289,7 @@ def test_a_large_batch_yields_at_most_its_own_size(tiny_bundle) -> None:
             smalls = [job([100], caller=f"light{i}") for i in range(120)]
             for j in smalls:
                 sched.submit(j)
-            await until(lambda: sent(sched)[0] == 2)
+            await until(lambda: sent(sched)[0] >= 2)  # express batches beside it
             done = await completion_order(pid, [("big", big)] + [("small", j) for j in smalls],
                                           timeout=120)
             before = done.index("big")
