@@ -9,7 +9,7 @@ For each configuration (a `moe-embed` executable, a bundle and optional serve fl
 `make bench`) and each worker count, in interleaved rounds:
 - start: seconds from process start to grpc.health SERVING;
 - memory once idle: the frontend's RSS, every process's PSS (from /proc/PID/smaps_rollup), and
-  how much of the workers' memory is shared file pages (the weights, when they are mapped);
+  how much of the workers' memory is shared file pages; and the total PSS again after W3;
 - W1 tokens/s (the multilingual texts one unary call at a time) and W3 tokens/s (a burst of the
   mixed-length corpus) through the service.
 Compare configurations only within one run (the machine drifts). Name the CPU and load.
@@ -70,6 +70,8 @@ def measure(cli: Path, bundle: Path, flags: tuple[str, ...], workers: int, threa
             worker_mem = [k for k in kids if k["rss"] > 100]
             w1 = wl.w1_service(ctx, server.target)
             w3 = wl.w3_service(ctx, server.target, "service")
+            loaded = smaps(server.proc.pid)["pss"] + sum(
+                smaps(p)["pss"] for p in descendants(server.proc.pid))
         finally:
             server.stop()
     return {
@@ -77,6 +79,7 @@ def measure(cli: Path, bundle: Path, flags: tuple[str, ...], workers: int, threa
         "frontend_rss_mb": round(front["rss"], 1),
         "total_pss_mb": round(front["pss"] + sum(k["pss"] for k in kids), 1),
         "workers_pss_mb": round(sum(k["pss"] for k in worker_mem), 1),
+        "total_pss_after_w3_mb": round(loaded, 1),
         "workers_shared_clean_mb": round(sum(k["shared_clean"] for k in worker_mem), 1),
         "workers_private_mb": round(sum(k["private"] for k in worker_mem), 1),
         "w1_tokens_per_s": round(w1["tokens_per_s"], 1),
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{name} x{n}"] = {k: statistics.median(m[k] for m in ms) for k in ms[0]}
     report["median"] = summary
     report["load_end"] = load_average()
-    keys = ("start_s", "frontend_rss_mb", "total_pss_mb", "workers_shared_clean_mb",
+    keys = ("start_s", "frontend_rss_mb", "total_pss_mb", "total_pss_after_w3_mb",
             "w1_tokens_per_s", "w3_tokens_per_s")
     print("\n| config | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -205,8 +205,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_service_scheduler.py::"
               "test_a_burst_from_one_caller_is_sent_ahead_whole",)),
     Mutation("a busy worker is sent everything that waits", "service/scheduler.py",
-             "// max(1, self.pool.with_free_slots())))",
-             "// 1))",
+             "    return 1 if workers <= 1 else 2 * workers",
+             "    return 1",
              ("tests/test_service_scheduler.py::test_a_burst_is_shared_between_busy_workers",)),
     Mutation("no express slot (a light caller waits for a heavy batch's slot)",
              "service/worker_pool.py",

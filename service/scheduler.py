@@ -8,9 +8,9 @@ worker's others are taken) when a caller with inputs waiting has no batch in fli
 worker runs it first when it is at most a quarter of the one it holds (up to that one's own
 token count in all; workers/process/main.py), pausing the larger between session calls, so a
 light request does not wait for a heavy batch to end. When every waiting caller already has
-work in flight (one client's burst), it is a batch sent ahead: the worker's share of what
-waits (split between the workers with a free slot), so a burst is neither cut into small
-batches nor piled onto one worker.
+work in flight (one client's burst), it is a batch sent ahead: everything that waits with one
+worker, 1/(2N) of it with N (`_parts`), so a burst is neither cut into small batches nor piled
+onto one worker while the others idle.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
@@ -51,6 +51,13 @@ async def _first(*waits: Awaitable[object], timeout: float | None = None) -> Non
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _parts(workers: int) -> int:
+    """Into how many parts a batch sent ahead cuts what waits: one worker takes all of it (big
+    batches run fastest); with more, each takes 1/(2N), so no worker is left idle while another
+    still has a large batch of the same burst to run (a burst's last batches get smaller)."""
+    return 1 if workers <= 1 else 2 * workers
 
 
 class Scheduler:
@@ -141,9 +148,9 @@ class Scheduler:
                 budget = None
             elif express:
                 budget = EXPRESS_TOKENS
-            else:  # sent ahead: this worker's share of what waits, so the others get theirs
-                budget = max(EXPRESS_TOKENS, -(-self.queue.queued_tokens
-                                               // max(1, self.pool.with_free_slots())))
+            else:  # sent ahead: what waits, or 1/(2N) of it with N > 1 workers (factoring)
+                budget = max(EXPRESS_TOKENS, -(-self.queue.queued_tokens // _parts(
+                    self.pool.ready_count)))
             batch = self.queue.take(now, budget, lightest_first=express)
             self._queue_changed()
             if batch is None:

@@ -322,11 +322,6 @@ class WorkerPool:
                 best = w
         return best
 
-    def with_free_slots(self) -> int:
-        """Ready workers that could take a batch now."""
-        return sum(1 for w in self.workers if w is not None and w.ready and not w.dead
-                   and not w.killed and w.slots < MAX_IN_FLIGHT)
-
     def free_slot(self, express: bool = False) -> Worker | None:
         """The worker `acquire` would return now, without taking its slot."""
         return None if self._priority_waiting else self._best(express)
