@@ -7,8 +7,8 @@ milliseconds. Workers with more threads are "spawn" processes that load their ow
 (ONNX Runtime's thread pool does not survive fork). Either way a worker has two pipes: batches
 go down one, results come up the other, read by the event loop when readable. A
 worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe), plus one
-express batch (a light caller's, which the worker runs first): a caller first `acquire`s a slot
-on the least-loaded ready worker, then `run`s a batch on it. A worker
+express batch (a light caller's, which the worker runs first) when it holds heavy work: a
+caller first `acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
 that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
 is restarted with backoff; what to do with those batches is the caller's business.
 """
@@ -39,7 +39,8 @@ from .metrics import Metrics
 # usage events from a user's cluster; OpenBLAS starts a pool on numpy's import.
 LOADER_ENV = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
 MAX_IN_FLIGHT = 2  # batches per worker: one running, one waiting in its pipe
-EXPRESS_SLOTS = 1  # further slots only an express batch may take
+EXPRESS_SLOTS = 1  # further slots only an express batch may take...
+HEAVY_TOKENS = 2048  # ...beside at least this much work, which a <= 512-token batch overtakes
 PIPE_BYTES = 1 << 20  # grown pipes: a batch message never blocks the event loop on write
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -313,10 +314,12 @@ class WorkerPool:
 
     # -- the awaitable ---------------------------------------------------------------------
     def _best(self, express: bool = False) -> Worker | None:
-        limit = MAX_IN_FLIGHT + (EXPRESS_SLOTS if express else 0)
         best = None
         for w in self.workers:
-            if w is None or not w.ready or w.dead or w.killed or w.slots >= limit:
+            if w is None or not w.ready or w.dead or w.killed:
+                continue
+            heavy = express and w.tokens >= HEAVY_TOKENS
+            if w.slots >= MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0):
                 continue
             if best is None or (w.slots, w.tokens) < (best.slots, best.tokens):
                 best = w
