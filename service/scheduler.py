@@ -3,9 +3,9 @@
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
 worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
 when the oldest input has waited `max_wait`. That batch is an express one (at most
-EXPRESS_TOKENS, the lightest callers' inputs first, in a slot kept for express batches when the
-worker's others are taken by heavy work) when a caller with inputs waiting has no batch in flight: the
-worker runs it first when it is at most a quarter of the one it holds (up to that one's own
+EXPRESS_TOKENS, the lightest callers' inputs first, in a slot kept for express batches when
+the worker's others hold heavy work) when a caller with inputs waiting has no batch in flight:
+the worker runs it first when it is at most a quarter of the one it holds (up to that one's own
 token count in all; workers/process/main.py), pausing the larger between session calls, so a
 light request does not wait for a heavy batch to end. When every waiting caller already has
 work in flight (one client's burst), it is a batch sent ahead: everything that waits with one
