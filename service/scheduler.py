@@ -4,13 +4,13 @@ One dispatch loop takes batches from the queue and hands each to a worker slot: 
 worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
 when the oldest input has waited `max_wait`. That batch is an express one (at most
 EXPRESS_TOKENS, the lightest callers' inputs first, in a slot kept for express batches when
-the worker's others hold heavy work) when a caller with inputs waiting has no batch in flight:
-the worker runs it first when it is at most a quarter of the one it holds (up to that one's own
-token count in all; workers/process/main.py), pausing the larger between session calls, so a
-light request does not wait for a heavy batch to end. When every waiting caller already has
-work in flight (one client's burst), it is a batch sent ahead: everything that waits with one
-worker, 1/(2N) of it with N (`_parts`), so a burst is neither cut into small batches nor piled
-onto one worker while the others idle.
+the worker's others hold heavy work) when a caller with inputs waiting has at most
+EXPRESS_TOKENS in flight: the worker runs it first when it is at most a quarter of the one it
+holds (up to that one's own token count in all; workers/process/main.py), pausing the larger
+between session calls, so a light request does not wait for a heavy batch to end. When every
+waiting caller has more in flight (one client's burst), it is a batch sent ahead: everything
+that waits with one worker, 1/(2N) of it with N (`_parts`), so a burst is neither cut into
+small batches nor piled onto one worker while the others idle.
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
@@ -74,7 +74,7 @@ class Scheduler:
         self._dropped_seen = 0
         self._loop_task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
-        self._in_flight: Counter[Hashable] = Counter()  # batches in flight per caller
+        self._in_flight: Counter[Hashable] = Counter()  # tokens in flight per caller
 
     # -- requests in and out ------------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +128,7 @@ class Scheduler:
             if oldest is None:
                 await _first(self._wake.wait(), timeout=until_deadline)
                 continue
-            light = self._a_caller_waits_with_nothing_in_flight()
+            light = self._a_light_caller_waits()
             worker = self.pool.free_slot(express=light)
             if worker is None:
                 if self.pool.started and not self.pool.can_serve():
@@ -166,13 +166,17 @@ class Scheduler:
         expected = 0.0 if self.s_per_token is None else batch.tokens * self.s_per_token
         return self.batch_timeout_s + STUCK_FACTOR * expected
 
-    def _a_caller_waits_with_nothing_in_flight(self) -> bool:
-        return any(not self._in_flight[c] for c in self.queue.callers_waiting())
+    def _a_light_caller_waits(self) -> bool:
+        """A caller with inputs waiting has at most an express batch's worth in flight (many
+        one-text requests on one connection still count as light; a burst does not)."""
+        return any(self._in_flight[c] <= EXPRESS_TOKENS for c in self.queue.callers_waiting())
 
     async def _run(self, batch: Batch, worker: Worker | None) -> None:
         self._observe_sent(batch)
         batch.attempts = 1
-        callers = {it.job.caller for it in batch.items}
+        callers: Counter[Hashable] = Counter()
+        for it in batch.items:
+            callers[it.job.caller] += it.length
         self._in_flight.update(callers)
         try:
             while worker is not None:

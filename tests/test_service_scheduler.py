@@ -230,16 +230,16 @@ def test_a_burst_is_shared_between_busy_workers(tiny_bundle) -> None:
             pids = sched.pool.pids()
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
-            first, second = job([5], caller="burst"), job([5], caller="burst")
+            first, second = job([400] * 2, caller="burst"), job([400] * 2, caller="burst")
             sched.submit(first)
-            await until(lambda: sent(sched) == (1, 1))
+            await until(lambda: sent(sched) == (1, 2))
             sched.submit(second)
-            await until(lambda: sent(sched) == (2, 2))  # one on each worker
+            await until(lambda: sent(sched) == (2, 4))  # one on each worker
             rest = job([400] * 20, caller="burst")
             sched.submit(rest)
-            await until(lambda: sent(sched)[1] == 10)
+            await until(lambda: sent(sched)[1] == 12)
             await asyncio.sleep(0.2)
-            assert sent(sched) == (4, 10)  # 5 and 3 inputs sent ahead; 12 wait for a slot
+            assert sent(sched) == (4, 12)  # 5 and 3 inputs sent ahead; 12 wait for a slot
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
             await asyncio.wait_for(asyncio.gather(first.future, second.future, rest.future), 60)
