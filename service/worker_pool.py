@@ -5,10 +5,10 @@ Workers with one thread each are forked from one loader process that has loaded 
 (`workers/process/loader.py`): they share every weight copy-on-write, and a restart takes
 milliseconds. Workers with more threads are "spawn" processes that load their own runtime
 (ONNX Runtime's thread pool does not survive fork). Either way a worker has two pipes: batches
-go down one, results come up the other, read by the event loop when readable. A
-worker holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe), plus one
-express batch (a light caller's, which the worker runs first) when it holds heavy work: a
-caller first `acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
+go down one, results come up the other, read by the event loop when readable. A worker
+holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe), plus one express
+batch (a light caller's, which the worker runs first) when it holds heavy work: a caller first
+`acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
 that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
 is restarted with backoff; what to do with those batches is the caller's business.
 """
@@ -455,7 +455,8 @@ class WorkerPool:
         was_ready = worker.ready
         worker.dead = True
         worker.ready = False
-        worker.join(0.2)  # it closed its pipe: it is exiting
+        if worker.process is not None:  # our child: its exit code is worth a short wait
+            worker.join(0.2)  # it closed its pipe: it is exiting
         code = worker.exitcode
         log.warning("worker_died", worker=worker.index, pid=worker.pid,
                     exitcode=code, in_flight=len(worker.in_flight))

@@ -95,11 +95,11 @@ class Runtime:
         g = manifest.graphs
         if self.moe_mode == "routed":
             layers = list(g.experts.items())
-            sessions = create_sessions(
+            sessions = iter(create_sessions(
                 [self.bundle.file(s.file) for s in g.segments]
-                + [self.bundle.file(f) for _, files in layers for f in files], self.threads)
-            self.segments = [(sessions.pop(0), s.needs_mask) for s in g.segments]
-            self.experts = {layer: [sessions.pop(0) for _ in files] for layer, files in layers}
+                + [self.bundle.file(f) for _, files in layers for f in files], self.threads))
+            self.segments = [(next(sessions), s.needs_mask) for s in g.segments]
+            self.experts = {layer: [next(sessions) for _ in files] for layer, files in layers}
             rw = load_file(str(self.bundle.file(g.router)))
             self.routers = {layer: Router(rw[f"{layer}.router"], rw[f"{layer}.expert_bias"],
                                           self.config.moe_top_k) for layer in self.moe_layers}

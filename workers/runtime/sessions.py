@@ -72,8 +72,7 @@ def create_sessions(paths: Sequence[Path],
     faults on fresh memory, so two cores load the full fp32 bundle in about half the time of
     one. Largest graphs first, so the long one does not start last."""
     init_thread_pool(threads)
-    order = sorted(range(len(paths)), key=lambda i: -Path(paths[i]).stat().st_size)
     with ThreadPoolExecutor(default_threads()) as pool:
-        made = dict(zip(order, pool.map(lambda i: create_session(paths[i], threads), order),
-                        strict=True))
-    return [made[i] for i in range(len(paths))]
+        made = {str(p): pool.submit(create_session, p, threads)
+                for p in sorted(paths, key=lambda p: -Path(p).stat().st_size)}
+        return [made[str(p)].result() for p in paths]
