@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from moe_embed.export.bundle import Bundle, BundleError
-from moe_embed.export.split import export_bundle
+from moe_embed.export.split import LAYOUT, export_bundle
 from moe_embed.export.synthetic import write_synthetic
 
 DONE = ".bench-complete"
@@ -58,7 +58,7 @@ def _bundle(ckpt: Path, path: Path, mode: str, log) -> tuple[Bundle, float]:
 
 
 def ensure(cache: Path, size: str = "full", seed: int = 0, log=print) -> Artifacts:
-    root = cache / f"{size}-seed{seed}-v{version('moe-embed')}"
+    root = cache / f"{size}-seed{seed}-v{version('moe-embed')}-layout{LAYOUT}"
     ckpt = root / "checkpoint"
     build = {"checkpoint": _checkpoint(ckpt, size, seed, log)}
     routed, build["routed"] = _bundle(ckpt, root / "routed", "routed", log)

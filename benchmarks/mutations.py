@@ -200,11 +200,22 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
     Mutation("express batches for every caller (a burst is cut into small batches)",
              "service/scheduler.py",
-             "        return any(self._in_flight[c] <= EXPRESS_TOKENS for c in "
-             "self.queue.callers_waiting())",
-             "        return True",
+             "                if self._in_flight[c] + self.queue.tokens_waiting(c) <= "
+             "EXPRESS_TOKENS}",
+             "                }",
              ("tests/test_service_scheduler.py::"
               "test_a_burst_from_one_caller_is_sent_ahead_whole",)),
+    Mutation("an idle worker takes light and heavy callers' inputs in one batch",
+             "service/scheduler.py",
+             "            express = bool(light) and (worker.busy or len(light) < len(",
+             "            express = bool(light) and (worker.busy or 0 * len(",
+             ("tests/test_service_scheduler.py::"
+              "test_a_light_request_never_rides_in_a_heavy_callers_batch",)),
+    Mutation("express batches take heavy callers' inputs too", "service/scheduler.py",
+             "                                    only=light if express else None)",
+             "                                    only=None)",
+             ("tests/test_service_scheduler.py::"
+              "test_a_light_request_never_rides_in_a_heavy_callers_batch",)),
     Mutation("a busy worker is sent everything that waits", "service/scheduler.py",
              "    return 1 if workers <= 1 else 2 * workers",
              "    return 1",
@@ -215,6 +226,14 @@ MUTATIONS: tuple[Mutation, ...] = (
              "EXPRESS_SLOTS = 0",
              ("tests/test_service_hardening.py::"
               "test_a_light_caller_is_not_starved_by_a_flooding_stream",)),
+    Mutation("graphs saved with their weights inline (copied at every start)", "export/split.py",
+             "EXTERNAL_MIN = 1024 ", "EXTERNAL_MIN = 1 << 40 ",
+             ("tests/test_bundle.py::"
+              "test_the_runtime_maps_the_weights_from_the_bundle_instead_of_copying_them",)),
+    Mutation("external weights at unaligned offsets (ORT copies them)", "export/split.py",
+             "PAGE = 4096 ", "PAGE = 1 ",
+             ("tests/test_bundle.py::"
+              "test_weights_are_saved_page_aligned_and_read_back_exactly",)),
     Mutation("one-thread workers load their own weights (no loader)", "service/worker_pool.py",
              "        self.forked = share_weights and threads == 1",
              "        self.forked = False",

@@ -444,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                                               Path.home() / ".cache" / "moe-embed" / "bench"))
     from importlib.metadata import version
 
-    root = cache / f"quant-{checkpoint_key(checkpoint)}-v{version('moe-embed')}"
+    from moe_embed.export.split import LAYOUT
+
+    root = cache / f"quant-{checkpoint_key(checkpoint)}-v{version('moe-embed')}-layout{LAYOUT}"
     work = root / ("work-quick" if args.quick else "work")  # job files, logs, embeddings
     work.mkdir(parents=True, exist_ok=True)
     paths, built = bundles(checkpoint, root, args.threads)

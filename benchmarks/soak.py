@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/soak.py [--duration 600] [--overload 10] [--bundle DIR]
 
 Starts the server (2 workers, the demo bundle unless --bundle), measures its capacity and the
-light clients' unloaded latency, then for --duration seconds runs at once:
+light clients' unloaded latency (the same 6 light clients, once warm, for 10 s before the
+flood: the figure their loaded latency is held to; one client alone is reported too), then
+for --duration seconds runs at once:
 - light clients: one short text per unary call, back to back, in a process of their own (so
   their latencies are the server's, not the flood generator's GIL);
 - the flood (below) from this process, at nice 10 once the server and the light clients are up:
@@ -49,6 +51,7 @@ from moe_embed.workers.runtime.embedder import LocalEmbedder  # noqa: E402
 TEXTS = json.loads((Path(__file__).resolve().parents[1] / "tests/data/multilingual.json")
                    .read_text())
 LIGHT_CLIENTS = 6
+UNLOADED_S = 10.0  # the light clients run this long alone before the flood starts
 FLOOD_NICE = 10  # the flood generator's niceness (the server and light clients keep 0)
 HEAVY_INPUTS = 256
 ATOL = 1e-5
@@ -59,21 +62,31 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def light_clients(target: str, expected: dict[str, list[float]], clients: int, stop_at: float,
-                  out) -> None:
+def light_clients(target: str, expected: dict[str, list[float]], clients: int,
+                  seconds: float, out) -> None:
     """The light clients, in a process of their own so that their latencies do not include
     the flood generator's GIL: one short text per unary call, back to back, every vector
-    checked. Sends (latencies as (monotonic time, ms), codes, vectors checked, wrong) to `out`."""
+    checked, for `seconds` after each client's first answer. Sends the monotonic time at which
+    every client had its first answer, then (latencies as (monotonic start, ms), codes,
+    vectors checked, wrong) to `out`."""
     want = {t: np.asarray(v, dtype=np.float32) for t, v in expected.items()}
     lock, ms, codes, tally = threading.Lock(), [], Counter(), {"checked": 0, "wrong": 0}
     split: list[tuple[float, float, float]] = []  # the server's queue / compute / total ms
+    warm = threading.Barrier(clients)
+    ready: list[float] = []
 
     def loop(k: int) -> None:
         stub = pb_grpc.EmbedderStub(grpc.insecure_channel(target))
         rng = random.Random(k)
+        stub.Embed(pb.EmbedRequest(inputs=[TEXTS[0]], task=pb.TASK_SEARCH_DOCUMENT), timeout=60)
+        if warm.wait() == 0:
+            ready.append(time.monotonic())
+            out.send(ready[0])
+        warm.wait()
+        stop_at = ready[0] + seconds
         while time.monotonic() < stop_at:
             text = rng.choice(TEXTS)
-            t = time.perf_counter()
+            at, t = time.monotonic(), time.perf_counter()
             try:
                 resp = stub.Embed(pb.EmbedRequest(inputs=[text], task=pb.TASK_SEARCH_DOCUMENT),
                                   timeout=60)
@@ -81,7 +94,7 @@ def light_clients(target: str, expected: dict[str, list[float]], clients: int, s
                 got = [np.asarray(e.values, dtype=np.float32) for e in resp.embeddings]
                 bad = len(got) != 1 or not np.allclose(got[0], want[text], atol=ATOL)
                 with lock:
-                    ms.append((time.monotonic(), took))
+                    ms.append((at, took))
                     split.append((resp.timing.queue_ms, resp.timing.compute_ms,
                                   resp.timing.total_ms))
                     codes["OK"] += 1
@@ -265,23 +278,41 @@ class Soak:
             t.join()
         return done[0] / seconds
 
+    def start_light(self, seconds: float) -> tuple:
+        """The light clients' process, running for `seconds` once warm; returns it, its pipe
+        and the monotonic time at which it was warm. Collect with `light_results`."""
+        ctx = multiprocessing.get_context("spawn")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=light_clients, args=(
+            self.srv.target, {t: self.expected(t).tolist() for t in TEXTS}, LIGHT_CLIENTS,
+            seconds, send), daemon=True)
+        proc.start()
+        send.close()
+        if not receive.poll(120):
+            raise SystemExit("the light clients did not start")
+        return proc, receive, receive.recv()
+
+    @staticmethod
+    def light_results(light: tuple) -> dict:
+        proc, receive, _ = light
+        out = receive.recv() if receive.poll(120) else {"light_ms": [], "codes": {},
+                                                          "checked": 0, "wrong": 1}
+        proc.join(10)
+        return out
+
     def run(self, duration: float) -> dict:
         self.srv.wait_serving()
         for t in TEXTS:
             self.expected(t)
         self.sample_rss()
         idle = {"frontend_mb": self.rss["frontend"][-1], "workers_mb": self.rss["workers"][-1]}
-        unloaded = self.unloaded(10)
+        unloaded = self.unloaded(10)  # one client alone
         capacity = self.capacity(10)
         rate = self.overload * capacity
-        self.started = time.monotonic()
-        ctx = multiprocessing.get_context("spawn")
-        receive, send = ctx.Pipe(duplex=False)
-        light = ctx.Process(target=light_clients, args=(
-            self.srv.target, {t: self.expected(t).tolist() for t in TEXTS}, LIGHT_CLIENTS,
-            self.started + duration, send), daemon=True)
-        light.start()
-        send.close()
+        # the light clients: UNLOADED_S without the flood (their unloaded figure), then with it
+        light = self.start_light(UNLOADED_S + duration)
+        self.started = light[2] + UNLOADED_S
+        time.sleep(max(0.0, self.started - time.monotonic()))
         # The flood below comes from this process: in production it would come from other
         # machines, so here it yields the cores to the server (and the light clients) first.
         os.nice(FLOOD_NICE)
@@ -299,9 +330,7 @@ class Soak:
             self.sample_rss()
         flood_end = time.monotonic()
         self.stop.set()
-        lights = receive.recv() if receive.poll(120) else {"light_ms": [], "codes": {},
-                                                             "checked": 0, "wrong": 1}
-        light.join(10)
+        lights = self.light_results(light)
         self.light_ms = lights["light_ms"]
         self.light_split = lights.get("split", [])
         with self._lock:
@@ -320,15 +349,21 @@ class Soak:
         recovery = _recovery_s(after, unloaded)
         self.sample_rss()
         m = self.srv.metrics()
-        loaded = [ms for at, ms in self.light_ms if at < flood_end]
+        loaded = [ms for at, ms in self.light_ms if self.started <= at < flood_end]
+        light_unloaded = [ms for at, ms in self.light_ms if at < self.started]
+        self.light_split = [x for (at, _), x in zip(self.light_ms, self.light_split, strict=True)
+                            if self.started <= at < flood_end]
         restarts = sum(v for k, v in m.items() if k.startswith("moe_embed_worker_restarts_total"))
         return {
             "duration_s": duration, "overload": self.overload,
             "capacity_inputs_per_s": round(capacity, 1), "offered_inputs_per_s": round(rate, 1),
             "codes": {f"{w}:{c}": n for (w, c), n in sorted(self.codes.items())},
             "vectors_checked": self.checked, "wrong_or_lost": self.wrong,
-            "light_unloaded_ms": {"p50": statistics.median(unloaded),
-                                  "p99": percentile(unloaded, 0.99)},
+            "one_client_unloaded_ms": {"p50": statistics.median(unloaded),
+                                       "p99": percentile(unloaded, 0.99)},
+            "light_unloaded_ms": {"p50": statistics.median(light_unloaded),
+                                  "p99": percentile(light_unloaded, 0.99),
+                                  "n": len(light_unloaded)},
             "light_loaded_ms": {"p50": statistics.median(loaded) if loaded else None,
                                 "p99": percentile(loaded, 0.99), "n": len(loaded)},
             "light_server_ms": {  # the server's own account of a light call (Timing)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Collection, Hashable
 
 import numpy as np
 
@@ -128,6 +128,7 @@ class BatchQueue:
         self.queued_tokens = 0  # their real tokens
         self.dropped = 0  # inputs dropped before reaching a worker, since the start
         self._callers: OrderedDict[Hashable, deque[Item]] = OrderedDict()  # in turn order
+        self._tokens: Counter[Hashable] = Counter()  # real tokens waiting, per caller
         self._ids = itertools.count(1)
         self._seq = itertools.count()
         self._deadlines: list[tuple[float, int, Job]] = []  # min-heap of waiting requests
@@ -159,6 +160,7 @@ class BatchQueue:
             item = Item(job, i)
             items.append(item)
             self.queued_tokens += item.length
+            self._tokens[job.caller] += item.length
         job.queued = n
         self.waiting += n
         if job.deadline is not None:
@@ -173,11 +175,14 @@ class BatchQueue:
         if dropped:
             items = self._callers[job.caller]
             kept = deque(it for it in items if it.job is not job)
-            self.queued_tokens -= sum(it.length for it in items if it.job is job)
+            tokens = sum(it.length for it in items if it.job is job)
+            self.queued_tokens -= tokens
+            self._tokens[job.caller] -= tokens
             if kept:
                 self._callers[job.caller] = kept
             else:
                 del self._callers[job.caller]
+                del self._tokens[job.caller]
             self.waiting -= dropped
             self.dropped += dropped
         return dropped
@@ -217,21 +222,31 @@ class BatchQueue:
         """Callers with inputs waiting."""
         return list(self._callers)
 
+    def tokens_waiting(self, caller: Hashable) -> int:
+        """The real tokens `caller` has waiting."""
+        return self._tokens.get(caller, 0)
+
     def full(self, budget: int | None = None) -> bool:
         """A batch of `budget` tokens (default max_batch_tokens) would be full right now."""
         return self.queued_tokens >= (self.max_batch_tokens if budget is None else budget)
 
-    def take(self, now: float, budget: int | None = None,
-             lightest_first: bool = False) -> Batch | None:
+    def take(self, now: float, budget: int | None = None, lightest_first: bool = False,
+             only: Collection[Hashable] | None = None) -> Batch | None:
         """Form the next batch (None if nothing waits) of at most `budget` real tokens
         (default max_batch_tokens). Callers take turns from the one with the oldest input or,
-        `lightest_first`, from the one with the fewest inputs waiting (an express batch, for a
-        busy worker, gives light callers the first places). Finished requests' inputs must
-        have been cancelled first."""
+        `lightest_first`, from the one with the fewest inputs waiting; `only` these callers,
+        if given (an express batch: light callers' inputs alone, so none waits behind a heavy
+        caller's). Finished requests' inputs must have been cancelled first."""
         if not self._callers:
             return None
         budget = self.max_batch_tokens if budget is None else budget
-        if lightest_first:
+        if only is not None:
+            turn = [c for c in self._callers if c in only]
+            if not turn:
+                return None
+            if lightest_first:
+                turn.sort(key=lambda c: (len(self._callers[c]), self._callers[c][0].job.admitted))
+        elif lightest_first:
             turn = sorted(self._callers, key=lambda c: (len(self._callers[c]),
                                                         self._callers[c][0].job.admitted))
         else:
@@ -250,6 +265,7 @@ class BatchQueue:
                 item = items.popleft()
                 taken.append(item)
                 tokens += item.length
+                self._tokens[caller] -= item.length
                 progress = True
         for caller in turn:  # callers served go to the back of the turn order
             if caller in self._callers:
@@ -257,6 +273,7 @@ class BatchQueue:
                     self._callers.move_to_end(caller)
                 else:
                     del self._callers[caller]
+                    del self._tokens[caller]
         for it in taken:
             it.job.queued -= 1
             it.job.dispatched(now)

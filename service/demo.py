@@ -15,7 +15,7 @@ from pathlib import Path
 from ..export.bundle import Bundle, BundleError
 from ..export.progress import Progress, json_logger
 
-DEMO_NAME = "demo-tiny-v1"
+DEMO_NAME = "demo-tiny-v2"  # v2: weights mapped from beside each graph (export LAYOUT 2)
 DEMO_SEED = 0
 
 

@@ -2,13 +2,16 @@
 
 One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
 worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
-when the oldest input has waited `max_wait`. That batch is an express one (at most
-EXPRESS_TOKENS, the lightest callers' inputs first, in a slot kept for express batches when
-the worker's others hold heavy work) when a caller with inputs waiting has at most
-EXPRESS_TOKENS in flight: the worker runs it first when it is at most a quarter of the one it
-holds (up to that one's own token count in all; workers/process/main.py), pausing the larger
-between session calls, so a light request does not wait for a heavy batch to end. When every
-waiting caller has more in flight (one client's burst), it is a batch sent ahead: everything
+when the oldest input has waited `max_wait`.
+
+A caller is light while its tokens waiting and in flight together are at most EXPRESS_TOKENS
+(many one-text requests on one connection; not one client's burst). Light callers' inputs go
+in express batches of their own (at most EXPRESS_TOKENS, lightest callers first; a busy worker
+keeps a slot for them when its others hold heavy work), never in a heavy caller's batch: to a
+busy worker, and to an idle one too while heavy callers also wait. A worker runs a batch at
+most a quarter of the one it holds first (up to that one's own token count in all;
+workers/process/main.py), pausing the larger between session calls, so a light request does
+not wait for a heavy batch to end. Otherwise a busy worker gets a batch sent ahead: everything
 that waits with one worker, 1/(2N) of it with N (`_parts`), so a burst is neither cut into
 small batches nor piled onto one worker while the others idle.
 
@@ -128,8 +131,8 @@ class Scheduler:
             if oldest is None:
                 await _first(self._wake.wait(), timeout=until_deadline)
                 continue
-            light = self._a_light_caller_waits()
-            worker = self.pool.free_slot(express=light)
+            light = self._light_callers()
+            worker = self.pool.free_slot(express=bool(light))
             if worker is None:
                 if self.pool.started and not self.pool.can_serve():
                     self._fail_waiting(self.no_worker())
@@ -138,7 +141,10 @@ class Scheduler:
                 await _first(self.pool.changes.wait(), self._wake.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            express = worker.busy and light
+            # light inputs never ride in a heavy caller's batch: they go express to a busy
+            # worker, and to an idle one too while heavy callers also wait
+            express = bool(light) and (worker.busy or len(light) < len(
+                self.queue.callers_waiting()))
             if worker.busy and not self.queue.full(EXPRESS_TOKENS if express else None) \
                     and delay > 0:
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
@@ -151,7 +157,8 @@ class Scheduler:
             else:  # sent ahead: what waits, or 1/(2N) of it with N > 1 workers (factoring)
                 budget = max(EXPRESS_TOKENS, -(-self.queue.queued_tokens // _parts(
                     self.pool.ready_count)))
-            batch = self.queue.take(now, budget, lightest_first=express)
+            batch = self.queue.take(now, budget, lightest_first=express,
+                                    only=light if express else None)
             self._queue_changed()
             if batch is None:
                 continue
@@ -166,10 +173,12 @@ class Scheduler:
         expected = 0.0 if self.s_per_token is None else batch.tokens * self.s_per_token
         return self.batch_timeout_s + STUCK_FACTOR * expected
 
-    def _a_light_caller_waits(self) -> bool:
-        """A caller with inputs waiting has at most an express batch's worth in flight (many
-        one-text requests on one connection still count as light; a burst does not)."""
-        return any(self._in_flight[c] <= EXPRESS_TOKENS for c in self.queue.callers_waiting())
+    def _light_callers(self) -> set[Hashable]:
+        """Callers with inputs waiting that have at most an express batch's worth of tokens
+        waiting and in flight together (many one-text requests on one connection still count
+        as light; a burst does not)."""
+        return {c for c in self.queue.callers_waiting()
+                if self._in_flight[c] + self.queue.tokens_waiting(c) <= EXPRESS_TOKENS}
 
     async def _run(self, batch: Batch, worker: Worker | None) -> None:
         self._observe_sent(batch)

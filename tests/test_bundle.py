@@ -45,6 +45,65 @@ def test_tampered_graph_is_refused(bundle_copy):
         Runtime(bundle_copy)
 
 
+def test_tampered_weights_file_is_refused(bundle_copy):
+    f = bundle_copy / "segments/segment_00.onnx.data"  # the graph's initializers
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="segment_00.onnx.data.*sha256"):
+        Runtime(bundle_copy)
+
+
+def test_the_runtime_maps_the_weights_from_the_bundle_instead_of_copying_them(tiny_bundle):
+    """Initializers are stored beside each graph at page-aligned offsets, so ONNX Runtime maps
+    them: the embedding table is never read into fresh memory at start, and every process
+    that maps the file shares its pages."""
+    import onnx
+
+    seg0 = tiny_bundle / Bundle.load(tiny_bundle).manifest.graphs.segments[0].file
+    graph = onnx.load(str(seg0), load_external_data=False)
+    table = max(graph.graph.initializer, key=lambda t: t.dims[0] * t.dims[-1] if t.dims else 0)
+    assert table.data_location == onnx.TensorProto.EXTERNAL, table.name
+    offsets = [int(e.value) for t in graph.graph.initializer for e in t.external_data
+               if e.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets), offsets  # what ORT maps
+    runtime = Runtime(tiny_bundle)
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[5] for line in maps if len(line.split()) >= 6}
+    del runtime
+    assert str(seg0) + ".data" in mapped, sorted(m for m in mapped if str(tiny_bundle) in m)
+
+
+def test_weights_are_saved_page_aligned_and_read_back_exactly(tmp_path):
+    """_save on a graph whose weights are not multiples of a page: each one starts on a page
+    boundary of the data file (what lets ORT map it), and ORT computes with the same values."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from moe_embed.export.split import _save
+    from moe_embed.workers.runtime.sessions import create_session
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((25, 30)).astype(np.float32)  # 3000 bytes
+    w2 = rng.standard_normal((30, 41)).astype(np.float32)  # 4920 bytes
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"],
+                                                                          ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 25])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 41])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "g.onnx"
+    assert _save(helper.make_model(graph), path) == ["g.onnx", "g.onnx.data"]
+    saved = onnx.load(str(path), load_external_data=False)
+    offsets = [int(e.value) for t in saved.graph.initializer for e in t.external_data
+               if e.key == "offset"]
+    assert len(offsets) == 2 and all(o % 4096 == 0 for o in offsets), offsets
+    x = rng.standard_normal((3, 25)).astype(np.float32)
+    (y,) = create_session(path).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w1 @ w2, rtol=1e-5, atol=1e-5)
+
+
 def test_tampered_router_weights_are_refused(bundle_copy):
     f = bundle_copy / "router.safetensors"
     f.write_bytes(f.read_bytes()[:-4] + b"\0\0\0\0")

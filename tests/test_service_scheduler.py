@@ -221,6 +221,28 @@ def test_a_burst_from_one_caller_is_sent_ahead_whole(tiny_bundle) -> None:
     asyncio.run(main())
 
 
+def test_a_light_request_never_rides_in_a_heavy_callers_batch(tiny_bundle) -> None:
+    """Even an idle worker does not take a light caller's input in one batch with a heavy
+    caller's: the light one goes alone (express) and runs first, instead of waiting for
+    thousands of another client's tokens."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)  # the worker is idle, but holds what it is sent
+            heavy, light = job([400] * 10, caller="heavy"), job([20], caller="light")
+            sched.submit(heavy)
+            sched.submit(light)  # both wait when the dispatcher next looks
+            await until(lambda: sent(sched)[1] == 11)
+            await asyncio.sleep(0.1)
+            assert sent(sched) == (2, 11)  # two batches: the light input alone, then the rest
+            one_input = sched.metrics.registry.get_sample_value(
+                "moe_embed_batch_size_inputs_bucket", {"le": "1.0"})
+            assert one_input == 1, "the light input went with some of the heavy caller's"
+            done = await completion_order(pid, [("heavy", heavy), ("light", light)])
+            assert done == ["light", "heavy"], done
+    asyncio.run(main())
+
+
 def test_a_burst_is_shared_between_busy_workers(tiny_bundle) -> None:
     """What is sent ahead to a busy worker is a part of the queue, not all of it: with two busy
     workers, a quarter of the rest of a burst goes to one (2000 of 8000 tokens), a quarter of
