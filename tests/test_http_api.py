@@ -426,12 +426,13 @@ def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) 
             return t
 
         (worker,) = srv.worker_pids()
+        before = dispatched()  # `early`, when the server was ready before it came
         os.kill(worker, signal.SIGSTOP)  # nothing finishes until SIGCONT
         try:
             holders = [hold("a", 3)]
-            wait_for(lambda: dispatched() == 3, 10, "a batch in flight", interval=0.05)
+            wait_for(lambda: dispatched() == before + 3, 10, "a batch in flight", interval=0.05)
             holders.append(hold("b", 1))
-            wait_for(lambda: dispatched() == 4 and queued() == 0, 10,
+            wait_for(lambda: dispatched() == before + 4 and queued() == 0, 10,
                      "the express slot taken", interval=0.05)
 
             with pytest.raises(requests.Timeout):  # queued; the client gives up, hangs up
