@@ -308,7 +308,7 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
     return names if parsed.symmetric else (*names, f"{w}_zero_points")
 
 
-def _tensor_bytes(t: TensorProto) -> int:
+def tensor_bytes(t: TensorProto) -> int:
     """Bytes of an initializer's data, from its shape and type (never materialized)."""
     if t.data_location == TensorProto.EXTERNAL:
         return int(next(e.value for e in t.external_data if e.key == "length"))
@@ -329,7 +329,7 @@ def storage_records(model: onnx.ModelProto, kind: Kind | None,
         w = weights.get(t.name)
         fmt = ("fp32" if t.data_type == TensorProto.FLOAT
                else helper.tensor_dtype_to_np_dtype(t.data_type).name)
-        out.append(TensorStorage(t.name, tuple(t.dims), fmt, _tensor_bytes(t),
+        out.append(TensorStorage(t.name, tuple(t.dims), fmt, tensor_bytes(t),
                                  w.role if w else None, w.layer if w else None))
     return out
 
@@ -383,7 +383,7 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
             raise RuntimeError(f"{m.graph.name}: after quantization, {name!r} ({fmt}) is missing "
                                f"{absent}: ONNX Runtime's quantizer output changed")
         claimed.update(names)
-        storage.append(TensorStorage(name, shape, fmt, sum(_tensor_bytes(stored[n]) for n in names),
+        storage.append(TensorStorage(name, shape, fmt, sum(tensor_bytes(stored[n]) for n in names),
                                      w.role if w else None, w.layer if w else None))
     extra = sorted(set(stored) - claimed)
     if extra:

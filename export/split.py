@@ -41,7 +41,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .onnx_graphs import OPSET, all_experts_graph, expert_graph, expert_weights, plan_segments
 from .onnx_graphs import segment_graph as build_segment
-from .quantize import quantize_graph, storage_records
+from .quantize import quantize_graph, storage_records, tensor_bytes
 from .recipes import Kind, TensorStorage, get_recipe
 
 __all__ = ["LAYOUT", "MOE_MODES", "export_bundle", "is_bundle"]
@@ -68,7 +68,7 @@ def _save(model: onnx.ModelProto, path: Path) -> list[str]:
     of the fp32 start), holds only the rows it has used, and shares them with every process
     that maps the same file (the page cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = [t for t in model.graph.initializer if _raw_bytes(t) >= EXTERNAL_MIN]
+    external = [t for t in model.graph.initializer if tensor_bytes(t) >= EXTERNAL_MIN]
     if not external:
         onnx.save_model(model, str(path))
         return [path.name]
@@ -88,12 +88,6 @@ def _save(model: onnx.ModelProto, path: Path) -> list[str]:
             t.data_location = onnx.TensorProto.EXTERNAL
     onnx.save_model(model, str(path))
     return [path.name, data]
-
-
-def _raw_bytes(t: onnx.TensorProto) -> int:
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return 0  # already external (never here: graphs are built in memory)
-    return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
 
 
 def _model_id(ck: Checkpoint) -> str:

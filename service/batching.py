@@ -237,21 +237,15 @@ class BatchQueue:
         `lightest_first`, from the one with the fewest inputs waiting; `only` these callers,
         if given (an express batch: light callers' inputs alone, so none waits behind a heavy
         caller's). Finished requests' inputs must have been cancelled first."""
-        if not self._callers:
+        order = [c for c in self._callers if only is None or c in only]
+        if not order:
             return None
         budget = self.max_batch_tokens if budget is None else budget
-        if only is not None:
-            turn = [c for c in self._callers if c in only]
-            if not turn:
-                return None
-            if lightest_first:
-                turn.sort(key=lambda c: (len(self._callers[c]), self._callers[c][0].job.admitted))
-        elif lightest_first:
-            turn = sorted(self._callers, key=lambda c: (len(self._callers[c]),
-                                                        self._callers[c][0].job.admitted))
+        if lightest_first:
+            turn = sorted(order, key=lambda c: (len(self._callers[c]),
+                                                self._callers[c][0].job.admitted))
         else:
-            first = min(self._callers, key=lambda c: self._callers[c][0].job.admitted)
-            order = list(self._callers)
+            first = min(order, key=lambda c: self._callers[c][0].job.admitted)
             turn = order[order.index(first):] + order[:order.index(first)]
         taken: list[Item] = []
         tokens = 0
