@@ -1,9 +1,11 @@
-"""The real XLM-R tokenizer: specials, task prefixes, truncation to 512 ids."""
+"""The real XLM-R tokenizer: specials, task prefixes, truncation to 512 ids; the ids are HF
+tokenizers' own for the same tokenizer.json, which the tests load beside it as the oracle."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from moe_embed.export.bundle import Bundle
 from moe_embed.workers.runtime.errors import InvalidInput
@@ -16,6 +18,12 @@ NONE = task_named("none")
 @pytest.fixture(scope="module")
 def tok(tiny_bundle) -> Tokenizer:
     return Tokenizer.from_bundle(Bundle.load(tiny_bundle))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_bundle) -> HFTokenizer:
+    """HF's own tokenizer of the bundle's tokenizer.json: the oracle."""
+    return HFTokenizer.from_file(str(Bundle.load(tiny_bundle).file("tokenizer.json")))
 
 
 def test_specials_and_known_ids(tok):
@@ -47,22 +55,22 @@ def test_truncate_false_names_the_input_index(tok):
         tok.encode(["short", "word " * 600], NONE, truncate=False)
 
 
-def _full(tok: Tokenizer, text: str) -> list[int]:
-    """The whole text tokenized without any bound or truncation (the tokenizer's own)."""
-    return tok._tok.encode(text).ids
+def _full(hf: HFTokenizer, text: str) -> list[int]:
+    """The whole text tokenized by HF, without any bound or truncation."""
+    return hf.encode(text).ids
 
 
-def test_truncation_keeps_the_head_and_the_task_prefix(tok):
+def test_truncation_keeps_the_head_and_the_task_prefix(tok, hf):
     text = " ".join(f"w{i}" for i in range(3000))  # every word different: head != tail
     (ids,) = tok.encode([text], task_named("search_query"))
-    full = _full(tok, "search_query: " + text)
+    full = _full(hf, "search_query: " + text)
     assert ids.tolist() == full[:511] + [2]
     (prefix,) = tok.encode(["search_query:"], NONE)
     assert ids[:len(prefix) - 1].tolist() == prefix[:-1].tolist()  # <s> search_query :
 
 
 @pytest.mark.parametrize("kind", ["words", "cjk", "spaces", "mixed", "short", "graphemes"])
-def test_bounded_tokenizing_keeps_the_ids_of_the_whole_text(tok, multilingual_texts, kind):
+def test_bounded_tokenizing_keeps_the_ids_of_the_whole_text(tok, hf, multilingual_texts, kind):
     """A long text is tokenized only as far as 512 tokens can need: the ids kept are exactly
     the whole text's, in every script, also where runs of whitespace fold away."""
     rng = np.random.default_rng(0)
@@ -79,7 +87,7 @@ def test_bounded_tokenizing_keeps_the_ids_of_the_whole_text(tok, multilingual_te
     }
     text = texts[kind]
     (ids,) = tok.encode([text], NONE)
-    full = _full(tok, text)
+    full = _full(hf, text)
     expected = full if len(full) <= 512 else full[:511] + full[-1:]
     assert ids.tolist() == expected
     if kind != "short":
