@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 import structlog
 
 from . import config as serve_config
 from .logging import configure_logging
+
+SWITCH_INTERVAL_S = 0.0005
 
 DESCRIPTION = """\
 Run the moe-embed service: gRPC (moe_embed.v1.Embedder, grpc.health.v1.Health, reflection)
@@ -40,6 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
         bundle = str(ensure_demo_bundle(cfg.cache_path))
     from .server import serve
 
+    # the tokenizing thread holds the GIL while it segments a large request: the event loop
+    # gets it back within this interval instead of CPython's 5 ms, at each of the several
+    # wake-ups a call needs
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     return asyncio.run(serve(cfg, bundle))
 
 

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.service import NOT_SERVING, SERVING, ServeProcess, health_status, wait_for
+from support.service import (
+    NOT_SERVING,
+    SERVING,
+    ServeProcess,
+    ServerThread,
+    health_status,
+    wait_for,
+)
 
 from moe_embed.service.server import STREAM_WINDOW
 from moe_embed.v1 import embedder_pb2 as pb
@@ -74,6 +81,25 @@ def test_tokenizing_huge_inputs_does_not_block_other_calls(served) -> None:
             time.sleep(0.02)
         assert [len(c.result().tokens[0].ids) for c in calls] == [4] * 8
     assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+
+
+def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
+    """The segmentation holds the GIL: every thread tokenizing at once would delay the event
+    loop's turns (a flood of large requests made light calls wait ~600 ms at p99 with a pool
+    of threads; ~90 ms with one). Concurrent large requests all go through one thread."""
+    before = {t.ident for t in threading.enumerate()}
+    srv = ServerThread(tiny_bundle).start()
+    try:
+        stub = srv.stub()
+        large = ["word " * 2000] * 3  # over the inline limit: tokenized off the event loop
+        with ThreadPoolExecutor(6) as ex:
+            replies = list(ex.map(lambda _: stub.Embed(_embed(large), timeout=60), range(12)))
+        assert all(list(r.token_counts) == [512] * 3 for r in replies)
+        started = sorted(t.name for t in threading.enumerate() if t.ident not in before)
+    finally:
+        srv.stop()
+    tokenizing = [n for n in started if "tokenize" in n or n.startswith("asyncio")]
+    assert tokenizing == ["moe-embed-tokenize_0"], started
 
 
 def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
