@@ -246,6 +246,47 @@ MUTATIONS: tuple[Mutation, ...] = (
              "                     if k != 'ORT_DISABLE_TELEMETRY'})",
              ("tests/test_service_resilience.py::"
               "test_one_thread_workers_share_the_loaders_weights",)),
+    Mutation("Unigram ties replace the first path found", "workers/runtime/unigram.py",
+             "                if start[j] < 0 or candidate > score[j]:\n"
+             "                    score[j], start[j], token[j] = candidate, i, ids[k]",
+             "                if start[j] < 0 or candidate >= score[j]:\n"
+             "                    score[j], start[j], token[j] = candidate, i, ids[k]",
+             ("tests/test_compact_tokenizer.py::test_ties_break_as_hfs_do",)),
+    Mutation("unknown runs not fused", "workers/runtime/unigram.py",
+             "            if token[end] < 0 or token[end] == self.unk_id:",
+             "            if False:",
+             ("tests/test_compact_tokenizer.py",)),
+    Mutation("the unknown-id piece not fused with unknown runs", "workers/runtime/unigram.py",
+             "            if token[end] < 0 or token[end] == self.unk_id:",
+             "            if token[end] < 0:",
+             ("tests/test_compact_tokenizer.py",)),
+    Mutation("a repeated piece takes its first id", "workers/runtime/unigram.py",
+             "        np.maximum.at(ids, key_of, np.arange(len(pieces), dtype=np.int32))",
+             "        np.minimum.at(ids, key_of, np.arange(len(pieces), dtype=np.int32))",
+             ("tests/test_compact_tokenizer.py::test_a_repeated_piece_takes_its_last_id_and_score",),
+             more=(("workers/runtime/unigram.py",
+                    "        ids = np.full(len(self._trie), -1, np.int32)",
+                    "        ids = np.full(len(self._trie), 2**30, np.int32)"),)),
+    Mutation("no unknown candidate where a one-character piece is missing",
+             "workers/runtime/unigram.py",
+             "                single = single or j == i + 1",
+             "                single = True",
+             ("tests/test_compact_tokenizer.py",)),
+    Mutation("a word that spells an added token is taken for it",
+             "workers/runtime/compact_tokenizer.py",
+             "        word.prepend(MARK)\n", "",
+             ("tests/test_compact_tokenizer.py::test_a_word_that_normalizes_into_an_added_token_is_still_segmented",)),
+    Mutation("segmented words recorded for all threads at once",
+             "workers/runtime/compact_tokenizer.py",
+             "        self.local = threading.local()",
+             "        self.local = type('Shared', (), {})()",
+             ("tests/test_compact_tokenizer.py::test_encoding_from_many_threads_at_once",)),
+    Mutation("large requests tokenized on a pool of threads", "service/engine.py",
+             "        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, "
+             "fn, *args)",
+             "        return await asyncio.to_thread(fn, *args)",
+             ("tests/test_service_hardening.py::"
+              "test_large_requests_are_tokenized_on_one_thread",)),
 )
 
 
