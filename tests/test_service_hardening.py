@@ -80,7 +80,9 @@ def test_tokenizing_huge_inputs_does_not_block_other_calls(served) -> None:
             latencies.append(time.perf_counter() - t)
             time.sleep(0.02)
         assert [len(c.result().tokens[0].ids) for c in calls] == [4] * 8
-    assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+    # on the event loop, each call blocks it ~0.13 s: health answered 5 times in all, the
+    # slowest after ~0.3 s; off the loop ~50 times, the slowest after ~16 ms
+    assert len(latencies) >= 10 and max(latencies) < 0.1, latencies
 
 
 def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
