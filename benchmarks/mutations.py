@@ -195,9 +195,10 @@ MUTATIONS: tuple[Mutation, ...] = (
               "tests/test_service_scheduler.py::"
               "test_the_worker_lets_only_far_smaller_batches_ahead_and_only_so_much")),
     Mutation("express batches as large as any", "service/scheduler.py",
-             "            budget = EXPRESS_TOKENS if express else None",
-             "            budget = None",
-             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
+             "            elif express:\n                budget = EXPRESS_TOKENS\n",
+             "            elif express:\n                budget = None\n",
+             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",
+              "tests/test_service_scheduler.py::test_a_large_batch_yields_at_most_its_own_size")),
     Mutation("express batches for every caller (a burst is cut into small batches)",
              "service/scheduler.py",
              "                if self._in_flight[c] + self.queue.tokens_waiting(c) <= "

@@ -265,11 +265,13 @@ def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
             with pytest.raises(grpc.RpcError) as late:  # new work is refused, retryable
                 stub.Embed(_request(["too late"]), timeout=10)
             assert late.value.code() == grpc.StatusCode.UNAVAILABLE, late.value.details()
-            hammer = threading.Thread(target=late_client)
-            hammer.start()
-            # longer than a drain that did not wait for admitted work would take to stop
+            # longer than a drain that did not wait for admitted work would take to stop (its
+            # lame duck ends LAME_DUCK_S after the last call: no call comes meanwhile)
             time.sleep(LAME_DUCK_S + FINAL_GRACE_S + 1.0)
             assert not any(f.done() for f in admitted), "a request finished while stopped"
+            hammer = threading.Thread(target=late_client)
+            hammer.start()
+            time.sleep(0.2)  # late calls are refused while the drain still waits
             os.kill(worker, signal.SIGCONT)
             for f in admitted:  # raises if any admitted request was lost
                 assert len(f.result().embeddings) == len(texts)
