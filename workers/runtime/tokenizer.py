@@ -53,16 +53,15 @@ class Tokenizer:
     def __init__(self, path: str | Path, max_tokens: int = 512) -> None:
         try:
             self._tok: CompactTokenizer | HFTokenizer = compact_tokenizer.load(path)
-            if isinstance(self._tok, CompactTokenizer):
-                longest = self._tok.longest
-            else:
+            self.compact = isinstance(self._tok, CompactTokenizer)
+            if not self.compact:
                 self._tok.no_truncation()
                 self._tok.no_padding()
-                longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
-            # no piece is longer than `longest` characters (bounds characters per token)
+            # no piece is longer than this many characters (bounds characters per token)
+            longest = self._tok.longest if self.compact else max(
+                map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise BundleError(f"{path}: cannot load the tokenizer: {exc}") from exc
-        self.compact = isinstance(self._tok, CompactTokenizer)
         self.max_tokens = max_tokens
         self.window = (max_tokens + MARGIN) * longest  # normalized characters always enough
         self._normalizer = self._tok.normalizer
@@ -118,7 +117,7 @@ class Tokenizer:
         return out  # type: ignore[return-value]
 
     def _encode_all(self, texts: list[str]) -> list[list[int]]:
-        if isinstance(self._tok, CompactTokenizer):
+        if self.compact:
             return [self._tok.encode(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts)]
 
