@@ -51,9 +51,6 @@ class UnigramVocab:
         self.longest = max(map(len, strings), default=1)  # characters
         self._cache: dict[str, list[int]] = {}
 
-    def __len__(self) -> int:
-        return len(self._key_of)
-
     def piece(self, token_id: int) -> str | None:
         """The piece of a vocabulary id (None outside the vocabulary)."""
         if not 0 <= token_id < len(self._key_of):
