@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table
+.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,8 @@ llama-golden: $(STAMP)
 quant-table: $(STAMP)
 	$(BIN)/python benchmarks/llama_peer/provision.py
 	$(BIN)/python benchmarks/quant_table.py $(ARGS)
+
+## Mutation testing (cosmic-ray) of the modules that decide correctness, each against its own
+## fast tests; writes benchmarks/mutation/REPORT.md (not part of `make test`).
+mutation: $(STAMP)
+	$(BIN)/python benchmarks/mutation/run.py $(ARGS)

@@ -72,3 +72,23 @@ def test_budgets_idle_express_and_sent_ahead() -> None:
     assert policy.budget(True, False, 10_001, 2) == 2501  # rounded up: nothing left behind
     assert policy.budget(True, False, 100, 2) == EXPRESS_TOKENS  # never below an express batch
     assert [policy.ahead_parts(n) for n in (0, 1, 2, 3)] == [1, 1, 4, 6]
+
+
+def test_the_overtaking_budget_adds_tokens_up_to_the_oldests_own() -> None:
+    oldest = held(1000)
+    lights = [held(200) for _ in range(6)]
+    ahead = [policy.next_to_step([oldest, light]) is light for light in lights]
+    assert ahead == [True] * 5 + [False]  # 5 x 200 = 1000 exactly, the 6th would pass it
+
+
+def test_an_express_slot_opens_one_token_past_the_threshold_too() -> None:
+    assert policy.slots(HEAVY_TOKENS + 1, express=True) == MAX_IN_FLIGHT + EXPRESS_SLOTS
+
+
+def test_the_thresholds_keep_their_stated_relations() -> None:
+    """An express batch is one dense-segment chunk's worth, and exactly the size that may
+    overtake the smallest heavy work."""
+    from moe_embed.workers.runtime.chunks import CHUNK_TOKENS
+
+    assert EXPRESS_TOKENS == CHUNK_TOKENS
+    assert HEAVY_TOKENS == EXPRESS_TOKENS * OVERTAKE_RATIO
