@@ -50,11 +50,21 @@ def test_light_callers_at_the_express_size_and_one_past_it() -> None:
     assert policy.light_callers({"big": EXPRESS_TOKENS + 1}, {}) == set()
 
 
-def test_express_only_beside_work_and_never_mixes_a_light_caller_into_a_heavy_batch() -> None:
+def test_express_only_beside_heavy_work_and_never_mixes_a_light_caller_into_a_heavy_batch(
+        ) -> None:
     assert not policy.is_express(set(), 3, worker_busy=True)  # nobody light
-    assert policy.is_express({"a"}, 1, worker_busy=True)  # beside the busy worker's batch
+    assert policy.is_express({"a"}, 1, worker_busy=True)  # beside a heavy batch in flight
     assert not policy.is_express({"a", "b"}, 2, worker_busy=False)  # idle, all light: normal
     assert policy.is_express({"a"}, 2, worker_busy=False)  # idle, but a heavy caller waits
+    assert policy.is_express({"a"}, 2, worker_busy=True, heavy_in_flight=False)  # it waits
+    # many small clients and nothing heavy anywhere: batched as usual, nothing to overtake
+    assert not policy.is_express({"a", "b"}, 2, worker_busy=True, heavy_in_flight=False)
+
+
+def test_heavy_in_flight_past_an_express_batchs_tokens() -> None:
+    assert not policy.heavy_in_flight({})
+    assert not policy.heavy_in_flight({"a": EXPRESS_TOKENS, "b": 3})
+    assert policy.heavy_in_flight({"a": EXPRESS_TOKENS + 1, "b": 3})
 
 
 def test_an_express_slot_opens_at_the_heavy_threshold_and_not_below() -> None:
