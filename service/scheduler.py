@@ -136,7 +136,7 @@ class Scheduler:
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
             budget = policy.budget(worker.busy, express, self.queue.queued_tokens,
-                                   self.pool.ready_count)
+                                   self.pool.ready_count, self.queue.max_batch_tokens)
             batch = self.queue.take(now, budget, lightest_first=express,
                                     only=light if express else None)
             self._queue_changed()

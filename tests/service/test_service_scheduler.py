@@ -23,11 +23,12 @@ from moe_embed.workers.process.policy import next_to_step
 
 @contextlib.asynccontextmanager
 async def running(bundle, max_wait_s: float = 0.002, batch_timeout_s: float = 30.0,
-                  workers: int = 1):
+                  workers: int = 1, max_batch_tokens: int = 8192):
     metrics = Metrics()
     pool = WorkerPool(bundle, workers, 1, "warning", metrics)
     await pool.start()
-    sched = Scheduler(BatchQueue(8192, 1000), pool, metrics, max_wait_s, batch_timeout_s)
+    sched = Scheduler(BatchQueue(max_batch_tokens, 1000), pool, metrics, max_wait_s,
+                      batch_timeout_s)
     sched.start()
     try:
         yield sched
@@ -219,6 +220,24 @@ def test_a_burst_from_one_caller_is_sent_ahead_whole(tiny_bundle) -> None:
             await until(lambda: sent(sched)[0] == 2)
             assert sent(sched) == (2, 40)  # all 20 inputs sent ahead, not 512 tokens of them
             await completion_order(pid, [("first", first), ("rest", rest)])
+    asyncio.run(main())
+
+
+def test_a_batch_sent_ahead_never_passes_max_batch_tokens(tiny_bundle) -> None:
+    """What waits for a busy worker is sent ahead in parts of at most --max-batch-tokens (a
+    burst once went as one batch of everything that waited)."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.0, max_batch_tokens=1000) as sched:
+            first = job([400, 400], caller="burst")
+            pid = await held_by_stopped_worker(sched, first)
+            rest = job([400] * 10, caller="burst")
+            sched.submit(rest)
+            await until(lambda: sent(sched)[0] == 2)
+            assert sent(sched) == (2, 4)  # 800 tokens ahead, not the 4000 that wait
+            await completion_order(pid, [("first", first), ("rest", rest)])
+            r = sched.metrics.registry
+            assert r.get_sample_value("moe_embed_batch_size_tokens_bucket", {"le": "1024.0"}) \
+                == r.get_sample_value("moe_embed_batch_size_tokens_count") == 6
     asyncio.run(main())
 
 

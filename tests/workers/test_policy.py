@@ -74,10 +74,13 @@ def test_an_express_slot_opens_at_the_heavy_threshold_and_not_below() -> None:
 
 
 def test_budgets_idle_express_and_sent_ahead() -> None:
-    assert policy.budget(False, False, 10_000, 2) is None  # idle: a full batch
-    assert policy.budget(False, True, 10_000, 2) is None
+    assert policy.budget(False, False, 10_000, 2) == 8192  # idle: a full batch
+    assert policy.budget(False, True, 10_000, 2, max_batch_tokens=1000) == 1000
     assert policy.budget(True, True, 10_000, 2) == EXPRESS_TOKENS
-    assert policy.budget(True, False, 10_000, 1) == 10_000  # one worker takes all that waits
+    assert policy.budget(True, False, 8000, 1) == 8000  # one worker takes all that waits...
+    assert policy.budget(True, False, 8192, 1) == 8192
+    assert policy.budget(True, False, 8193, 1) == 8192  # ...up to a full batch, never past it
+    assert policy.budget(True, True, 10_000, 1, max_batch_tokens=256) == 256
     assert policy.budget(True, False, 10_000, 2) == 2500  # 1/(2N)
     assert policy.budget(True, False, 10_001, 2) == 2501  # rounded up: nothing left behind
     assert policy.budget(True, False, 100, 2) == EXPRESS_TOKENS  # never below an express batch

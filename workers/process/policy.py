@@ -105,10 +105,13 @@ def ahead_parts(workers: int) -> int:
     return 1 if workers <= 1 else 2 * workers
 
 
-def budget(worker_busy: bool, express: bool, queued_tokens: int, workers: int) -> int | None:
-    """The real tokens the next batch may take (None: the batch budget, max_batch_tokens)."""
+def budget(worker_busy: bool, express: bool, queued_tokens: int, workers: int,
+           max_batch_tokens: int = MAX_BATCH_TOKENS) -> int:
+    """The real tokens the next batch may take: a full batch for an idle worker; for a busy
+    one an express batch, or its part of what waits, never past max_batch_tokens."""
     if not worker_busy:
-        return None
+        return max_batch_tokens
     if express:
-        return EXPRESS_TOKENS
-    return max(EXPRESS_TOKENS, -(-queued_tokens // ahead_parts(workers)))
+        return min(EXPRESS_TOKENS, max_batch_tokens)
+    part = max(EXPRESS_TOKENS, -(-queued_tokens // ahead_parts(workers)))
+    return min(part, max_batch_tokens)
