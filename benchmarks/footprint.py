@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from machine import info, load_average
     from plan import FULL, QUICK
 
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
+    from moe_embed.service.tokenizer import Tokenizer
 
     configs = {}
     for spec in args.config:

@@ -23,9 +23,9 @@ from moe_embed.export.checkpoint import load_checkpoint
 from moe_embed.export.reference import ReferenceModel, pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import write_synthetic
+from moe_embed.service.tasks import task_named
+from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.workers.runtime.runtime import Runtime, pack
-from moe_embed.workers.runtime.tasks import task_named
-from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     import workloads as wl
     from plan import FULL
 
+    from moe_embed.service.tokenizer import Tokenizer
     from moe_embed.workers.runtime.runtime import pack
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
 
     art = artifacts.ensure(artifacts.default_cache())
     tok = Tokenizer.from_bundle(art.routed)

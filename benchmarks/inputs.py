@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_embed.workers.runtime.tasks import task_named
-from moe_embed.workers.runtime.tokenizer import Tokenizer
+from moe_embed.service.tasks import task_named
+from moe_embed.service.tokenizer import Tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 BOS, EOS, FIRST_PIECE, LAST_PIECE = 0, 2, 4, 250001  # XLM-R: 0..3 are specials, 250002 real ids

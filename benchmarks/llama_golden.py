@@ -75,8 +75,8 @@ def build(seed: int, threads: int, workdir: Path) -> dict:
     import llama_cpp
 
     from moe_embed.export.synthetic import write_synthetic
-    from moe_embed.workers.runtime.tasks import task_named
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
+    from moe_embed.service.tasks import task_named
+    from moe_embed.service.tokenizer import Tokenizer
 
     ckpt = write_synthetic(workdir / "ckpt", SIZE, seed, zero_expert_bias=True)
     texts = golden_texts()

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     import artifacts
     import inputs
 
+    from moe_embed.service.tokenizer import Tokenizer
     from moe_embed.workers.runtime.runtime import Runtime, pack
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
 
     bundle = args.bundle or artifacts.ensure(artifacts.default_cache()).routed.path
     rt = Runtime(bundle, threads=args.threads)

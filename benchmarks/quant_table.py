@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama_peer.provision import check_installed
     from quant_report import markdown
 
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
+    from moe_embed.service.tokenizer import Tokenizer
 
     check_installed()
     plan = QUICK if args.quick else FULL

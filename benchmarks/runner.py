@@ -23,7 +23,7 @@ from plan import FULL, QUICK
 from service_client import Server
 from targets import evaluate
 
-from moe_embed.workers.runtime.tokenizer import Tokenizer
+from moe_embed.service.tokenizer import Tokenizer
 
 LOAD_WARN = 0.5
 

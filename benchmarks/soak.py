@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.service import ServeProcess  # noqa: E402
 
 from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
+from moe_embed.service.local import LocalEmbedder  # noqa: E402
 from moe_embed.v1 import embedder_pb2 as pb  # noqa: E402
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc  # noqa: E402
-from moe_embed.workers.runtime.embedder import LocalEmbedder  # noqa: E402
 
 TEXTS = json.loads((Path(__file__).resolve().parents[1] / "tests/data/multilingual.json")
                    .read_text())

@@ -13,6 +13,7 @@ gives the same graphs, so the same quantized bundle.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -90,11 +91,19 @@ def _save(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name, data]
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, not a local path
+
+
 def _model_id(ck: Checkpoint) -> str:
+    """The served model's default name: the hub id given, else the hub id the checkpoint's
+    config names (`_name_or_path`, as transformers writes it), else the folder name."""
     if ck.source["kind"] == "hub":
         return str(ck.source["id"])
     if ck.raw_config.get("synthetic"):
         return f"synthetic-{'full' if ck.config.n_embd == 768 else 'tiny'}"
+    named = ck.raw_config.get("_name_or_path")
+    if isinstance(named, str) and _HUB_ID.fullmatch(named):
+        return named
     return Path(str(ck.source["path"])).name
 
 

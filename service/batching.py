@@ -26,7 +26,7 @@ import numpy as np
 
 from ..workers.process import protocol
 from . import errors
-from .errors import ServiceError
+from .errors import EngineError
 
 
 class Job:
@@ -67,7 +67,7 @@ class Job:
         if self.remaining == 0:
             self.future.set_result(None)
 
-    def fail(self, error: ServiceError) -> None:
+    def fail(self, error: EngineError) -> None:
         if not self.done:
             self.future.set_exception(error)
 

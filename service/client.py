@@ -17,9 +17,9 @@ import numpy as np
 
 from ..v1 import embedder_pb2 as pb
 from ..v1 import embedder_pb2_grpc as pb_grpc
-from ..workers.runtime.errors import InvalidInput
-from ..workers.runtime.tasks import task_named
-from .errors import bad_request
+from .errors import InvalidInput
+from .tasks import task_named
+from .wire import PROTO_OF_TASK, bad_request
 
 
 class RemoteError(RuntimeError):
@@ -80,7 +80,7 @@ class EmbedClient:
     def embed_response(self, texts: Sequence[str], task: str, dimensions: int = 0,
                        truncate: bool = True, normalize: bool = True) -> list[pb.EmbedResponse]:
         """The raw responses, one per chunk of at most the server's max_inputs texts."""
-        proto_task = pb.Task.Value(task_named(task).proto)
+        proto_task = PROTO_OF_TASK[task_named(task).name]
         texts = list(texts)
         step = max(1, self.info().max_inputs) if len(texts) > 1 else 1
         out = []
@@ -105,11 +105,12 @@ class EmbedClient:
 def embed_remote(target: str, texts: Sequence[str], task: str,
                  dimensions: int = 0) -> dict[str, Any]:
     """What the in-process `embed` prints, computed by a running server:
-    {"embeddings": [[...]], "tokens": [n, ...], "dimensions": d}."""
+    {"embeddings": [[...]], "tokens": [n, ...], "truncated": [bool, ...], "dimensions": d}."""
     with EmbedClient(target) as client:
         responses = client.embed_response(texts, task, dimensions)
     return {
         "embeddings": [list(e.values) for r in responses for e in r.embeddings],
         "tokens": [n for r in responses for n in r.token_counts],
+        "truncated": [cut for r in responses for cut in r.truncated],
         "dimensions": responses[0].dimensions,
     }

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..workers.process import policy
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -52,8 +54,8 @@ class ServeConfig:
     workers: int = 1
     threads_per_worker: int = 1
     share_weights: bool = True
-    max_batch_tokens: int = 8192
-    max_wait_ms: float = 2.0
+    max_batch_tokens: int = policy.MAX_BATCH_TOKENS
+    max_wait_ms: float = policy.MAX_WAIT_MS
     max_queue: int = 4096
     max_inputs: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
@@ -71,6 +73,7 @@ class ServeConfig:
     tls_client_ca_file: str = ""
     api_key_file: str = ""
     reflection: bool = True
+    served_model_name: tuple[str, ...] = ()  # empty: the bundle's model id
 
     def __post_init__(self) -> None:
         checks = {
@@ -92,6 +95,8 @@ class ServeConfig:
             "http_port": 0 <= self.http_port <= 65535,
             "health_port": 0 <= self.health_port <= 65535,
         }
+        checks["served_model_name"] = all(n and n == n.strip() and "," not in n
+                                          for n in self.served_model_name)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
@@ -133,6 +138,17 @@ def parse_bool(raw: str | bool) -> bool:
 
 
 parse_bool.__name__ = "bool"  # as named in "cannot parse ... as bool"
+
+
+def parse_names(raw: str) -> tuple[str, ...]:
+    """Comma-separated names (blanks around them dropped); at least one."""
+    names = tuple(n.strip() for n in raw.split(","))
+    if not names or not all(names):
+        raise ValueError(raw)
+    return names
+
+
+parse_names.__name__ = "comma-separated names"
 
 
 @dataclass(frozen=True)
@@ -222,6 +238,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reflection", "--reflection", "MOE_EMBED_REFLECTION", parse_bool,
             "gRPC server reflection (grpcurl without .proto files); --no-reflection turns it "
             "off"),
+    Setting("served_model_name", "--served-model-name", "MOE_EMBED_SERVED_MODEL_NAME",
+            parse_names,
+            "names `model` may take (comma-separated; each also by its last /-part); the "
+            "first is reported by /v1/models, Info and every response (empty: the bundle's "
+            "model id: the checkpoint's hub id, or its folder name)", "NAME[,NAME]"),
 )
 
 
@@ -244,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser, cores: int | None = None) -> 
             shown = f"{default}: one per 4 of the {cores} cores, at least 1"
         elif s.name == "threads_per_worker":
             shown = f"{default}: cores // workers"
-        elif default == "":
+        elif default in ("", ()):
             shown = "empty"
         elif isinstance(default, bool):
             shown = "on" if default else "off"

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from ..workers.runtime.errors import InvalidInput
-from ..workers.runtime.tasks import TASK_NAMES
 from .client import RemoteError
+from .errors import InvalidInput
+from .tasks import TASK_NAMES
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -30,8 +30,8 @@ def _embed(args: argparse.Namespace) -> int:
 
             result = embed_remote(args.server, texts, args.task, args.dimensions)
         else:
-            from ..workers.runtime.embedder import LocalEmbedder
             from .demo import ensure_demo_bundle
+            from .local import LocalEmbedder
 
             embedder = LocalEmbedder(args.bundle or ensure_demo_bundle(), args.threads)
             result = embedder.embed(texts, args.task, args.dimensions).to_json()
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "embed", help="embed texts and print JSON",
         description="Embed texts in-process from a bundle (default: the embedded demo model) or, "
         "with --server, through a running moe-embed service. Prints "
-        '{"embeddings": [[...]], "tokens": [n, ...], "dimensions": d}.')
+        '{"embeddings": [[...]], "tokens": [n, ...], "truncated": [bool, ...], "dimensions": d}.')
     p.add_argument("texts", nargs="*", help="texts to embed")
     p.add_argument("--input-json", metavar="FILE",
                    help="JSON list of texts to embed ('-' = stdin), after any positional texts")

@@ -1,9 +1,11 @@
 """The engine: the one API behind every protocol adapter (validate -> tokenize -> queue ->
-vectors).
+vectors), and the server's state those adapters report (readiness, drain, the last call).
 
-It knows nothing of protobuf. A request is checked by the same validator as the in-process
-API before any work is queued, so a bad request never costs a worker or another request's
-result; tokenization of anything but small requests runs off the event loop.
+It knows no protocol: it takes plain values, returns an `EmbedOutcome`, and fails with an
+`EngineError` (service/errors.py) that each adapter maps to its own status. A request is checked
+once, by the validator the in-process API uses too, before any work is queued, so a bad request
+never costs a worker or another request's result; tokenization of anything but small requests
+runs off the event loop.
 """
 
 from __future__ import annotations
@@ -15,40 +17,36 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import structlog
 
 from ..export.bundle import Bundle
-from ..workers.runtime.requests import Input, Limits, validate_embed
-from ..workers.runtime.tasks import task_named
-from ..workers.runtime.tokenizer import Tokenizer
 from . import errors
 from .batching import BatchQueue, Job
 from .config import ServeConfig
 from .metrics import Metrics
+from .model_info import ModelInfo
 from .scheduler import Scheduler
+from .tokenizer import Tokenizer
+from .validation import Input, Limits, ValidRequest, validate_embed
 from .worker_pool import WorkerPool
 
 INLINE_TOKENIZE_CHARS = 4096  # larger requests are tokenized in the tokenizing thread
 
 log = structlog.get_logger("moe_embed.engine")
 
+ResponseSize = Callable[[int, int], int]  # (inputs, dimensions) -> bytes of a response
+
 
 @dataclass
 class EmbedOutcome:
     vectors: list[np.ndarray]  # float32, one per input, in input order
     token_counts: list[int]
+    truncated: list[bool]  # per input: cut to the model's max tokens
     dimensions: int
     queue_ms: float
     compute_ms: float
     total_ms: float
-
-
-def response_bytes(n: int, dimensions: int, model_id: str) -> int:
-    """An upper bound on the EmbedResponse for n inputs: each vector is a packed float field
-    (4 bytes a value + tags and lengths) plus its token count; then id, model and timing."""
-    return n * (4 * dimensions + 16) + len(model_id) + 512
 
 
 def _chars(inputs: Sequence[Input]) -> int:
@@ -61,6 +59,7 @@ class Engine:
     def __init__(self, config: ServeConfig, bundle_path: str | Path, metrics: Metrics) -> None:
         self.config = config
         self.bundle = Bundle.load(bundle_path, verify=False)  # workers verify every hash
+        self.model = ModelInfo.of(self.bundle, config.served_model_name)
         self.limits = Limits.of(self.bundle, config.max_inputs)
         self.tokenizer: Tokenizer | None = None  # loaded in start(), while the workers load
         # one thread for large requests: the segmentation holds the GIL, and every thread that
@@ -69,6 +68,7 @@ class Engine:
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="moe-embed-tokenize")
         self.metrics = metrics
         self.draining = False
+        self.last_call = time.monotonic()  # when the latest call began (the drain's lame duck)
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -96,6 +96,21 @@ class Engine:
         """Every worker has loaded once (and the tokenizer). While one restarts, work queues
         for the others (or for it), so requests keep being admitted."""
         return self.pool.started and self.tokenizer is not None
+
+    def readiness(self) -> str:
+        """`ok`, or why this server should not be sent work: `draining`, `loading`,
+        `no_worker`."""
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "loading"
+        if not self.pool.ready_count:
+            return "no_worker"
+        return "ok"
+
+    def note_call(self) -> None:
+        """A call has just come in (any protocol): the drain waits for calls to stop."""
+        self.last_call = time.monotonic()
 
     def begin_drain(self) -> None:
         """Refuse new work from now on; work already admitted still runs."""
@@ -132,32 +147,39 @@ class Engine:
             raise errors.unavailable("the tokenizer is still loading; retry shortly")
         return self.tokenizer
 
-    async def _encode(self, inputs: Sequence[Input], task: str,
-                      truncate: bool) -> list[np.ndarray]:
+    async def _encode(self, req: ValidRequest) -> tuple[list[np.ndarray], list[bool]]:
         tokenizer = self._tokenizer()
-        t = task_named(task)
-        if _chars(inputs) > INLINE_TOKENIZE_CHARS:
-            return await self._off_loop(tokenizer.encode, inputs, t, truncate)
-        return tokenizer.encode(inputs, t, truncate)
+        if _chars(req.inputs) > INLINE_TOKENIZE_CHARS:
+            return await self._off_loop(tokenizer.encode_marked, req.inputs, req.task,
+                                        req.truncate)
+        return tokenizer.encode_marked(req.inputs, req.task, req.truncate)
 
-    async def embed(self, inputs: Sequence[Input], task: str, dimensions: int = 0,
+    def check_model(self, name: str | None) -> None:
+        """NOT_FOUND unless `name` (None: not given) names the served model."""
+        if name is not None and not self.model.serves(name):
+            raise errors.not_found("model", f"model {name!r} is not served here; this server "
+                                   f"serves {self.model.name!r} (GET /v1/models)")
+
+    async def embed(self, inputs: Sequence[Input], task: str | int | None, dimensions: int = 0,
                     truncate: bool = True, normalize: bool = True,
-                    timeout_s: float | None = None,
-                    caller: Hashable = "") -> EmbedOutcome:
-        """Embed `inputs` for `caller` (the fairness unit: a connection or a stream); raises
-        ServiceError with the status the client should see."""
+                    timeout_s: float | None = None, caller: Hashable = "",
+                    response_size: ResponseSize | None = None) -> EmbedOutcome:
+        """Embed `inputs` for `caller` (the fairness unit: a connection or a stream). Raises
+        EngineError. `response_size` is the adapter's bound on its response's bytes: a request
+        whose response could not be sent is refused before any work."""
         start = time.monotonic()
         self._admitting()
         try:
-            spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
-            self._check_response_size(len(inputs), spec.dimensions)
+            req = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+            if response_size is not None:
+                self._check_response_size(len(inputs), req.dimensions, response_size)
             self.scheduler.check_room(caller, len(inputs))  # a full queue costs no tokenizing
-            ids = await self._encode(inputs, task, truncate)
+            ids, truncated = await self._encode(req)
         except Exception as exc:
-            raise errors.service_error(exc) from exc
+            raise errors.engine_error(exc) from exc
         self._admitting()  # the drain may have begun while tokenizing
         deadline = start + timeout_s if timeout_s is not None else None
-        job = Job(ids, spec.dimensions, spec.normalize, caller,
+        job = Job(ids, req.dimensions, req.normalize, caller,
                   asyncio.get_running_loop().create_future(), time.monotonic(), deadline)
         self.scheduler.submit(job)
         self._active += 1
@@ -172,39 +194,38 @@ class Engine:
             if self._active == 0:
                 self._idle.set()
         self.metrics.queue_time.observe(job.queue_ms / 1e3)
-        return EmbedOutcome(job.vectors, [len(x) for x in ids], spec.dimensions, job.queue_ms,
-                            job.compute_ms, (time.monotonic() - start) * 1e3)
+        if any(truncated):
+            self.metrics.truncated.inc(sum(truncated))
+        return EmbedOutcome(job.vectors, [len(x) for x in ids], truncated, req.dimensions,
+                            job.queue_ms, job.compute_ms, (time.monotonic() - start) * 1e3)
 
-    def _check_response_size(self, n: int, dimensions: int) -> None:
-        """Refuse before any work a request whose response could not be sent."""
-        size = response_bytes(n, dimensions, self.bundle.manifest.model_id)
+    def _check_response_size(self, n: int, dimensions: int, size_of: ResponseSize) -> None:
+        size = size_of(n, dimensions)
         if size > self.config.max_message_bytes:
-            raise errors.ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"inputs: the response to {n} inputs of {dimensions} dimensions would be about "
-                f"{size} bytes, over max_message_bytes {self.config.max_message_bytes}; send "
-                "fewer inputs per request or ask for fewer dimensions", "inputs")
+            raise errors.too_large(
+                "inputs", f"the response to {n} inputs of {dimensions} dimensions would be "
+                f"about {size} bytes, over max_message_bytes {self.config.max_message_bytes}; "
+                "send fewer inputs per request or ask for fewer dimensions")
 
-    async def tokenize(self, inputs: Sequence[str], task: str,
+    async def tokenize(self, inputs: Sequence[str], task: str | int | None,
                        truncate: bool = True) -> list[tuple[list[int], list[str]]]:
         """The ids and pieces the model would see."""
         tokenizer = self._tokenizer()
         try:
-            validate_embed(inputs, task, 0, self.limits, truncate)
-            t = task_named(task)
+            req = validate_embed(inputs, task, 0, self.limits, truncate)
             if _chars(inputs) > INLINE_TOKENIZE_CHARS:
-                return await self._off_loop(tokenizer.tokenize, inputs, t, truncate)
-            return tokenizer.tokenize(inputs, t, truncate)
+                return await self._off_loop(tokenizer.tokenize, req.inputs, req.task, truncate)
+            return tokenizer.tokenize(req.inputs, req.task, truncate)
         except Exception as exc:
-            raise errors.service_error(exc) from exc
+            raise errors.engine_error(exc) from exc
 
     def info(self) -> dict:
         m = self.bundle.manifest
         return {
-            "model_id": m.model_id, "dimensions": m.dimensions.max,
+            "model_id": self.model.name, "dimensions": m.dimensions.max,
             "min_dimensions": m.dimensions.min, "max_dimensions": m.dimensions.max,
             "max_tokens": m.max_tokens, "precision": m.precision,
             "workers": self.config.workers, "bundle_hash": self.bundle.digest,
             "moe_mode": m.moe_mode, "max_inputs": self.config.max_inputs,
-            "max_batch_tokens": self.config.max_batch_tokens,
+            "max_batch_tokens": self.config.max_batch_tokens, "version": self.model.version,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -60,6 +61,21 @@ class Metrics:
             buckets=_TOKEN_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "moe_embed_queue_depth", "Inputs waiting for a worker", registry=r)
+        self.queue_tokens = Gauge(
+            "moe_embed_queue_tokens", "Real tokens of the inputs waiting for a worker",
+            registry=r)
+        self.oldest_admitted: float | None = None  # time.monotonic() of the oldest waiting input
+        self.queue_oldest_wait = Gauge(
+            "moe_embed_queue_oldest_wait_seconds", "How long the oldest waiting input has "
+            "waited (0 when nothing waits): the autoscaling signal", registry=r)
+        self.queue_oldest_wait.set_function(self._oldest_wait)
+        self.slots_busy = Gauge(
+            "moe_embed_worker_slots_busy", "Worker batch slots holding a batch", registry=r)
+        self.slots = Gauge(
+            "moe_embed_worker_slots", "Worker batch slots of the ready workers", registry=r)
+        self.truncated = Counter(
+            "moe_embed_truncated_inputs", "Inputs cut to the model's max tokens (truncate=true)",
+            registry=r)
         self.inputs_dropped = Counter(
             "moe_embed_inputs_dropped", "Queued inputs dropped before reaching a worker "
             "(request cancelled, past its deadline, or already failed)", registry=r)
@@ -77,6 +93,10 @@ class Metrics:
         self._expert_children: dict[tuple[int, int], Counter] = {}
         self._request_children: dict[tuple[str, str], tuple[Counter, Counter | None]] = {}
         self._latency_children: dict[str, Histogram] = {}
+
+    def _oldest_wait(self) -> float:
+        oldest = self.oldest_admitted  # one read: set on the event loop, read at scrape time
+        return 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)

@@ -1,24 +1,14 @@
 """Dispatch, delivery, retry and batch metrics, in one place.
 
-One dispatch loop takes batches from the queue and hands each to a worker slot: an idle
-worker gets a full batch at once; a busy worker's second slot gets a batch when one is full or
-when the oldest input has waited `max_wait`.
-
-A caller is light while its tokens waiting and in flight together are at most EXPRESS_TOKENS
-(many one-text requests on one connection; not one client's burst). Light callers' inputs go
-in express batches of their own (at most EXPRESS_TOKENS, lightest callers first; a busy worker
-keeps a slot for them when its others hold heavy work), never in a heavy caller's batch: to a
-busy worker, and to an idle one too while heavy callers also wait. A worker runs a batch at
-most a quarter of the one it holds first (up to that one's own token count in all;
-workers/process/main.py), pausing the larger between session calls, so a light request does
-not wait for a heavy batch to end. Otherwise a busy worker gets a batch sent ahead: everything
-that waits with one worker, 1/(2N) of it with N (`_parts`), so a burst is neither cut into
-small batches nor piled onto one worker while the others idle.
+One dispatch loop takes batches from the queue and hands each to a worker slot, by the rules of
+the one scheduling policy (workers/process/policy.py: light callers and express batches, slots,
+budgets of batches sent ahead).
 
 Each batch then has one coroutine that sees it through: it runs it on its worker, delivers the
 vectors to the requests it carries, and, if the worker dies (or is killed for running far past
 what the batch should take), sends what is still wanted once more, ahead of new work; a second
-death fails it with INTERNAL.
+death fails it with INTERNAL. A batch that raises in a live worker is a bug (requests are
+validated before they are queued): its requests fail INTERNAL, naming the batch.
 """
 
 from __future__ import annotations
@@ -28,18 +18,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Hashable
 
-import grpc
 import structlog
 
-from ..workers.process import protocol
+from ..workers.process import policy, protocol
 from . import errors
 from .batching import Batch, BatchQueue, Job
-from .errors import ServiceError
+from .errors import EngineError
 from .metrics import Metrics
 from .worker_pool import BatchFailed, NoWorkerCanServe, Worker, WorkerDied, WorkerPool
 
 MAX_ATTEMPTS = 2  # workers a batch may be sent to
-EXPRESS_TOKENS = 512  # the batch a busy worker takes beside the one it runs (a chunk's worth)
 STUCK_FACTOR = 20.0  # a batch may run this many times its expected time past the floor
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-token estimate
 
@@ -54,13 +42,6 @@ async def _first(*waits: Awaitable[object], timeout: float | None = None) -> Non
     finally:
         for t in tasks:
             t.cancel()
-
-
-def _parts(workers: int) -> int:
-    """Into how many parts a batch sent ahead cuts what waits: one worker takes all of it (big
-    batches run fastest); with more, each takes 1/(2N), so no worker is left idle while another
-    still has a large batch of the same burst to run (a burst's last batches get smaller)."""
-    return 1 if workers <= 1 else 2 * workers
 
 
 class Scheduler:
@@ -108,6 +89,8 @@ class Scheduler:
 
     def _queue_changed(self) -> None:
         self.metrics.queue_depth.set(self.queue.waiting)
+        self.metrics.queue_tokens.set(self.queue.queued_tokens)
+        self.metrics.oldest_admitted = self.queue.oldest()
         dropped = self.queue.dropped - self._dropped_seen
         if dropped:
             self.metrics.inputs_dropped.inc(dropped)
@@ -141,22 +124,14 @@ class Scheduler:
                 await _first(self.pool.changes.wait(), self._wake.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            # light inputs never ride in a heavy caller's batch: they go express to a busy
-            # worker, and to an idle one too while heavy callers also wait
-            express = bool(light) and (worker.busy or len(light) < len(
-                self.queue.callers_waiting()))
-            if worker.busy and not self.queue.full(EXPRESS_TOKENS if express else None) \
-                    and delay > 0:
+            express = policy.is_express(light, len(self.queue.callers_waiting()), worker.busy)
+            if worker.busy and delay > 0 and not self.queue.full(
+                    policy.EXPRESS_TOKENS if express else None):
                 timeout = delay if until_deadline is None else min(delay, until_deadline)
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
-            if not worker.busy:
-                budget = None
-            elif express:
-                budget = EXPRESS_TOKENS
-            else:  # sent ahead: what waits, or 1/(2N) of it with N > 1 workers (factoring)
-                budget = max(EXPRESS_TOKENS, -(-self.queue.queued_tokens // _parts(
-                    self.pool.ready_count)))
+            budget = policy.budget(worker.busy, express, self.queue.queued_tokens,
+                                   self.pool.ready_count)
             batch = self.queue.take(now, budget, lightest_first=express,
                                     only=light if express else None)
             self._queue_changed()
@@ -174,11 +149,9 @@ class Scheduler:
         return self.batch_timeout_s + STUCK_FACTOR * expected
 
     def _light_callers(self) -> set[Hashable]:
-        """Callers with inputs waiting that have at most an express batch's worth of tokens
-        waiting and in flight together (many one-text requests on one connection still count
-        as light; a burst does not)."""
-        return {c for c in self.queue.callers_waiting()
-                if self._in_flight[c] + self.queue.tokens_waiting(c) <= EXPRESS_TOKENS}
+        """Callers with inputs waiting that are light (policy.light_callers)."""
+        waiting = {c: self.queue.tokens_waiting(c) for c in self.queue.callers_waiting()}
+        return policy.light_callers(waiting, self._in_flight)
 
     async def _run(self, batch: Batch, worker: Worker | None) -> None:
         self._observe_sent(batch)
@@ -206,12 +179,9 @@ class Scheduler:
                         return
                     batch.attempts += 1
                     continue
-                except BatchFailed as exc:  # the worker lives on: the same slot goes on
-                    retry = self._after_failure(batch, exc)
-                    if retry is None:
-                        return
-                    batch = retry
-                    continue
+                except BatchFailed as exc:  # the worker lives on
+                    self._after_failure(batch, exc)
+                    return
                 self._deliver(batch, result)
                 return
         finally:
@@ -235,35 +205,26 @@ class Scheduler:
                         why=why)
         return live
 
-    def _after_failure(self, batch: Batch, exc: BatchFailed) -> Batch | None:
-        """The batch raised in a live worker. An invalid input fails only its own request
-        (with its index in that request); the rest is sent again. Anything else fails all."""
-        failure = exc.failure
-        if failure.reason == protocol.Reason.INVALID_INPUT and failure.row is not None \
-                and failure.row < len(batch.items):
-            item = batch.items[failure.row]
-            self._fail_job(item.job, errors.invalid_argument(failure.field or "inputs",
-                                                              failure.message, item.index))
-            return batch.live()
-        self._fail(batch, ServiceError(
-            grpc.StatusCode.INTERNAL,
-            f"batch {batch.batch_id} failed in worker {exc.worker}: {failure.message}"))
-        return None
+    def _after_failure(self, batch: Batch, exc: BatchFailed) -> None:
+        """The batch raised in a live worker: a bug, since requests are validated before they
+        are queued. Its requests fail INTERNAL, naming the batch; the worker goes on."""
+        self._fail(batch, errors.internal(
+            f"batch {batch.batch_id} failed in worker {exc.worker}: {exc.failure.message}"))
 
-    def no_worker(self) -> ServiceError:
+    def no_worker(self) -> EngineError:
         return errors.unavailable(f"no worker can serve: {self.pool.last_load_error}; "
                                   "retry elsewhere")
 
-    def _fail_waiting(self, error: ServiceError) -> None:
+    def _fail_waiting(self, error: EngineError) -> None:
         """Fail every request with inputs waiting (no worker will take them)."""
         for job in self.queue.jobs():
             self._fail_job(job, error)
 
-    def _fail_job(self, job: Job, error: ServiceError) -> None:
+    def _fail_job(self, job: Job, error: EngineError) -> None:
         job.fail(error)
         self.cancel(job)
 
-    def _fail(self, batch: Batch, error: ServiceError) -> None:
+    def _fail(self, batch: Batch, error: EngineError) -> None:
         log.error("batch_failed", batch_id=batch.batch_id, code=error.code.name,
                   error=error.message)
         for job in {id(it.job): it.job for it in batch.items}.values():

@@ -300,8 +300,8 @@ UNAUTHENTICATED_MESSAGE = ("missing or invalid API key: send `authorization: Bea
                            "(HTTP: an `Authorization: Bearer <key>` header)")
 
 
-def unauthenticated() -> errors.ServiceError:
-    return errors.ServiceError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+def unauthenticated() -> errors.EngineError:
+    return errors.EngineError(errors.Code.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -1,6 +1,7 @@
-"""The server: the gRPC adapter (protobuf to the engine), the OpenAI-compatible HTTP adapter
-beside it on the same event loop (service/http/), health, reflection, TLS and API keys
-(service/security.py), metrics and the drain on SIGTERM.
+"""The composition root: one running service wires the engine, the gRPC adapter
+(service/grpc_api.py), the OpenAI-compatible HTTP adapter beside it on the same event loop
+(service/http/), health, reflection, TLS and API keys (service/security.py), metrics and the
+drain on SIGTERM. The adapters know the engine, never each other.
 
 Health (overall "" and "moe_embed.v1.Embedder"; HTTP /ready) is NOT_SERVING until every worker
 has loaded, SERVING while at least one worker can serve, NOT_SERVING when none can (all dead or
@@ -11,298 +12,28 @@ with TLS on, `--health-port` serves it in plaintext for the kubelet's probes.
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from ..v1 import embedder_pb2 as pb
-from ..v1 import embedder_pb2_grpc as pb_grpc
-from ..workers.runtime.tasks import TASKS
-from . import errors
 from .config import ServeConfig
-from .engine import EmbedOutcome, Engine
-from .errors import ServiceError
-from .logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
+from .engine import Engine
+from .grpc_api import SERVICE_NAME, EmbedderServicer, add_servicer, server_options
 from .metrics import Metrics
-from .security import (
-    AUTHORIZATION,
-    RELOAD_POLL_S,
-    ApiKeyInterceptor,
-    Security,
-    SecurityError,
-    metadata_value,
-)
+from .security import RELOAD_POLL_S, ApiKeyInterceptor, Security, SecurityError
 from .worker_pool import WorkerStartError
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
 HEALTH_SERVICES = ("", SERVICE_NAME)
 LAME_DUCK_S = 0.5  # after a drain, the port closes once no call has come for this long
 FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
-KEEPALIVE_TIMEOUT_MS = 20_000  # an unanswered keepalive ping closes the connection
-MIN_CLIENT_PING_MS = 10_000  # clients pinging more often are told off (GOAWAY)
-STREAM_WINDOW = 512  # requests per stream not yet answered; past it the stream is read no further
-TASK_NAMES = {pb.Task.Value(t.proto): t.name for t in TASKS}
 
 log = structlog.get_logger("moe_embed.server")
-_DONE = object()
-_streams = itertools.count(1)
-
-
-class Malformed:
-    """A request message that could not be parsed (bad bytes, invalid UTF-8)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def service_error(self) -> ServiceError:
-        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"malformed request message: {self.error}")
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """A deserializer that hands a parse failure to the handler instead of failing the call
-    (gRPC would answer UNKNOWN, and end a whole stream)."""
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except (DecodeError, ValueError, UnicodeDecodeError) as exc:
-            return Malformed(exc)
-    return deserialize
-
-
-def task_name(task: int) -> str:
-    name = TASK_NAMES.get(task)
-    if name is not None:
-        return name
-    choices = ", ".join(t.proto for t in TASKS)
-    if task == pb.TASK_UNSPECIFIED:
-        raise errors.invalid_argument("task", f"is required: one of {choices}")
-    raise errors.invalid_argument("task", f"unknown value {task}; expected one of {choices}")
-
-
-def to_response(request_id: str, model: str, out: EmbedOutcome) -> pb.EmbedResponse:
-    resp = pb.EmbedResponse(
-        id=request_id, token_counts=out.token_counts, total_tokens=sum(out.token_counts),
-        dimensions=out.dimensions, model=model,
-        timing=pb.Timing(queue_ms=out.queue_ms, compute_ms=out.compute_ms,
-                         total_ms=out.total_ms))
-    for vector in out.vectors:
-        resp.embeddings.add().values.extend(vector.tolist())
-    return resp
-
-
-def error_response(request_id: str, err: ServiceError) -> pb.EmbedResponse:
-    error = pb.Error(code=errors.status_number(err.code), message=err.message,
-                     field=err.field or "")
-    if err.index is not None:
-        error.index = err.index
-    return pb.EmbedResponse(id=request_id, error=error)
-
-
-def _cancel_code(context: grpc.aio.ServicerContext) -> str:
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-
-
-class EmbedderServicer(pb_grpc.EmbedderServicer):
-    """Protobuf in, engine call, protobuf out; errors become statuses via errors.py."""
-
-    def __init__(self, engine: Engine, metrics: Metrics,
-                 security: Security | None = None) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.security = security
-        self.model = engine.bundle.manifest.model_id
-        self.last_call = time.monotonic()  # when the latest call began (for the lame duck)
-
-    def _caller(self, context: grpc.aio.ServicerContext) -> str:
-        """The fairness unit: the API key with keys on (checked by ApiKeyInterceptor), else
-        the client connection."""
-        if self.security is not None and self.security.keys is not None:
-            key = self.security.caller(metadata_value(context.invocation_metadata(),
-                                                      AUTHORIZATION))
-            if key:
-                return key
-        return context.peer()
-
-    async def _embed(self, request: pb.EmbedRequest | Malformed, timeout_s: float | None,
-                     caller: str) -> pb.EmbedResponse:
-        if isinstance(request, Malformed):
-            raise request.service_error()
-        out = await self.engine.embed(
-            list(request.inputs), task_name(request.task), request.dimensions,
-            truncate=request.truncate if request.HasField("truncate") else True,
-            normalize=request.normalize if request.HasField("normalize") else True,
-            timeout_s=timeout_s, caller=caller)
-        return to_response(request.id, self.model, out)
-
-    def _begin(self, context: grpc.aio.ServicerContext) -> str:
-        self.last_call = time.monotonic()
-        request_id = request_id_from(context.invocation_metadata())
-        bind_request_id(request_id)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        return request_id
-
-    async def Embed(self, request: pb.EmbedRequest | Malformed,
-                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        start = time.perf_counter()
-        self._begin(context)
-        code = "OK"
-        try:
-            resp = await self._embed(request, context.time_remaining(), self._caller(context))
-            log.debug("request_done", method="Embed", inputs=len(resp.embeddings),
-                      tokens=resp.total_tokens, total_ms=round(resp.timing.total_ms, 3))
-            return resp
-        except ServiceError as exc:
-            code = exc.code.name
-            log.info("request_failed", method="Embed", code=code, error=exc.message)
-            await context.abort_with_status(exc.rpc_status())
-        except asyncio.CancelledError:
-            code = _cancel_code(context)
-            raise
-        finally:
-            self.metrics.observe_request("Embed", code, time.perf_counter() - start)
-
-    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest | Malformed],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
-        """Requests are read while fewer than STREAM_WINDOW are unanswered: a slot is given
-        back when its response has been written, so a client that stops reading stops the
-        server from reading (and from buffering) more."""
-        self._begin(context)
-        caller = f"{self._caller(context)}/stream-{next(_streams)}"
-        out: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        tasks: set[asyncio.Task] = set()
-        counts = {"requests": 0, "errors": 0}
-
-        async def one(request: pb.EmbedRequest | Malformed) -> None:
-            start = time.perf_counter()
-            request_id = "" if isinstance(request, Malformed) else request.id
-            code = "OK"
-            try:
-                resp = await self._embed(request, None, caller)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:  # reported in this response; the stream goes on
-                err = errors.service_error(exc)
-                code = err.code.name
-                counts["errors"] += 1
-                resp = error_response(request_id, err)
-            finally:
-                self.metrics.observe_request("EmbedStream", code, time.perf_counter() - start)
-            out.put_nowait(resp)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    counts["requests"] += 1
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                out.put_nowait(_DONE)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await out.get()) is not _DONE:
-                yield item
-                window.release()  # written: the client has taken it
-            await reader
-            log.info("stream_closed", requests=counts["requests"], errors=counts["errors"])
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-
-    async def Tokenize(self, request: pb.TokenizeRequest | Malformed,
-                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        start = time.perf_counter()
-        self._begin(context)
-        code = "OK"
-        try:
-            if isinstance(request, Malformed):
-                raise request.service_error()
-            pairs = await self.engine.tokenize(list(request.inputs), task_name(request.task))
-            return pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
-                                               for ids, pieces in pairs])
-        except ServiceError as exc:
-            code = exc.code.name
-            await context.abort_with_status(exc.rpc_status())
-        except asyncio.CancelledError:
-            code = _cancel_code(context)
-            raise
-        finally:
-            self.metrics.observe_request("Tokenize", code, time.perf_counter() - start)
-
-    async def Info(self, request: pb.InfoRequest | Malformed,
-                   context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        start = time.perf_counter()
-        try:
-            return pb.InfoResponse(version=package_version(), **self.engine.info())
-        finally:
-            self.metrics.observe_request("Info", "OK", time.perf_counter() - start)
-
-
-def add_servicer(servicer: EmbedderServicer, server: grpc.aio.Server) -> None:
-    """Register the Embedder service with lenient request parsing (see `_lenient`)."""
-    methods = {
-        "Embed": (grpc.unary_unary_rpc_method_handler, pb.EmbedRequest, pb.EmbedResponse),
-        "EmbedStream": (grpc.stream_stream_rpc_method_handler, pb.EmbedRequest,
-                        pb.EmbedResponse),
-        "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest,
-                     pb.TokenizeResponse),
-        "Info": (grpc.unary_unary_rpc_method_handler, pb.InfoRequest, pb.InfoResponse),
-    }
-    handlers = {name: make(getattr(servicer, name), _lenient(request.FromString),
-                           response.SerializeToString)
-                for name, (make, request, response) in methods.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
-                                                                         handlers),))
-
-
-@functools.cache
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moe-embed")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
-    """Message size, per-connection stream and keepalive limits of the gRPC server."""
-    options = [
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
-        ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-    if cfg.max_connection_age_s > 0:
-        options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(cfg.drain_grace_s * 1000))]
-    return options
 
 
 class EmbedServer:
@@ -330,7 +61,6 @@ class EmbedServer:
         self._drained: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
         self._serving: int | None = None
-        self.servicer: EmbedderServicer | None = None
 
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), then load the workers (health SERVING)."""
@@ -348,8 +78,7 @@ class EmbedServer:
                         if self.security.keys is not None else [])
         server = self._server = grpc.aio.server(options=server_options(cfg),
                                                 interceptors=interceptors)
-        self.servicer = EmbedderServicer(self.engine, self.metrics, self.security)
-        add_servicer(self.servicer, server)
+        add_servicer(EmbedderServicer(self.engine, self.metrics, self.security), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             reflection.enable_server_reflection((
@@ -405,13 +134,7 @@ class EmbedServer:
 
         assert self.engine is not None
         cfg = self.config
-
-        def note_call() -> None:
-            if self.servicer is not None:
-                self.servicer.last_call = time.monotonic()
-
-        app = create_app(HttpContext(self.engine, self.metrics, self.security, note_call,
-                                     _created(self.engine)))
+        app = create_app(HttpContext(self.engine, self.metrics, self.security))
         sock = bind(cfg.host, cfg.http_port)
         self._http = HttpServer(app, sock,
                                 self.security.http_ssl_context() if cfg.tls else None)
@@ -483,8 +206,8 @@ class EmbedServer:
         """Admitted work is done. Go on refusing new calls with UNAVAILABLE until none has come
         for LAME_DUCK_S (or the grace ends): gRPC's stop cancels calls that arrive as it
         happens, and CANCELLED is not retried where UNAVAILABLE is."""
-        while self.servicer is not None and (now := time.monotonic()) < deadline:
-            quiet_at = self.servicer.last_call + LAME_DUCK_S
+        while self.engine is not None and (now := time.monotonic()) < deadline:
+            quiet_at = self.engine.last_call + LAME_DUCK_S
             if quiet_at <= now:
                 return
             await asyncio.sleep(min(quiet_at, deadline) - now)
@@ -514,14 +237,6 @@ class EmbedServer:
     async def wait_stopped(self) -> None:
         assert self._drained is not None
         await self._drained.wait()
-
-
-def _created(engine: Engine) -> int:
-    """The bundle's export time in Unix seconds (OpenAI's model `created`)."""
-    try:
-        return int(datetime.fromisoformat(engine.bundle.manifest.created).timestamp())
-    except (TypeError, ValueError):
-        return int(engine.bundle.path.stat().st_mtime)
 
 
 async def serve(config: ServeConfig, bundle_path: str | Path) -> int:

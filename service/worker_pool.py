@@ -6,9 +6,8 @@ Workers with one thread each are forked from one loader process that has loaded 
 milliseconds. Workers with more threads are "spawn" processes that load their own runtime
 (ONNX Runtime's thread pool does not survive fork). Either way a worker has two pipes: batches
 go down one, results come up the other, read by the event loop when readable. A worker
-holds at most MAX_IN_FLIGHT batches (one running, one waiting in its pipe), plus one express
-batch (a light caller's, which the worker runs first) when it holds heavy work: a caller first
-`acquire`s a slot on the least-loaded ready worker, then `run`s a batch on it. A worker
+holds at most `policy.slots` batches: a caller first `acquire`s a slot on the least-loaded
+ready worker, then `run`s a batch on it. A worker
 that dies (even SIGKILL: its pipe reaches EOF) fails every batch it held with `WorkerDied` and
 is restarted with backoff; what to do with those batches is the caller's business.
 """
@@ -29,7 +28,7 @@ from pathlib import Path
 import structlog
 
 from ..workers.process import loader as loader_program
-from ..workers.process import protocol
+from ..workers.process import policy, protocol
 from ..workers.process.loader import send_fork
 from ..workers.process.main import worker_main
 from .metrics import Metrics
@@ -38,9 +37,6 @@ from .metrics import Metrics
 # keeps a thread (and an SQLite store under ~/.cache) from import on, and would otherwise send
 # usage events from a user's cluster; OpenBLAS starts a pool on numpy's import.
 LOADER_ENV = {"ORT_DISABLE_TELEMETRY": "1", "OPENBLAS_NUM_THREADS": "1"}
-MAX_IN_FLIGHT = 2  # batches per worker: one running, one waiting in its pipe
-EXPRESS_SLOTS = 1  # further slots only an express batch may take...
-HEAVY_TOKENS = 2048  # ...beside at least this much work, which a <= 512-token batch overtakes
 PIPE_BYTES = 1 << 20  # grown pipes: a batch message never blocks the event loop on write
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -318,8 +314,7 @@ class WorkerPool:
         for w in self.workers:
             if w is None or not w.ready or w.dead or w.killed:
                 continue
-            heavy = express and w.tokens >= HEAVY_TOKENS
-            if w.slots >= MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0):
+            if w.slots >= policy.slots(w.tokens, express):
                 continue
             if best is None or (w.slots, w.tokens) < (best.slots, best.tokens):
                 best = w
@@ -340,6 +335,7 @@ class WorkerPool:
                 worker = self._best(express)
                 if worker is not None:
                     worker.slots += 1
+                    self._slots_changed()
                     return worker
             if priority:
                 self._priority_waiting += 1
@@ -351,7 +347,14 @@ class WorkerPool:
 
     def release(self, worker: Worker) -> None:
         worker.slots -= 1
+        self._slots_changed()
         self.changes.fire()
+
+    def _slots_changed(self) -> None:
+        """The slot gauges: busy slots of live workers, and the ready workers' slots."""
+        live = [w for w in self.workers if w is not None and not w.dead]
+        self.metrics.slots_busy.set(sum(w.slots for w in live))
+        self.metrics.slots.set(self.ready_count * policy.MAX_IN_FLIGHT)
 
     async def run(self, worker: Worker, batch: protocol.Batch, tokens: int,
                   timeout_s: float | None = None) -> protocol.Result:
@@ -426,6 +429,7 @@ class WorkerPool:
                 and self.ready_count == self.size:
             self._starting.set_result(None)
         self.metrics.workers_ready.set(self.ready_count)
+        self._slots_changed()
         self.changes.fire()
 
     def _load_failed(self, worker: Worker, msg: protocol.LoadFailed) -> None:
@@ -462,6 +466,7 @@ class WorkerPool:
                     exitcode=code, in_flight=len(worker.in_flight))
         self._fail_pending(worker, "died" if code is None else f"died (exit code {code})")
         self.metrics.workers_ready.set(self.ready_count)
+        self._slots_changed()
         self.changes.fire()
         if self._starting is not None and not self._starting.done():
             self._starting.set_exception(WorkerStartError(

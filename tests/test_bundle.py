@@ -136,3 +136,22 @@ def test_malformed_manifest_is_refused(bundle_copy):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="manifest.json"):
         Bundle.load(tmp_path)
+
+
+@pytest.mark.parametrize(("named", "expected"), [
+    ("nomic-ai/nomic-embed-text-v2-moe", "nomic-ai/nomic-embed-text-v2-moe"),  # a hub id
+    ("/home/me/models/nomic", "my-checkpoint"),  # a local path: the folder name
+    (None, "my-checkpoint"),
+])
+def test_model_id_is_the_hub_id_the_config_names_else_the_folder(tiny_checkpoint, tmp_path,
+                                                                 named, expected):
+    from moe_embed.export.split import export_bundle
+
+    ck = tmp_path / "my-checkpoint"
+    shutil.copytree(tiny_checkpoint, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config.pop("synthetic")
+    if named is not None:
+        config["_name_or_path"] = named
+    (ck / "config.json").write_text(json.dumps(config))
+    assert Bundle.load(export_bundle(str(ck), tmp_path / "b")).manifest.model_id == expected

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_embed.workers.runtime.embedder import LocalEmbedder
+from moe_embed.service.local import LocalEmbedder
 
 EXE = Path(sys.executable).parent / "moe-embed"
 

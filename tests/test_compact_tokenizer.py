@@ -19,9 +19,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from moe_embed.workers.runtime import compact_tokenizer
-from moe_embed.workers.runtime.compact_tokenizer import CompactTokenizer
-from moe_embed.workers.runtime.tokenizer import Tokenizer
+from moe_embed.service import compact_tokenizer
+from moe_embed.service.compact_tokenizer import CompactTokenizer
+from moe_embed.service.tokenizer import Tokenizer
 
 ADDED = ["<mask>", "<s>", "</s>", "<unk>", "<pad>"]
 
@@ -198,7 +198,7 @@ def rss_mb():
     gc.collect()
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
-from moe_embed.workers.runtime.tokenizer import Tokenizer
+from moe_embed.service.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 before = rss_mb()
 tok = HFTokenizer.from_file(sys.argv[2]) if sys.argv[1] == "hf" else Tokenizer(sys.argv[2])

@@ -34,8 +34,8 @@ from support.service import (
     wait_for,
 )
 
+from moe_embed.service.tasks import task_named
 from moe_embed.v1 import embedder_pb2 as pb
-from moe_embed.workers.runtime.tasks import task_named
 
 TOL = 1e-6
 REPO = Path(__file__).resolve().parents[1]

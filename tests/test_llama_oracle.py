@@ -20,9 +20,9 @@ from support.service import IN_PROCESS_THREADS
 
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import write_synthetic
+from moe_embed.service.tasks import task_named
+from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.workers.runtime.runtime import Runtime, pack
-from moe_embed.workers.runtime.tasks import task_named
-from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "data" / "llama_golden.json"
 MIN_COS = 0.99999

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from moe_embed.export.reference import pad_batch
+from moe_embed.service.local import LocalEmbedder
+from moe_embed.service.tasks import task_named
 from moe_embed.workers.runtime.chunks import chunks
-from moe_embed.workers.runtime.embedder import LocalEmbedder
-from moe_embed.workers.runtime.errors import InvalidInput
+from moe_embed.workers.runtime.errors import MalformedBatch
 from moe_embed.workers.runtime.runtime import Runtime, pack
-from moe_embed.workers.runtime.tasks import task_named
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +127,18 @@ def test_matryoshka_is_renormalized_prefix(runtime, batch_ids):
 
 @pytest.mark.parametrize("dims", [8, 15, 65, 1000, -1])
 def test_dimensions_outside_bundle_range_are_refused(runtime, dims):
-    with pytest.raises(InvalidInput, match="dimensions"):
+    """The runtime trusts the validator, but a batch breaking its invariants is refused (a bug
+    upstream), naming the row."""
+    with pytest.raises(MalformedBatch, match=r"row 0: dimensions"):
         embed_ids(runtime, [[0, 5, 2]], dimensions=dims)
 
 
 def test_token_ids_are_checked(runtime):
-    with pytest.raises(InvalidInput, match=r"inputs\[1\]"):
+    with pytest.raises(MalformedBatch, match=r"row 1: token id"):
         embed_ids(runtime, [[0, 5, 2], [0, 250048, 2]])
-    with pytest.raises(InvalidInput, match=r"inputs\[0\]"):
+    with pytest.raises(MalformedBatch, match=r"row 0: 513 tokens"):
         embed_ids(runtime, [list(range(513))])
+    embed_ids(runtime, [[5] * 512])  # the limit itself is fine
 
 
 def test_all_experts_bundle_agrees_with_routed(runtime, tiny_all_experts_bundle, batch_ids):

@@ -24,10 +24,10 @@ from moe_embed.export.commands import PRECISIONS
 from moe_embed.export.quantize import RECIPES, RecipeError
 from moe_embed.export.reference import pad_batch
 from moe_embed.export.split import export_bundle
+from moe_embed.service.local import LocalEmbedder
+from moe_embed.service.tasks import task_named
 from moe_embed.v1 import embedder_pb2 as pb
-from moe_embed.workers.runtime.embedder import LocalEmbedder
 from moe_embed.workers.runtime.runtime import Runtime
-from moe_embed.workers.runtime.tasks import task_named
 
 MIN_COS = {"fp32": 0.99999, "int8": 0.995, "int4": 0.98}
 QUANTIZED = ("int8", "int4")

@@ -15,7 +15,7 @@ import pytest
 
 from moe_embed.export.bundle import Bundle
 from moe_embed.export.split import export_bundle
-from moe_embed.workers.runtime.embedder import LocalEmbedder
+from moe_embed.service.local import LocalEmbedder
 
 REAL = os.environ.get("MOE_EMBED_REAL_MODEL")
 pytestmark = pytest.mark.skipif(not REAL, reason="set MOE_EMBED_REAL_MODEL to a checkpoint")

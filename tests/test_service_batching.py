@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-import grpc
 import numpy as np
 import pytest
 
 from moe_embed.service.batching import BatchQueue, Job
-from moe_embed.service.errors import ServiceError
+from moe_embed.service.errors import Code, EngineError
 
 
 @pytest.fixture
@@ -81,9 +80,9 @@ def test_a_light_caller_rides_in_the_next_batch(loop) -> None:
 def test_queue_bound_refuses_at_once_with_resource_exhausted(loop) -> None:
     q = BatchQueue(8192, max_queue=5)
     q.admit(_job(loop, [3, 3, 3], "a"))
-    with pytest.raises(ServiceError) as exc:
+    with pytest.raises(EngineError) as exc:
         q.admit(_job(loop, [3, 3, 3], "b"))
-    assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert exc.value.code == Code.QUEUE_FULL
     assert "max_queue 5" in exc.value.message and "queue full" in exc.value.message
     assert q.waiting == 3
 
@@ -93,11 +92,11 @@ def test_one_caller_cannot_take_the_whole_queue(loop) -> None:
     one more caller."""
     q = BatchQueue(8192, max_queue=12)
     q.admit(_job(loop, [3] * 4, "heavy"))
-    with pytest.raises(ServiceError, match="fair share 6 of max_queue 12"):
+    with pytest.raises(EngineError, match="fair share 6 of max_queue 12"):
         q.admit(_job(loop, [3] * 4, "heavy"))
     q.admit(_job(loop, [3] * 2, "heavy"))  # 6: its share while alone
     q.admit(_job(loop, [3] * 2, "light"))  # a newcomer gets in
-    with pytest.raises(ServiceError, match="fair share 4"):  # 2 callers: 12 // 3
+    with pytest.raises(EngineError, match="fair share 4"):  # 2 callers: 12 // 3
         q.admit(_job(loop, [3], "heavy"))
     q.admit(_job(loop, [3] * 2, "light"))
     assert q.waiting == 10

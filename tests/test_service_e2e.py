@@ -25,9 +25,9 @@ from support.service import (
     wait_for,
 )
 
-from moe_embed.service.errors import bad_request
+from moe_embed.service.tasks import task_named
+from moe_embed.service.wire import bad_request
 from moe_embed.v1 import embedder_pb2 as pb
-from moe_embed.workers.runtime.tasks import task_named
 
 ATOL = 1e-5
 
@@ -372,7 +372,7 @@ def test_embed_remote_matches_the_in_process_json(server, expected, multilingual
 
 def test_client_splits_past_max_inputs_and_maps_errors(server, expected) -> None:
     from moe_embed.service.client import EmbedClient
-    from moe_embed.workers.runtime.errors import InvalidInput
+    from moe_embed.service.errors import InvalidInput
 
     texts = [f"text number {i}" for i in range(150)]  # the server takes 64 per request
     with EmbedClient(server.target) as client:

@@ -28,7 +28,7 @@ from support.service import (
     wait_for,
 )
 
-from moe_embed.service.server import STREAM_WINDOW
+from moe_embed.service.grpc_api import STREAM_WINDOW
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 

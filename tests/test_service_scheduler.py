@@ -10,16 +10,15 @@ import signal
 import time
 from types import SimpleNamespace
 
-import grpc
 import numpy as np
 import pytest
 
 from moe_embed.service.batching import BatchQueue, Job
-from moe_embed.service.errors import ServiceError
+from moe_embed.service.errors import Code, EngineError
 from moe_embed.service.metrics import Metrics
 from moe_embed.service.scheduler import Scheduler
 from moe_embed.service.worker_pool import WorkerPool
-from moe_embed.workers.process.main import next_to_step
+from moe_embed.workers.process.policy import next_to_step
 
 
 @contextlib.asynccontextmanager
@@ -155,22 +154,24 @@ def test_resent_batch_goes_first_without_finished_requests(tiny_bundle) -> None:
     asyncio.run(main())
 
 
-def test_worker_side_invalid_input_fails_only_its_request(tiny_bundle) -> None:
-    """The frontend validates first; should a worker still refuse an input, only that
-    request fails, with INVALID_ARGUMENT naming its index in that request."""
+def test_a_batch_the_worker_refuses_fails_internal_naming_it_and_the_worker_goes_on(
+        tiny_bundle) -> None:
+    """Requests are validated once, before queuing: a batch a worker still refuses is a bug
+    upstream. Its requests fail INTERNAL naming the batch; the worker serves the next one."""
     async def main() -> None:
         async with running(tiny_bundle) as sched:
-            good = job([5, 6], caller="x")
             bad = job([4, 4], caller="y")
             bad.ids[1] = np.array([0, 250048, 2], dtype=np.int32)  # out of the vocabulary
-            sched.submit(good)
             sched.submit(bad)
-            await asyncio.wait_for(good.future, 10)
-            with pytest.raises(ServiceError) as exc:
+            with pytest.raises(EngineError) as exc:
                 await asyncio.wait_for(bad.future, 10)
-            assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            assert (exc.value.field, exc.value.index) == ("inputs", 1)
-            assert "vocabulary" in exc.value.message
+            assert exc.value.code == Code.INTERNAL
+            assert exc.value.field is None
+            assert "batch 1 " in exc.value.message and "vocabulary" in exc.value.message
+            good = job([5, 6], caller="x")
+            sched.submit(good)
+            await asyncio.wait_for(good.future, 10)
+            assert sched.pool.restarts == 0
     asyncio.run(main())
 
 
@@ -331,9 +332,9 @@ def test_a_request_past_its_deadline_is_dropped_before_any_worker(tiny_bundle) -
             await until(lambda: sent(sched) == (1, 1))
             late = job([4, 5, 6], deadline=time.monotonic() + 0.3)
             sched.submit(late)  # waits: the only worker is busy and max_wait is long
-            with pytest.raises(ServiceError) as exc:
+            with pytest.raises(EngineError) as exc:
                 await asyncio.wait_for(late.future, 5)
-            assert exc.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert exc.value.code == Code.DEADLINE_EXCEEDED
             assert "deadline passed in the queue" in exc.value.message
             assert sched.metrics.registry.get_sample_value(
                 "moe_embed_inputs_dropped_total") == 3

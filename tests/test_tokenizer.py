@@ -8,9 +8,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from moe_embed.export.bundle import Bundle
-from moe_embed.workers.runtime.errors import InvalidInput
-from moe_embed.workers.runtime.tasks import TASKS, task_named
-from moe_embed.workers.runtime.tokenizer import PIECE_CHARS, Tokenizer
+from moe_embed.service.errors import InvalidInput
+from moe_embed.service.tasks import TASKS, task_named
+from moe_embed.service.tokenizer import PIECE_CHARS, Tokenizer
 
 NONE = task_named("none")
 

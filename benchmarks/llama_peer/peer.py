@@ -258,8 +258,8 @@ def multilingual_ids(checkpoint: Path, task: str = "search_document") -> tuple[l
                                                                                 list[list[int]]]:
     import json
 
-    from moe_embed.workers.runtime.tasks import task_named
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
+    from moe_embed.service.tasks import task_named
+    from moe_embed.service.tokenizer import Tokenizer
 
     texts = json.loads((Path(__file__).resolve().parents[2] / "tests" / "data"
                         / "multilingual.json").read_text())

@@ -1,8 +1,9 @@
 """The HTTP API's request and response bodies: OpenAI's embeddings schema plus documented
 extension fields. The models are the validator and the OpenAPI document at once.
 
-`input` is only checked for its shape here (a string, or a list); each input is checked by the
-engine's validator, the same as for gRPC, so an error names `input[i]` the same way.
+`input` is only checked for its shape here (a string, or a list), and `task` for being a string;
+each input and the task are checked by the engine's validator, the same as for gRPC, so an error
+names `input[i]` or `task` the same way.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ...workers.runtime.tasks import TASK_NAMES
-
-TaskName = Literal[TASK_NAMES]  # type: ignore[valid-type]
+from ..tasks import TASK_NAMES
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 INPUT_SCHEMA = {
@@ -73,8 +72,9 @@ class EmbeddingRequest(BaseModel):
         None, description="Matryoshka output size, in the model's range (GET /v1/models: "
                           "min_dimensions..max_dimensions); omitted = full size.")
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
-    task: TaskName = Field(  # type: ignore[valid-type]
-        "none", description="Extension: the task prefix the model was trained with, added to "
+    task: StrictStr = Field(
+        "none", json_schema_extra={"enum": list(TASK_NAMES)},
+        description="Extension: the task prefix the model was trained with, added to "
                             "each text (`search_query` → `search_query: ` + text). `none` "
                             "(the default, as in OpenAI's API) uses the text as given. "
                             "Token-id inputs are used as given.")
@@ -91,6 +91,8 @@ class Embedding(BaseModel):
     index: int
     embedding: list[float] | str = Field(
         description="floats, or a base64 string of little-endian float32 values")
+    truncated: bool = Field(description="Extension: the input was cut to the model's max "
+                                        "tokens (truncate=true).")
 
 
 class Usage(BaseModel):

@@ -27,16 +27,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_embed.service.config import ServeConfig
+from moe_embed.service.local import LocalEmbedder
 from moe_embed.service.logging import configure_logging
 from moe_embed.service.server import EmbedServer
+from moe_embed.service.tasks import task_named
+from moe_embed.service.wire import PROTO_OF_TASK
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
-from moe_embed.workers.runtime.embedder import LocalEmbedder
-from moe_embed.workers.runtime.tasks import TASKS as TASK_TABLE
-from moe_embed.workers.runtime.tasks import task_named
 
 IN_PROCESS_THREADS = 2  # the ORT pool is process-wide: every test module must agree on it
-TASKS = {t.name: pb.Task.Value(t.proto) for t in TASK_TABLE}  # API name -> proto enum
+TASKS = PROTO_OF_TASK  # API name -> proto enum
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -4,16 +4,14 @@ Started with the multiprocessing "spawn" context (`worker_main`), or forked from
 holds a runtime already (`loader.py`, one ORT thread per worker).
 The loop reads Batches from `requests`, runs the runtime on them (packed ids in, one vector
 per input out, each with its own dimensions and normalize) and writes a Result (vectors +
-tokens per expert) or, if a batch raised, a Failed naming the reason and the row.
+tokens per expert) or, if a batch raised (a bug: requests are validated before they are
+queued), a Failed with the error.
 
-A worker holds up to two batches (one running, one sent ahead). It runs them step by step
-(one session call at a time) and, between steps, reads any batch that has arrived and always
-advances the oldest, unless a later one is at most a quarter of its size: a small batch sent
-while a large one runs is done first, after one step of the large one, instead of after all of
-it. A batch yields to smaller ones at most its own token count in all, so its delay is bounded by
-its own size, and batches of similar size keep their order (shortest-first would let a stream of
-small batches starve the first one). The worker exits on Stop or when the frontend's end of the
-pipe closes.
+A worker holds a few batches (one running, others sent ahead). It runs them step by step (one
+session call at a time) and, between steps, reads any batch that has arrived and advances the
+one `policy.next_to_step` names: a small batch sent while a large one runs is done first, after
+one step of the large one, instead of after all of it. The worker exits on Stop or when the
+frontend's end of the pipe closes.
 """
 
 from __future__ import annotations
@@ -27,8 +25,8 @@ from multiprocessing.connection import Connection
 import structlog
 
 from ..logs import configure_json_logging
-from ..runtime.errors import InvalidInput
 from . import protocol
+from .policy import next_to_step
 
 
 class Running:
@@ -53,39 +51,18 @@ class Running:
             self.seconds += time.perf_counter() - start
             return protocol.Result.of(self.batch.batch_id, self.seconds * 1e3, r.vectors,
                                       r.moe_layers, r.expert_tokens)
-        except InvalidInput as exc:
-            return protocol.Failed(self.batch.batch_id, protocol.Reason.INVALID_INPUT,
-                                   exc.detail, exc.field, exc.index)
-        except Exception as exc:  # the batch fails, the worker lives on
+        except Exception as exc:  # a bug (requests were validated): the batch fails, not us
             structlog.get_logger("moe_embed.worker").error(
                 "batch_failed", batch_id=self.batch.batch_id,
                 error=traceback.format_exception_only(exc)[-1].strip())
-            return protocol.Failed(self.batch.batch_id, protocol.Reason.INTERNAL, repr(exc))
+            return protocol.Failed(self.batch.batch_id, repr(exc))
         finally:
             self.seconds += time.perf_counter() - start
 
 
-OVERTAKE_RATIO = 4  # a later batch runs first only if it is at most 1/4 of the oldest
-
-
-def next_to_step(running: list[Running]) -> Running:
-    """The batch to advance: the oldest, or the smallest of the later ones that are far smaller
-    than it, while the oldest has let through fewer tokens than its own."""
-    oldest = running[0]
-    small = [r for r in running[1:] if r.tokens * OVERTAKE_RATIO <= oldest.tokens
-             and (r.overtook or oldest.yielded + r.tokens <= oldest.tokens)]
-    if not small:
-        return oldest
-    task = min(small, key=lambda r: r.tokens)
-    if not task.overtook:
-        task.overtook = True
-        oldest.yielded += task.tokens
-    return task
-
-
 def serve(runtime, requests: Connection, results: Connection) -> None:
-    """The worker's loop: read batches, step one (`next_to_step`), write replies (see the
-    module docstring). Returns on Stop or when the frontend is gone."""
+    """The worker's loop: read batches, step one (`policy.next_to_step`), write replies.
+    Returns on Stop or when the frontend is gone."""
     log = structlog.get_logger("moe_embed.worker")
     running: list[Running] = []
     while True:

@@ -10,14 +10,13 @@ nothing is pickled, so a batch costs a couple of memcpys each way.
   READY       worker -> frontend  pid, load_s
   RESULT      worker -> frontend  batch_id, n, compute_ms, widths[n], values[sum widths],
                                   moe_layers[L], expert_tokens[L, E]
-  FAILED      worker -> frontend  batch_id, reason, row (-1: none), field and message: the
-                                  batch raised, the worker lives on
+  FAILED      worker -> frontend  batch_id, message: the batch raised (a bug: requests are
+                                  validated before they are queued), the worker lives on
   LOAD_FAILED worker -> frontend  message: the runtime could not be created
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -35,16 +34,9 @@ class Kind(IntEnum):
     LOAD_FAILED = 13
 
 
-class Reason(IntEnum):
-    """Why a batch failed in a worker."""
-
-    INVALID_INPUT = 1  # a caller's value the runtime refused (names the row)
-    INTERNAL = 2  # anything else
-
-
 _BATCH_HEAD = struct.Struct("<BQI")  # kind, batch_id, n
 _RESULT_HEAD = struct.Struct("<BQIdII")  # kind, batch_id, n, compute_ms, layers, experts
-_FAILED_HEAD = struct.Struct("<BQBi")  # kind, batch_id, reason, row
+_FAILED_HEAD = struct.Struct("<BQ")  # kind, batch_id
 _READY = struct.Struct("<Bqd")  # kind, pid, load_s
 _FORK = struct.Struct("<BI")  # kind, worker index
 
@@ -169,22 +161,15 @@ class Result:
 @dataclass
 class Failed:
     batch_id: int
-    reason: Reason
     message: str
-    field: str = ""
-    row: int | None = None  # the offending sequence's row in the batch
 
     def encode(self) -> bytes:
-        head = _FAILED_HEAD.pack(Kind.FAILED, self.batch_id, self.reason,
-                                 -1 if self.row is None else self.row)
-        return head + json.dumps({"field": self.field, "message": self.message}).encode()
+        return _FAILED_HEAD.pack(Kind.FAILED, self.batch_id) + self.message.encode()
 
     @classmethod
     def decode(cls, buf: bytes) -> Failed:
-        _, batch_id, reason, row = _FAILED_HEAD.unpack_from(buf)
-        body = json.loads(buf[_FAILED_HEAD.size:])
-        return cls(batch_id, Reason(reason), body["message"], body["field"],
-                   None if row < 0 else row)
+        _, batch_id = _FAILED_HEAD.unpack_from(buf)
+        return cls(batch_id, buf[_FAILED_HEAD.size:].decode(errors="replace"))
 
 
 @dataclass

@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 
 from ...export.bundle import Bundle
 from .chunks import CHUNK_TOKENS, EXPERT_ROWS, Chunk, chunks, row_pieces
-from .errors import InvalidInput
+from .errors import MalformedBatch
 from .pooling import finish_rows, mean_pool
-from .requests import Limits
 from .router import Router
 from .sessions import create_session, create_sessions, init_thread_pool
 
@@ -85,7 +84,8 @@ class Runtime:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         manifest = self.bundle.manifest
         self.config = manifest.config
-        self.limits = Limits.of(self.bundle)
+        self.max_tokens = manifest.max_tokens
+        self.dims_range = (manifest.dimensions.min, manifest.dimensions.max)
         self.moe_mode = manifest.moe_mode
         self.threads = init_thread_pool(threads)
         torch.set_num_threads(1)  # the router is tiny; torch threads would fight ORT's pool
@@ -108,28 +108,29 @@ class Runtime:
 
     # -- the API -----------------------------------------------------------------------------
     def check(self, ids: np.ndarray, offsets: np.ndarray) -> None:
-        """Cheap invariants on the packed arrays (requests were validated before queuing):
-        InvalidInput naming the first bad sequence by its row in this batch."""
+        """Cheap invariants on the packed arrays: requests were validated once, before queuing,
+        so a failure here is a bug upstream (MalformedBatch, naming the row)."""
         if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 \
                 or offsets[-1] != ids.size:
-            raise InvalidInput("inputs", "malformed offsets")
+            raise MalformedBatch("malformed offsets")
         lengths = np.diff(offsets)
-        bad = np.flatnonzero((lengths < 1) | (lengths > self.limits.max_tokens))
+        bad = np.flatnonzero((lengths < 1) | (lengths > self.max_tokens))
         if bad.size:
-            raise InvalidInput("inputs", f"{int(lengths[bad[0]])} tokens: each input needs "
-                               f"1..{self.limits.max_tokens}", index=int(bad[0]))
+            raise MalformedBatch(f"row {int(bad[0])}: {int(lengths[bad[0]])} tokens, not "
+                                 f"1..{self.max_tokens}")
         outside = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
         if outside.size:
             row = int(np.searchsorted(offsets, outside[0], side="right")) - 1
-            raise InvalidInput("inputs", "token id out of the vocabulary", index=row)
+            raise MalformedBatch(f"row {row}: token id out of the vocabulary")
 
     def _dimensions(self, dimensions: int | np.ndarray, n: int) -> np.ndarray:
+        lo, hi = self.dims_range
         dims = np.broadcast_to(np.asarray(dimensions, dtype=np.int64), (n,)).copy()
-        dims[dims == 0] = self.limits.dims_max
-        bad = np.flatnonzero((dims < self.limits.dims_min) | (dims > self.limits.dims_max))
+        dims[dims == 0] = hi
+        bad = np.flatnonzero((dims < lo) | (dims > hi))
         if bad.size:
-            raise InvalidInput("dimensions", f"{int(dims[bad[0]])} is outside the supported "
-                               f"range {self.limits.dims_min}..{self.limits.dims_max}")
+            raise MalformedBatch(f"row {int(bad[0])}: dimensions {int(dims[bad[0]])} outside "
+                                 f"{lo}..{hi}")
         return dims
 
     def embed(self, ids: np.ndarray, offsets: np.ndarray, dimensions: int | np.ndarray = 0,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoe_embed/v1/embedder.proto\x12\x0cmoe_embed.v1\"\xaa\x01\n\x0c\x45mbedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.moe_embed.v1.Task\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x0b\n\t_truncateB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"@\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"S\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x12\n\x05index\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_index\"\xe1\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.moe_embed.v1.Embedding\x12\x14\n\x0ctoken_counts\x18\x03 \x03(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.moe_embed.v1.Timing\x12\"\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x13.moe_embed.v1.Error\"C\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12 \n\x04task\x18\x02 \x01(\x0e\x32\x12.moe_embed.v1.Task\"%\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"8\n\x10TokenizeResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.moe_embed.v1.Tokens\"\r\n\x0bInfoRequest\"\x82\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0f\n\x07workers\x18\x07 \x01(\r\x12\x13\n\x0b\x62undle_hash\x18\x08 \x01(\t\x12\x10\n\x08moe_mode\x18\t \x01(\t\x12\x12\n\nmax_inputs\x18\n \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t*\x8a\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\r\n\tTASK_NONE\x10\x01\x12\x15\n\x11TASK_SEARCH_QUERY\x10\x02\x12\x18\n\x14TASK_SEARCH_DOCUMENT\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x13\n\x0fTASK_CLUSTERING\x10\x05\x32\xa2\x02\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.moe_embed.v1.EmbedRequest\x1a\x1b.moe_embed.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.moe_embed.v1.EmbedRequest\x1a\x1b.moe_embed.v1.EmbedResponse(\x01\x30\x01\x12I\n\x08Tokenize\x12\x1d.moe_embed.v1.TokenizeRequest\x1a\x1e.moe_embed.v1.TokenizeResponse\x12=\n\x04Info\x12\x19.moe_embed.v1.InfoRequest\x1a\x1a.moe_embed.v1.InfoResponseB8\n\x0cmoe_embed.v1B\rEmbedderProtoP\x01Z\x17moe_embed/v1;embedderv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoe_embed/v1/embedder.proto\x12\x0cmoe_embed.v1\"\xaa\x01\n\x0c\x45mbedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.moe_embed.v1.Task\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x0b\n\t_truncateB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"@\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"S\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x12\n\x05index\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_index\"\xf4\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.moe_embed.v1.Embedding\x12\x14\n\x0ctoken_counts\x18\x03 \x03(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.moe_embed.v1.Timing\x12\"\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x13.moe_embed.v1.Error\x12\x11\n\ttruncated\x18\t \x03(\x08\"C\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12 \n\x04task\x18\x02 \x01(\x0e\x32\x12.moe_embed.v1.Task\"%\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"8\n\x10TokenizeResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.moe_embed.v1.Tokens\"\r\n\x0bInfoRequest\"\x82\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0f\n\x07workers\x18\x07 \x01(\r\x12\x13\n\x0b\x62undle_hash\x18\x08 \x01(\t\x12\x10\n\x08moe_mode\x18\t \x01(\t\x12\x12\n\nmax_inputs\x18\n \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t*\x8a\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\r\n\tTASK_NONE\x10\x01\x12\x15\n\x11TASK_SEARCH_QUERY\x10\x02\x12\x18\n\x14TASK_SEARCH_DOCUMENT\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x13\n\x0fTASK_CLUSTERING\x10\x05\x32\xa2\x02\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.moe_embed.v1.EmbedRequest\x1a\x1b.moe_embed.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.moe_embed.v1.EmbedRequest\x1a\x1b.moe_embed.v1.EmbedResponse(\x01\x30\x01\x12I\n\x08Tokenize\x12\x1d.moe_embed.v1.TokenizeRequest\x1a\x1e.moe_embed.v1.TokenizeResponse\x12=\n\x04Info\x12\x19.moe_embed.v1.InfoRequest\x1a\x1a.moe_embed.v1.InfoResponseB8\n\x0cmoe_embed.v1B\rEmbedderProtoP\x01Z\x17moe_embed/v1;embedderv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_embed.v1.embedder_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\014moe_embed.v1B\rEmbedderProtoP\001Z\027moe_embed/v1;embedderv1'
-  _globals['_TASK']._serialized_start=1069
-  _globals['_TASK']._serialized_end=1207
+  _globals['_TASK']._serialized_start=1088
+  _globals['_TASK']._serialized_end=1226
   _globals['_EMBEDREQUEST']._serialized_start=46
   _globals['_EMBEDREQUEST']._serialized_end=216
   _globals['_EMBEDDING']._serialized_start=218
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=313
   _globals['_ERROR']._serialized_end=396
   _globals['_EMBEDRESPONSE']._serialized_start=399
-  _globals['_EMBEDRESPONSE']._serialized_end=624
-  _globals['_TOKENIZEREQUEST']._serialized_start=626
-  _globals['_TOKENIZEREQUEST']._serialized_end=693
-  _globals['_TOKENS']._serialized_start=695
-  _globals['_TOKENS']._serialized_end=732
-  _globals['_TOKENIZERESPONSE']._serialized_start=734
-  _globals['_TOKENIZERESPONSE']._serialized_end=790
-  _globals['_INFOREQUEST']._serialized_start=792
-  _globals['_INFOREQUEST']._serialized_end=805
-  _globals['_INFORESPONSE']._serialized_start=808
-  _globals['_INFORESPONSE']._serialized_end=1066
-  _globals['_EMBEDDER']._serialized_start=1210
-  _globals['_EMBEDDER']._serialized_end=1500
+  _globals['_EMBEDRESPONSE']._serialized_end=643
+  _globals['_TOKENIZEREQUEST']._serialized_start=645
+  _globals['_TOKENIZEREQUEST']._serialized_end=712
+  _globals['_TOKENS']._serialized_start=714
+  _globals['_TOKENS']._serialized_end=751
+  _globals['_TOKENIZERESPONSE']._serialized_start=753
+  _globals['_TOKENIZERESPONSE']._serialized_end=809
+  _globals['_INFOREQUEST']._serialized_start=811
+  _globals['_INFOREQUEST']._serialized_end=824
+  _globals['_INFORESPONSE']._serialized_start=827
+  _globals['_INFORESPONSE']._serialized_end=1085
+  _globals['_EMBEDDER']._serialized_start=1229
+  _globals['_EMBEDDER']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("id", "embeddings", "token_counts", "total_tokens", "dimensions", "model", "timing", "error")
+    __slots__ = ("id", "embeddings", "token_counts", "total_tokens", "dimensions", "model", "timing", "error", "truncated")
     ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class EmbedResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     id: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
@@ -84,7 +85,8 @@ class EmbedResponse(_message.Message):
     model: str
     timing: Timing
     error: Error
-    def __init__(self, id: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., total_tokens: _Optional[int] = ..., dimensions: _Optional[int] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    truncated: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, id: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., total_tokens: _Optional[int] = ..., dimensions: _Optional[int] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("inputs", "task")

@@ -1,4 +1,5 @@
-"""The in-process API (the CLI and benchmarks use it): validate -> tokenize -> pack -> run.
+"""The in-process API (the CLI and benchmarks use it): validate -> tokenize -> pack -> run,
+the frontend's validator and tokenizer beside a worker's runtime in one process.
 
 The same validator and tokenizer as the service's, so a request gets the same answer (or
 the same error) in process as through gRPC.
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...export.bundle import Bundle
-from .requests import Input, Limits, validate_embed
-from .runtime import Runtime, pack
+from ..export.bundle import Bundle
+from ..workers.runtime.runtime import Runtime, pack
 from .tokenizer import Tokenizer
+from .validation import Input, Limits, validate_embed
 
 
 @dataclass
@@ -23,10 +24,11 @@ class Embeddings:
     vectors: np.ndarray  # float32 [B, d]
     tokens: list[int]  # token count per input, after truncation
     expert_tokens: np.ndarray  # int64 [n_moe_layers, n_experts]
+    truncated: list[bool]  # per input: cut to the model's max_tokens
 
     def to_json(self) -> dict:
         return {"embeddings": self.vectors.tolist(), "tokens": self.tokens,
-                "dimensions": int(self.vectors.shape[1])}
+                "truncated": self.truncated, "dimensions": int(self.vectors.shape[1])}
 
 
 class LocalEmbedder:
@@ -38,7 +40,8 @@ class LocalEmbedder:
 
     def embed(self, inputs: Sequence[Input], task: str, dimensions: int = 0,
               truncate: bool = True, normalize: bool = True) -> Embeddings:
-        spec = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
-        ids = self.tokenizer.encode(inputs, spec.task, spec.truncate)
-        r = self.runtime.embed(*pack(ids), spec.dimensions, spec.normalize)
-        return Embeddings(np.stack(r.vectors), [len(x) for x in ids], r.expert_tokens)
+        req = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+        ids, truncated = self.tokenizer.encode_marked(req.inputs, req.task, req.truncate)
+        r = self.runtime.embed(*pack(ids), req.dimensions, req.normalize)
+        return Embeddings(np.stack(r.vectors), [len(x) for x in ids], r.expert_tokens,
+                          truncated)

@@ -1,5 +1,7 @@
-"""The one request validator, shared by the service (before anything is queued) and the
-in-process API: inputs, task, Matryoshka dimensions.
+"""The one request validator, shared by the engine (before anything is queued) and the
+in-process API: inputs, task, Matryoshka dimensions. Nothing downstream checks again: the
+tokenizer and the workers trust a `ValidRequest` (the tokenizer alone still refuses a text too
+long with truncate=false, the one fact only tokenizing reveals).
 
 An input is a text or, for callers that tokenize themselves, a list of token ids (used as
 given: no task prefix, no special tokens added). Every error names the field and the index in
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...export.bundle import Bundle
+from ..export.bundle import Bundle
 from .errors import InvalidInput
 from .tasks import Task, task_named
 
@@ -36,9 +38,10 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class EmbedSpec:
-    """A validated request's options (the inputs travel separately)."""
+class ValidRequest:
+    """A request that passed `validate_embed`: task and dimensions resolved."""
 
+    inputs: Sequence[Input]
     task: Task
     dimensions: int  # resolved: never 0
     truncate: bool
@@ -92,9 +95,11 @@ def check_inputs(inputs: Sequence[Input], limits: Limits, truncate: bool = True)
                                f"not {type(item).__name__}", index=i)
 
 
-def validate_embed(inputs: Sequence[Input], task: str, dimensions: int, limits: Limits,
-                   truncate: bool = True, normalize: bool = True) -> EmbedSpec:
-    """Check a whole embed request; raises InvalidInput naming the first bad field."""
+def validate_embed(inputs: Sequence[Input], task: str | int | None, dimensions: int, limits: Limits,
+                   truncate: bool = True, normalize: bool = True) -> ValidRequest:
+    """Check a whole embed request (the task by its name; None = not given); raises
+    InvalidInput naming the first bad field."""
+    resolved = task_named(task)
     check_inputs(inputs, limits, truncate)
-    return EmbedSpec(task_named(task), resolve_dimensions(dimensions, limits), truncate,
-                     normalize)
+    return ValidRequest(inputs, resolved, resolve_dimensions(dimensions, limits), truncate,
+                        normalize)

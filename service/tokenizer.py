@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from ...export.bundle import Bundle
+from ..export.bundle import Bundle
+from ..workers.runtime.errors import BundleError
 from . import compact_tokenizer
 from .compact_tokenizer import CompactTokenizer
-from .errors import BundleError, InvalidInput
-from .requests import Input
+from .errors import InvalidInput
 from .tasks import Task
+from .validation import Input
 
 MARGIN = 64  # tokens tokenized past the truncation point
 PIECE_CHARS = 1 << 14  # raw characters normalized at a time when cutting a long text
@@ -99,22 +100,27 @@ class Tokenizer:
 
     def encode(self, inputs: Sequence[Input], task: Task,
                truncate: bool = True) -> list[np.ndarray]:
-        """int32 ids per input. A text gets the task prefix, `<s>` and `</s>`; token ids are
-        used as given. Longer than max_tokens: truncated (a text keeps its `</s>`), or
-        InvalidInput naming the input."""
+        """int32 ids per input (see `encode_marked`)."""
+        return self.encode_marked(inputs, task, truncate)[0]
+
+    def encode_marked(self, inputs: Sequence[Input], task: Task,
+                      truncate: bool = True) -> tuple[list[np.ndarray], list[bool]]:
+        """int32 ids per input, and whether each was cut. A text gets the task prefix, `<s>`
+        and `</s>`; token ids are used as given. Longer than max_tokens: truncated (a text
+        keeps its `</s>`), or InvalidInput naming the input."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         bounded = [self._bounded(task.apply(t)) for _, t in texts]
         encodings = self._encode_all([b for b, _ in bounded]) if texts else []
         out: list[np.ndarray | None] = [None] * len(inputs)
+        cut_off = [False] * len(inputs)
         for (i, _), (_, cut), enc in zip(texts, bounded, encodings, strict=True):
             out[i] = np.asarray(self._truncate(enc, i, cut, truncate), dtype=np.int32)
+            cut_off[i] = cut or len(enc) > self.max_tokens
         for i, x in enumerate(inputs):
-            if out[i] is None:
-                ids = list(x)
-                if len(ids) > self.max_tokens and not truncate:
-                    self._truncate(ids, i, False, truncate)
-                out[i] = np.asarray(ids[: self.max_tokens], dtype=np.int32)
-        return out  # type: ignore[return-value]
+            if out[i] is None:  # token ids: their length was validated
+                out[i] = np.asarray(x[: self.max_tokens], dtype=np.int32)
+                cut_off[i] = len(x) > self.max_tokens
+        return out, cut_off  # type: ignore[return-value]
 
     def _encode_all(self, texts: list[str]) -> list[list[int]]:
         if self.compact:

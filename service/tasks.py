@@ -1,5 +1,5 @@
 """The tasks the model was trained with: one table for the API, the CLI, the tokenizer and the
-gRPC contract (the enum value each maps to in moe_embed.v1.Task).
+gRPC contract (the enum value each maps to in moe_embed.v1.Task; the gRPC adapter maps them).
 
 The model requires a task prefix joined to the text by one space; `none` uses the text as
 given. A query embedded without its prefix is a silent quality bug, so the task is a required
@@ -34,10 +34,15 @@ TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
 _BY_NAME = {t.name: t for t in TASKS}
 
 
-def task_named(name: str) -> Task:
-    """The task called `name`, or InvalidInput naming the field."""
-    task = _BY_NAME.get(name)
+def task_named(name: str | int | None) -> Task:
+    """The task called `name`, or InvalidInput naming the field (None: it was not given; a
+    number: an enum value of the contract that no task has)."""
+    task = _BY_NAME.get(name) if isinstance(name, str) else None
     if task is None:
-        raise InvalidInput("task", f"unknown task {name!r}; expected one of "
-                           + ", ".join(TASK_NAMES))
+        choices = ", ".join(TASK_NAMES)
+        if name is None:
+            raise InvalidInput("task", f"is required: one of {choices}")
+        if isinstance(name, int):
+            raise InvalidInput("task", f"unknown value {name}; expected one of {choices}")
+        raise InvalidInput("task", f"unknown task {name!r}; expected one of {choices}")
     return task

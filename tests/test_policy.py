@@ -1,0 +1,74 @@
+"""The scheduling policy's rules as pure functions (workers/process/policy.py), each at its
+threshold and one past it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from moe_embed.workers.process import policy
+from moe_embed.workers.process.policy import (
+    EXPRESS_SLOTS,
+    EXPRESS_TOKENS,
+    HEAVY_TOKENS,
+    MAX_IN_FLIGHT,
+    OVERTAKE_RATIO,
+)
+
+
+def held(tokens: int) -> SimpleNamespace:
+    return SimpleNamespace(tokens=tokens, yielded=0, overtook=False)
+
+
+def test_a_later_batch_overtakes_at_exactly_the_ratio_and_not_one_token_past_it() -> None:
+    oldest = held(OVERTAKE_RATIO * 100)
+    at = held(100)
+    assert policy.next_to_step([oldest, at]) is at
+    oldest, past = held(OVERTAKE_RATIO * 100), held(101)
+    assert policy.next_to_step([oldest, past]) is oldest
+
+
+def test_the_smallest_of_the_far_smaller_batches_goes_first_and_is_counted_once() -> None:
+    oldest, a, b = held(1000), held(200), held(100)
+    assert policy.next_to_step([oldest, a, b]) is b
+    assert (oldest.yielded, b.overtook) == (100, True)
+    assert policy.next_to_step([oldest, a, b]) is b  # its next step is not counted again
+    assert oldest.yielded == 100
+
+
+def test_the_oldest_lets_through_at_most_its_own_tokens() -> None:
+    oldest = held(1000)
+    lights = [held(250) for _ in range(5)]
+    ahead = [policy.next_to_step([oldest, light]) is light for light in lights]
+    assert ahead == [True, True, True, True, False]  # 4 x 250 = its 1000 tokens, then no more
+    assert oldest.yielded == 1000
+
+
+def test_light_callers_at_the_express_size_and_one_past_it() -> None:
+    waiting = {"at": EXPRESS_TOKENS - 10, "past": EXPRESS_TOKENS - 10, "alone": EXPRESS_TOKENS}
+    in_flight = {"at": 10, "past": 11}
+    assert policy.light_callers(waiting, in_flight) == {"at", "alone"}
+    assert policy.light_callers({"big": EXPRESS_TOKENS + 1}, {}) == set()
+
+
+def test_express_only_beside_work_and_never_mixes_a_light_caller_into_a_heavy_batch() -> None:
+    assert not policy.is_express(set(), 3, worker_busy=True)  # nobody light
+    assert policy.is_express({"a"}, 1, worker_busy=True)  # beside the busy worker's batch
+    assert not policy.is_express({"a", "b"}, 2, worker_busy=False)  # idle, all light: normal
+    assert policy.is_express({"a"}, 2, worker_busy=False)  # idle, but a heavy caller waits
+
+
+def test_an_express_slot_opens_at_the_heavy_threshold_and_not_below() -> None:
+    assert policy.slots(HEAVY_TOKENS, express=True) == MAX_IN_FLIGHT + EXPRESS_SLOTS
+    assert policy.slots(HEAVY_TOKENS - 1, express=True) == MAX_IN_FLIGHT
+    assert policy.slots(HEAVY_TOKENS * 10, express=False) == MAX_IN_FLIGHT
+
+
+def test_budgets_idle_express_and_sent_ahead() -> None:
+    assert policy.budget(False, False, 10_000, 2) is None  # idle: a full batch
+    assert policy.budget(False, True, 10_000, 2) is None
+    assert policy.budget(True, True, 10_000, 2) == EXPRESS_TOKENS
+    assert policy.budget(True, False, 10_000, 1) == 10_000  # one worker takes all that waits
+    assert policy.budget(True, False, 10_000, 2) == 2500  # 1/(2N)
+    assert policy.budget(True, False, 10_001, 2) == 2501  # rounded up: nothing left behind
+    assert policy.budget(True, False, 100, 2) == EXPRESS_TOKENS  # never below an express batch
+    assert [policy.ahead_parts(n) for n in (0, 1, 2, 3)] == [1, 1, 4, 6]

@@ -1,0 +1,105 @@
+"""The scheduling policy: every threshold that decides when a request runs, with its reason,
+and the rules as pure functions (no I/O, no clock), so each is unit-tested on its own.
+
+Both ends of the worker pipe use it: the frontend's dispatcher (service/scheduler.py) decides
+which batch goes to which worker slot; the worker (workers/process/main.py) decides which of the
+batches it holds to advance next. It lives here, below both, so no module imports upward.
+
+The rules, in one picture:
+- Batches are cut by real tokens (MAX_BATCH_TOKENS); a busy worker's second slot takes a batch
+  once one is full or the oldest input has waited MAX_WAIT_MS.
+- A caller is *light* while its tokens waiting and in flight together are at most
+  EXPRESS_TOKENS (many one-text requests on one connection; not one client's burst). Light
+  callers' inputs never ride in a heavy caller's batch: while heavy work is in flight or waits,
+  they go in express batches of their own (at most EXPRESS_TOKENS, lightest callers first),
+  for which a worker holding at least HEAVY_TOKENS keeps EXPRESS_SLOTS extra slots.
+- In a worker, a batch at most 1/OVERTAKE_RATIO of the oldest one runs first (between session
+  calls of the larger), up to the oldest's own token count in all: a light request does not
+  wait for a heavy batch to end, and a heavy batch's delay is bounded by its own size.
+- A batch sent ahead to a busy worker takes what waits with one worker, 1/(2N) of it with N
+  (`ahead_parts`): a burst is neither cut small nor piled onto one worker while others idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from typing import Protocol
+
+# Defaults of the serve flags --max-batch-tokens and --max-wait-ms. 8192 real tokens: batches
+# of a few thousand tokens are compute-bound (~226 MFLOP a token), so larger ones gain nothing;
+# 2 ms: long enough to gather a burst's requests, short against one text's ~40 ms.
+MAX_BATCH_TOKENS = 8192
+MAX_WAIT_MS = 2.0
+# Batches a worker holds: one running, one waiting in its pipe (no idle gap between batches).
+MAX_IN_FLIGHT = 2
+# An express batch: a light caller's work (a chunk's worth: the runtime's dense segments take
+# 512 real tokens a call), and the slots kept for it beside heavy work.
+EXPRESS_TOKENS = 512
+EXPRESS_SLOTS = 1
+# Work a worker must hold before an express slot opens: an express batch overtakes it
+# (HEAVY_TOKENS / OVERTAKE_RATIO = EXPRESS_TOKENS), so smaller work simply queues.
+HEAVY_TOKENS = 2048
+# A later batch runs before the oldest only if at most this fraction of its size: batches of
+# similar size keep their order (shortest-first let a stream of small batches starve one).
+OVERTAKE_RATIO = 4
+
+
+class Held(Protocol):
+    """A batch a worker holds, as the order rule sees it."""
+
+    tokens: int  # real tokens
+    yielded: int  # tokens of later batches let through ahead of it
+    overtook: bool  # already counted in the batch it overtook
+
+
+def next_to_step(held: Sequence[Held]) -> Held:
+    """The batch a worker advances next: the oldest, or the smallest of the later ones that are
+    at most 1/OVERTAKE_RATIO of it, while the oldest has let through fewer tokens than its own.
+    Counts the overtaking (mutates `yielded` and `overtook`)."""
+    oldest = held[0]
+    small = [r for r in held[1:] if r.tokens * OVERTAKE_RATIO <= oldest.tokens
+             and (r.overtook or oldest.yielded + r.tokens <= oldest.tokens)]
+    if not small:
+        return oldest
+    task = min(small, key=lambda r: r.tokens)
+    if not task.overtook:
+        task.overtook = True
+        oldest.yielded += task.tokens
+    return task
+
+
+def light_callers(waiting: Mapping[Hashable, int],
+                  in_flight: Mapping[Hashable, int]) -> set[Hashable]:
+    """Callers with tokens waiting whose tokens waiting and in flight together are at most
+    EXPRESS_TOKENS."""
+    return {c for c, tokens in waiting.items()
+            if in_flight.get(c, 0) + tokens <= EXPRESS_TOKENS}
+
+
+def is_express(light: Collection[Hashable], callers_waiting: int, worker_busy: bool) -> bool:
+    """Whether the next batch is an express one (light callers' inputs only): to a busy worker
+    whenever light callers wait, and to an idle one too while heavy callers also wait (light
+    inputs never ride in a heavy caller's batch)."""
+    return bool(light) and (worker_busy or len(light) < callers_waiting)
+
+
+def slots(worker_tokens: int, express: bool) -> int:
+    """The batches a worker holding `worker_tokens` may hold, for an express batch or not."""
+    heavy = express and worker_tokens >= HEAVY_TOKENS
+    return MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0)
+
+
+def ahead_parts(workers: int) -> int:
+    """Into how many parts a batch sent ahead cuts what waits: one worker takes all of it (big
+    batches run fastest); with more, each takes 1/(2N), so no worker is left idle while another
+    still has a large batch of the same burst to run."""
+    return 1 if workers <= 1 else 2 * workers
+
+
+def budget(worker_busy: bool, express: bool, queued_tokens: int, workers: int) -> int | None:
+    """The real tokens the next batch may take (None: the batch budget, max_batch_tokens)."""
+    if not worker_busy:
+        return None
+    if express:
+        return EXPRESS_TOKENS
+    return max(EXPRESS_TOKENS, -(-queued_tokens // ahead_parts(workers)))
