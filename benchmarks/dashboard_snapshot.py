@@ -131,7 +131,14 @@ def run_load(bundle: Path, log_path: Path) -> tuple[promql_eval.Scrapes, list, f
 
 def legend(fmt: str, labels: promql_eval.Labels) -> str:
     values = dict(labels)
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: values.get(m.group(1), ""), fmt) or "value"
+    text = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: values.get(m.group(1), ""), fmt)
+    return " ".join(text.split()) or "value"
+
+
+def right_axis_series(panel: dict) -> set[str]:
+    """Legends the panel's overrides place on the right axis (as Grafana draws them)."""
+    return {o["matcher"]["options"] for o in panel["fieldConfig"].get("overrides", [])
+            if {"id": "custom.axisPlacement", "value": "right"} in o["properties"]}
 
 
 def plot(scrapes: promql_eval.Scrapes, times: list, marks: list, out: Path) -> None:
@@ -162,6 +169,9 @@ def plot(scrapes: promql_eval.Scrapes, times: list, marks: list, out: Path) -> N
             ax.set_ylabel("expert")
             fig.colorbar(image, ax=ax, label="share of the layer's tokens")
             continue
+        right = right_axis_series(panel)
+        twin = ax.twinx() if right else None
+        plotted = 0
         for target in panel["targets"]:
             promql = grafana_to_promql(target["expr"])
             series: dict[promql_eval.Labels, list[float]] = {}
@@ -172,9 +182,17 @@ def plot(scrapes: promql_eval.Scrapes, times: list, marks: list, out: Path) -> N
                 for labels, v in value.items():
                     series.setdefault(labels, [math.nan] * len(times))[i] = v
             for labels, ys in sorted(series.items(), key=lambda kv: sorted(kv[0])):
-                ax.plot(xs, ys, lw=1.2, label=legend(target.get("legendFormat", ""), labels))
+                name = legend(target.get("legendFormat", ""), labels)
+                (twin if name in right else ax).plot(xs, ys, lw=1.2, label=name,
+                                                     color=f"C{plotted}")
+                plotted += 1
         ax.set_ylabel(panel["fieldConfig"]["defaults"].get("unit", ""))
-        ax.legend(fontsize=7, loc="upper left")
+        handles = ax.get_legend_handles_labels()
+        if twin is not None:
+            twin.set_ylabel(", ".join(sorted(right)))
+            extra = twin.get_legend_handles_labels()
+            handles = (handles[0] + extra[0], handles[1] + extra[1])
+        ax.legend(*handles, fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(drawn):]:
         ax.axis("off")
     for ax in axes[-1]:
