@@ -33,7 +33,8 @@ class Job:
     """One request's inputs on their way through the queue, the workers and back."""
 
     __slots__ = ("ids", "dims", "normalize", "caller", "future", "admitted", "deadline",
-                 "vectors", "remaining", "queued", "cancelled", "queue_ms", "compute_ms")
+                 "vectors", "remaining", "queued", "cancelled", "queue_ms", "compute_ms",
+                 "span", "admitted_ns")
 
     def __init__(self, ids: list[np.ndarray], dims: int, normalize: bool, caller: Hashable,
                  future: asyncio.Future, admitted: float, deadline: float | None = None) -> None:
@@ -50,6 +51,8 @@ class Job:
         self.cancelled = False
         self.queue_ms = 0.0
         self.compute_ms = 0.0
+        self.span = None  # the request's trace span, when tracing is on
+        self.admitted_ns = 0  # wall clock of `admitted`, when tracing is on
 
     @property
     def done(self) -> bool:

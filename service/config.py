@@ -74,6 +74,7 @@ class ServeConfig:
     api_key_file: str = ""
     reflection: bool = True
     served_model_name: tuple[str, ...] = ()  # empty: the bundle's model id
+    otlp_endpoint: str = ""  # empty: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else tracing off
 
     def __post_init__(self) -> None:
         checks = {
@@ -243,6 +244,10 @@ SETTINGS: tuple[Setting, ...] = (
             "names `model` may take (comma-separated; each also by its last /-part); the "
             "first is reported by /v1/models, Info and every response (empty: the bundle's "
             "model id: the checkpoint's hub id, or its folder name)", "NAME[,NAME]"),
+    Setting("otlp_endpoint", "--otlp-endpoint", "MOE_EMBED_OTLP_ENDPOINT", str,
+            "OpenTelemetry traces to this OTLP/gRPC endpoint (http://collector:4317); empty: "
+            "the standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing is off; the other "
+            "OTEL_* variables (sampler, service name, OTEL_SDK_DISABLED) apply", "URL"),
 )
 
 

@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .model_info import ModelInfo
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
+from .tracing import Tracing, now_ns
 from .validation import Input, Limits, ValidRequest, validate_embed
 from .worker_pool import WorkerPool
 
@@ -56,8 +57,10 @@ def _chars(inputs: Sequence[Input]) -> int:
 class Engine:
     """Owns the tokenizer, the queue, the scheduler and the worker pool of one server."""
 
-    def __init__(self, config: ServeConfig, bundle_path: str | Path, metrics: Metrics) -> None:
+    def __init__(self, config: ServeConfig, bundle_path: str | Path, metrics: Metrics,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing or Tracing("", env={})
         self.bundle = Bundle.load(bundle_path, verify=False)  # workers verify every hash
         self.model = ModelInfo.of(self.bundle, config.served_model_name)
         self.limits = Limits.of(self.bundle, config.max_inputs)
@@ -76,7 +79,8 @@ class Engine:
                                config.log_level, metrics, share_weights=config.share_weights)
         self.scheduler = Scheduler(BatchQueue(config.max_batch_tokens, config.max_queue),
                                    self.pool, metrics, config.max_wait_ms / 1e3,
-                                   config.batch_timeout_s)
+                                   config.batch_timeout_s, self.tracing,
+                                   self.bundle.manifest.precision)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -174,13 +178,16 @@ class Engine:
             if response_size is not None:
                 self._check_response_size(len(inputs), req.dimensions, response_size)
             self.scheduler.check_room(caller, len(inputs))  # a full queue costs no tokenizing
-            ids, truncated = await self._encode(req)
+            with self.tracing.span("tokenize", inputs=len(inputs)):
+                ids, truncated = await self._encode(req)
         except Exception as exc:
             raise errors.engine_error(exc) from exc
         self._admitting()  # the drain may have begun while tokenizing
         deadline = start + timeout_s if timeout_s is not None else None
         job = Job(ids, req.dimensions, req.normalize, caller,
                   asyncio.get_running_loop().create_future(), time.monotonic(), deadline)
+        if self.tracing.enabled:
+            job.span, job.admitted_ns = self.tracing.current(), now_ns()
         self.scheduler.submit(job)
         self._active += 1
         self._idle.clear()
@@ -194,6 +201,9 @@ class Engine:
             if self._active == 0:
                 self._idle.set()
         self.metrics.queue_time.observe(job.queue_ms / 1e3)
+        if job.span is not None:
+            self.tracing.past_span("queue", job.span, job.admitted_ns,
+                                   job.admitted_ns + int(job.queue_ms * 1e6), inputs=len(ids))
         if any(truncated):
             self.metrics.truncated.inc(sum(truncated))
         return EmbedOutcome(job.vectors, [len(x) for x in ids], truncated, req.dimensions,

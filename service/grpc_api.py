@@ -225,7 +225,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             request_id = "" if isinstance(request, Malformed) else request.id
             code = "OK"
             try:
-                resp = await self._embed(request, None, caller)
+                with self.engine.tracing.span("EmbedStream.request", request_id=request_id):
+                    resp = await self._embed(request, None, caller)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise

@@ -25,6 +25,7 @@ from . import errors
 from .batching import Batch, BatchQueue, Job
 from .errors import EngineError
 from .metrics import Metrics
+from .tracing import Tracing, now_ns
 from .worker_pool import BatchFailed, NoWorkerCanServe, Worker, WorkerDied, WorkerPool
 
 MAX_ATTEMPTS = 2  # workers a batch may be sent to
@@ -46,8 +47,11 @@ async def _first(*waits: Awaitable[object], timeout: float | None = None) -> Non
 
 class Scheduler:
     def __init__(self, queue: BatchQueue, pool: WorkerPool, metrics: Metrics,
-                 max_wait_s: float, batch_timeout_s: float) -> None:
+                 max_wait_s: float, batch_timeout_s: float, tracing: Tracing | None = None,
+                 precision: str = "") -> None:
         self.queue = queue
+        self.tracing = tracing
+        self.precision = precision
         self.pool = pool
         self.metrics = metrics
         self.max_wait_s = max_wait_s
@@ -160,9 +164,13 @@ class Scheduler:
         for it in batch.items:
             callers[it.job.caller] += it.length
         self._in_flight.update(callers)
+        span = None
         try:
+            span = self._batch_span(batch, worker)
             while worker is not None:
                 try:
+                    if span is not None:
+                        span.set_attributes({"worker": worker.index, "attempts": batch.attempts})
                     result = await self.pool.run(worker, batch.message(), batch.tokens,
                                                  self.limit_s(batch))
                 except WorkerDied as exc:
@@ -183,12 +191,32 @@ class Scheduler:
                     self._after_failure(batch, exc)
                     return
                 self._deliver(batch, result)
+                if span is not None:  # the worker's own time, as it measured it
+                    end = now_ns()
+                    self.tracing.past_span("worker.compute", span,
+                                           end - int(result.compute_ms * 1e6), end)
                 return
+        except Exception as exc:  # a bug here must fail the requests, never leave them hanging
+            log.exception("batch_error", batch_id=batch.batch_id)
+            self._fail(batch, errors.internal(f"batch {batch.batch_id}: internal error: {exc!r}"))
         finally:
+            if span is not None:
+                span.end()
             self._in_flight.subtract(callers)
             self._in_flight += Counter()  # drop the zeros
             if worker is not None:
                 self.pool.release(worker)
+
+    def _batch_span(self, batch: Batch, worker: Worker | None):
+        """The batch's trace span, linked to its requests' spans (None: tracing off)."""
+        if self.tracing is None or not self.tracing.enabled:
+            return None
+        requests = list({id(it.job.span): it.job.span for it in batch.items
+                         if it.job.span is not None}.values())
+        return self.tracing.batch_span(
+            requests, batch_id=batch.batch_id, inputs=len(batch.items), tokens=batch.tokens,
+            requests=batch.requests(), precision=self.precision,
+            worker=worker.index if worker is not None else -1)
 
     def _after_death(self, batch: Batch, why: str) -> Batch | None:
         """What to send again after the batch's worker died, or None (failed or not needed)."""

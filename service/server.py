@@ -27,6 +27,7 @@ from .engine import Engine
 from .grpc_api import SERVICE_NAME, EmbedderServicer, add_servicer, server_options
 from .metrics import Metrics
 from .security import RELOAD_POLL_S, ApiKeyInterceptor, Security, SecurityError
+from .tracing import Tracing
 from .worker_pool import WorkerStartError
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
@@ -48,6 +49,7 @@ class EmbedServer:
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         self.security = Security(config)
+        self.tracing = Tracing(config.otlp_endpoint)
         self.engine: Engine | None = None
         self.port: int | None = None
         self.http_port: int | None = None
@@ -73,9 +75,11 @@ class EmbedServer:
         cfg = self.config
         self._drained = asyncio.Event()
         self.security.load()
-        self.engine = Engine(cfg, self.bundle_path, self.metrics)
-        interceptors = ([ApiKeyInterceptor(self.security, self.metrics, SERVICE_NAME)]
-                        if self.security.keys is not None else [])
+        self.engine = Engine(cfg, self.bundle_path, self.metrics, self.tracing)
+        interceptors = [i for i in (
+            self.tracing.grpc_interceptor(),
+            ApiKeyInterceptor(self.security, self.metrics, SERVICE_NAME)
+            if self.security.keys is not None else None) if i is not None]
         server = self._server = grpc.aio.server(options=server_options(cfg),
                                                 interceptors=interceptors)
         add_servicer(EmbedderServicer(self.engine, self.metrics, self.security), server)
@@ -135,6 +139,7 @@ class EmbedServer:
         assert self.engine is not None
         cfg = self.config
         app = create_app(HttpContext(self.engine, self.metrics, self.security))
+        self.tracing.instrument_http(app)
         sock = bind(cfg.host, cfg.http_port)
         self._http = HttpServer(app, sock,
                                 self.security.http_ssl_context() if cfg.tls else None)
@@ -231,6 +236,7 @@ class EmbedServer:
         if self._stop_metrics is not None:
             self._stop_metrics()
             self._stop_metrics = None
+        await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._drained is not None:
             self._drained.set()
 

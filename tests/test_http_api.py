@@ -377,6 +377,26 @@ def test_many_concurrent_http_and_grpc_clients_agree(server, expected, multiling
 # ---- load, queue, disconnects, SIGTERM: `moe-embed serve` whose worker the test pauses --------
 
 
+def test_loading_is_503_with_retry_after_and_ready_says_why(tiny_bundle) -> None:
+    """The loading state is created (listening, workers not started), not raced for."""
+    srv = ServerThread(tiny_bundle, http_port=free_port()).start(wait_ready=False, load=False)
+    try:
+        early = requests.post(srv.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert early.status_code == 503 and early.headers["Retry-After"] == "1"
+        assert early.json()["error"]["code"] == "unavailable"
+        ready = requests.get(srv.url + "/ready", timeout=30)
+        assert (ready.status_code, ready.json()) == (503, {"status": "loading"})
+        assert ready.headers["Retry-After"] == "1"
+        assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+        srv.load()
+        srv.wait_ready()
+        assert requests.get(srv.url + "/ready", timeout=30).json() == {"status": "ok"}
+        assert requests.post(srv.url + "/v1/embeddings", json={"input": "x"},
+                             timeout=30).status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_loading_queue_full_disconnect_and_sigterm_drain(tiny_bundle, tmp_path) -> None:
     """While loading: embeddings 503 with Retry-After, /ready 503 `loading`, /health 200. With
     the only worker stopped (both its slots taken): a client that hangs up has its request

@@ -52,15 +52,18 @@ def _watch(target: str, service: str, seen: list[int]) -> threading.Thread:
 
 
 def test_health_transitions_and_flood_past_the_queue_bound(tiny_bundle) -> None:
-    srv = ServerThread(tiny_bundle, max_queue=8).start(wait_ready=False)
+    """The loading state is created (listening, workers not started), not raced for."""
+    srv = ServerThread(tiny_bundle, max_queue=8).start(wait_ready=False, load=False)
     watched: list[int] = []
     try:
         assert health_status(srv.target) == NOT_SERVING
         assert health_status(srv.target, "moe_embed.v1.Embedder") == NOT_SERVING
         with pytest.raises(grpc.RpcError) as exc:  # nothing is queued before workers load
-            srv.stub().Embed(_request(["too early"]))
+            srv.stub().Embed(_request(["too early"]), timeout=30)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         watcher = _watch(srv.target, "moe_embed.v1.Embedder", watched)
+        wait_for(lambda: bool(watched), 30, "the watch to report the loading state")
+        srv.load()
         srv.wait_ready()
         assert health_status(srv.target) == SERVING
         assert health_status(srv.target, "moe_embed.v1.Embedder") == SERVING

@@ -64,13 +64,22 @@ class ServerThread:
     def run(self, coro: Any, timeout: float = 180.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self, wait_ready: bool = True) -> ServerThread:
+    def start(self, wait_ready: bool = True, load: bool = True) -> ServerThread:
+        """Listen; then load the workers (`load`), and wait for them (`wait_ready`). With
+        load=False the server stays in its loading state until `load()`: a test that checks
+        that state creates it instead of racing the workers' start."""
         self.thread.start()
         self.run(self.server.listen())
-        self._loading = asyncio.run_coroutine_threadsafe(self.server.load(), self.loop)
+        if load:
+            self.load()
         if wait_ready:
             self.wait_ready()
         return self
+
+    def load(self) -> None:
+        """Start loading the workers (once)."""
+        if self._loading is None:
+            self._loading = asyncio.run_coroutine_threadsafe(self.server.load(), self.loop)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         self._loading.result(timeout)
@@ -112,11 +121,11 @@ class ServerThread:
         return pb_grpc.EmbedderStub(self.channel())
 
 
-def health_status(target: str, service: str = "") -> int | None:
+def health_status(target: str, service: str = "", timeout: float = 10) -> int | None:
     with grpc.insecure_channel(target) as ch:
         try:
             return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
         except grpc.RpcError:
             return None
 

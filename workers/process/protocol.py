@@ -129,7 +129,7 @@ class Result:
     def vectors(self) -> list[np.ndarray]:
         """One float32 vector per input, views into `values`."""
         ends = np.cumsum(self.widths).tolist()
-        starts = [0, *ends[:-1]]
+        starts = [0, *ends[:-1]][: len(ends)]
         return [self.values[s:e] for s, e in zip(starts, ends, strict=True)]
 
     def encode(self) -> bytes:
