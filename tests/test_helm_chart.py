@@ -120,6 +120,8 @@ SCENARIOS: dict[str, dict] = {
     },
     "image-bundle-int8": {"model": {"source": "image"}, "resourcesPreset": "int8"},
     "connection-age": {"server": {"maxConnectionAgeSeconds": 300, "keepaliveSeconds": 30}},
+    "tracing": {"tracing": {"otlpEndpoint": "http://otel-collector.observability:4317",
+                            "sampleRatio": "0.25"}},
     "servicemonitor": {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     },
@@ -287,6 +289,8 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
         ({"model": {"source": "image", "image": {"bundlePath": "bundle"}}},
          "model.image.bundlePath must be an absolute path"),
         ({"resourcesPreset": "int3"}, "resourcesPreset must be fp32, int8, int4 or empty"),
+        ({"tracing": {"otlpEndpoint": "http://c:4317", "sampleRatio": "1.5"}},
+         "tracing.sampleRatio must be between 0 and 1"),
         ({"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}},
          "autoscaling needs a metric"),
         ({"autoscaling": {"enabled": True, "keda": {"enabled": True, "serverAddress": ""}}},
@@ -296,7 +300,7 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
          "all-experts-quantized", "short-grace", "port-clash", "http-port-clash",
          "health-port-clash", "tls-without-secret", "client-auth-without-tls",
          "keys-without-secret", "monitor-without-metrics", "image-bundle-relative",
-         "bad-preset", "hpa-without-metric", "keda-without-prometheus"],
+         "bad-preset", "bad-sample-ratio", "hpa-without-metric", "keda-without-prometheus"],
 )
 def test_bad_values_fail_the_render_with_a_clear_message(
     helm: Path, overrides: dict, message: str
@@ -359,6 +363,48 @@ def test_server_accepts_the_chart_environment(rendered: Rendered) -> None:
         assert config.threads_per_worker == v["threadsPerWorker"]
 
 
+def kubelet_env(container: dict, pod_name: str) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: the pod's name from the downward
+    API, and $(VAR) replaced by variables defined earlier in the list."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            assert entry["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, entry
+            env[entry["name"]] = pod_name
+        else:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)",
+                                        lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+    return env
+
+
+def test_tracing_values_reach_the_server_and_the_otel_sdk(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint turns the server's tracing on; the sampler and the resource attributes are
+    read by the OpenTelemetry SDK itself from the environment the kubelet gives the process."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import sampling
+
+    t = rendered.values["tracing"]
+    if not t["otlpEndpoint"]:
+        env = env_of(rendered.server)
+        assert resolve_server_config(env).otlp_endpoint == ""
+        assert not [k for k in env if k.startswith("OTEL_")]
+        return
+    env = kubelet_env(rendered.server, "emb-moe-embed-6d4f-abcde")
+    assert resolve_server_config(env).otlp_endpoint == t["otlpEndpoint"]
+    for name, value in env.items():
+        if name.startswith("OTEL_"):
+            monkeypatch.setenv(name, value)
+    sampler = sampling._get_from_env_or_default()
+    assert isinstance(sampler, sampling.ParentBased)
+    assert f"TraceIdRatioBased{{{float(t['sampleRatio'])}}}" in sampler.get_description()
+    attributes = Resource.create({}).attributes
+    assert attributes["service.name"] == rendered.one("Deployment")["metadata"]["name"]
+    assert attributes["k8s.pod.name"] == "emb-moe-embed-6d4f-abcde"
+    assert attributes["k8s.namespace.name"] == NAMESPACE
+
+
 def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
     """With default values the pod runs with the same settings as a bare `moe-embed serve`
     (except where the pod must differ: a writable cache dir, and every interface to listen on
@@ -370,7 +416,7 @@ def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
                   "max_message_bytes", "drain_grace_s", "batch_timeout_s", "log_level",
                   "http_port", "health_port", "tls_cert_file", "tls_key_file",
                   "tls_client_ca_file", "api_key_file", "reflection", "keepalive_s",
-                  "max_connection_age_s"):
+                  "max_connection_age_s", "otlp_endpoint"):
         assert getattr(chart, field) == getattr(bare, field), field
     assert (bare.host, chart.host) == ("127.0.0.1", "0.0.0.0")
 

@@ -166,6 +166,10 @@ int4:
 {{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) }}
 {{- fail "apiKeys.existingSecret is required when apiKeys.enabled (a Secret whose apiKeys.secretKey holds one key per line)" }}
 {{- end }}
+{{- $ratio := .Values.tracing.sampleRatio | float64 }}
+{{- if or (lt $ratio 0.0) (gt $ratio 1.0) }}
+{{- fail (printf "tracing.sampleRatio must be between 0 and 1, not %v" .Values.tracing.sampleRatio) }}
+{{- end }}
 {{- $a := .Values.autoscaling }}
 {{- if and $a.enabled (not $a.keda.enabled) (le (int $a.targetCPUUtilizationPercentage) 0) (not $a.queueDepth.enabled) }}
 {{- fail "autoscaling needs a metric: targetCPUUtilizationPercentage above 0, or queueDepth.enabled" }}
