@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/llama_golden.py [--seed 0] [--threads 2] [--out PATH]
 
 Not a test: it needs the optional llama.cpp peer (`make llama-peer`). The file it writes is an
-independent golden oracle for tests/test_llama_oracle.py, which needs no llama.cpp: the recipe
-of the checkpoint (tiny, seed, zero expert bias, since llama.cpp drops `mlp.experts.bias`), the
-sha256 of its model.safetensors, the llama.cpp version, the texts with their task, their token
-ids (moe_embed's tokenizer: the same ids are fed to llama.cpp and to the runtime) and llama.cpp's
-F32 embeddings (full dimension, mean-pooled, L2-normalized, 7 significant digits).
+independent golden oracle for tests/export/test_llama_oracle.py, which needs no llama.cpp: the
+recipe of the checkpoint (tiny, seed, zero expert bias, since llama.cpp drops
+`mlp.experts.bias`), the sha256 of its model.safetensors, the llama.cpp version, the texts with
+their task, their token ids (moe_embed's tokenizer: the same ids are fed to llama.cpp and to the
+runtime) and llama.cpp's F32 embeddings (full dimension, mean-pooled, L2-normalized, 7
+significant digits).
 
 The texts are tests/data/multilingual.json plus one 512-token text built from them (rotary at
 the far positions).
@@ -98,7 +99,7 @@ def build(seed: int, threads: int, workdir: Path) -> dict:
                          "--seed (see benchmarks/llama_peer/peer.py on GELU near-ties).")
     return {
         "about": "llama.cpp's F32 embeddings of a tiny synthetic nomic-bert-moe checkpoint, "
-                 "the independent oracle of tests/test_llama_oracle.py. Regenerate with "
+                 "the independent oracle of tests/export/test_llama_oracle.py. Regenerate with "
                  "`make llama-golden` (needs the optional llama.cpp peer).",
         "checkpoint": {"size": SIZE, "seed": seed, "zero_expert_bias": True,
                        "model_safetensors_sha256": sha256(ckpt / "model.safetensors")},

@@ -38,23 +38,23 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("tokenize whole texts (no bound)", "service/tokenizer.py",
              "        if len(text) <= self.window:\n",
              "        if True:\n",
-             ("tests/test_service_hardening.py::test_oversized_inputs_cost_bounded_memory",
-              "tests/test_tokenizer.py")),
+             ("tests/service/test_service_hardening.py::test_oversized_inputs_cost_bounded_memory",
+              "tests/service/test_tokenizer.py")),
     Mutation("long texts cut into fixed-size pieces (splits graphemes)",
              "service/tokenizer.py",
              "            end = _grapheme_cut(text, start + PIECE_CHARS)",
              "            end = min(len(text), start + PIECE_CHARS)",
-             ("tests/test_tokenizer.py::"
+             ("tests/service/test_tokenizer.py::"
               "test_bounded_tokenizing_keeps_the_ids_of_the_whole_text",)),
     Mutation("tokenize on the event loop", "service/engine.py",
              "INLINE_TOKENIZE_CHARS = 4096",
              "INLINE_TOKENIZE_CHARS = 10**9",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_tokenizing_huge_inputs_does_not_block_other_calls",)),
     Mutation("stream window released when computed, not written", "service/server.py",
              "                window.release()  # written: the client has taken it\n",
              "                pass\n",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_a_stream_that_is_never_read_stops_being_read",),
              more=(("service/server.py",
                     "            finally:\n                self.metrics.observe_request("
@@ -65,75 +65,75 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        turn = order[order.index(first):] + order[:order.index(first)]\n",
              "        turn = sorted(self._callers, key=lambda c: self._callers[c][0].job.admitted)"
              "\n        budget = 10**9 if not lightest_first else budget\n",
-             ("tests/test_service_batching.py",
-              "tests/test_service_hardening.py::"
+             ("tests/service/test_service_batching.py",
+              "tests/service/test_service_hardening.py::"
               "test_a_light_caller_is_not_starved_by_a_flooding_stream")),
     Mutation("no fair share of the queue", "service/batching.py",
              "        if held and held + n > self.share(caller):",
              "        if False:",
-             ("tests/test_service_batching.py",)),
+             ("tests/service/test_service_batching.py",)),
     Mutation("strict protobuf parsing", "service/server.py",
              "        except (DecodeError, ValueError, UnicodeDecodeError) as exc:\n"
              "            return Malformed(exc)",
              "        except ZeroDivisionError as exc:\n            return Malformed(exc)",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_malformed_messages_are_invalid_argument_and_a_stream_goes_on",)),
     Mutation("cancelled stream requests counted OK", "service/server.py",
              '                code = "CANCELLED"\n                raise',
              "                raise",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_cancelled_stream_requests_are_counted_as_cancelled",)),
     Mutation("health and admission ignore workers that cannot load",
              "service/worker_pool.py",
              "        return self.ready_count > 0 or any(n == 0 for n in self._early_deaths)",
              "        return True",
-             ("tests/test_service_hardening.py::test_no_worker_can_load_then_one_can",)),
+             ("tests/service/test_service_hardening.py::test_no_worker_can_load_then_one_can",)),
     Mutation("a hung worker is waited for", "service/scheduler.py",
              "        return self.batch_timeout_s + STUCK_FACTOR * expected",
              "        return None",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_a_hung_worker_is_replaced_and_its_batch_resent",
-              "tests/test_service_scheduler.py::"
+              "tests/service/test_service_scheduler.py::"
               "test_stuck_worker_is_killed_and_its_batch_resent")),
     Mutation("oversized responses computed anyway", "service/engine.py",
              "        if size > self.config.max_message_bytes:",
              "        if False:",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_a_response_over_the_message_limit_is_refused_before_any_work",)),
     Mutation("no per-connection stream limit", "service/server.py",
              '        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),\n',
              "",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_concurrent_streams_per_connection_are_limited",)),
     Mutation("metrics on every path", "service/metrics.py",
              '            if environ.get("PATH_INFO") == "/metrics":',
              "            if True:",
-             ("tests/test_service_hardening.py::test_metrics_answer_only_on_their_path",)),
+             ("tests/service/test_service_hardening.py::test_metrics_answer_only_on_their_path",)),
     Mutation("tokenizer load error without its path", "service/tokenizer.py",
              'raise BundleError(f"{path}: cannot load the tokenizer: {exc}") from exc',
              'raise BundleError("cannot load the tokenizer") from exc',
-             ("tests/test_service_hardening.py::test_corrupt_tokenizer_is_named",)),
+             ("tests/service/test_service_hardening.py::test_corrupt_tokenizer_is_named",)),
     Mutation("drain does not wait for admitted work", "service/server.py",
              "            finished = await self.engine.wait_idle(grace_s)",
              "            finished = True",
-             ("tests/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
+             ("tests/service/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
     Mutation("lame duck of a fixed half second", "service/server.py",
              "        await self._lame_duck(deadline)",
              "        await asyncio.sleep(LAME_DUCK_S)",
-             ("tests/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
+             ("tests/service/test_service_resilience.py::test_sigterm_drains_without_losing_requests",)),
     # the blind spots of the suite's audit
     Mutation("experts that received no token are run anyway", "workers/runtime/router.py",
              "            if c:\n", "            if True:\n",
-             ("tests/test_parity.py::test_unused_experts_are_not_run",)),
+             ("tests/workers/test_parity.py::test_unused_experts_are_not_run",)),
     Mutation("truncation keeps the tail, not the head", "service/tokenizer.py",
              "        return ids[: self.max_tokens - 1] + ids[-1:]  # keep </s>",
              "        return ids[:1] + ids[-(self.max_tokens - 1):]",
-             ("tests/test_tokenizer.py",)),
+             ("tests/service/test_tokenizer.py",)),
     Mutation("rotary base x10 in the exporter and the reference alike",
              "export/onnx_graphs.py",
              "np.power(np.float32(cfg.rotary_emb_base), half)",
              "np.power(np.float32(cfg.rotary_emb_base * 10), half)",
-             ("tests/test_parity.py", "tests/test_llama_oracle.py"),
+             ("tests/workers/test_parity.py", "tests/export/test_llama_oracle.py"),
              more=(("export/reference.py",
                     "1.0 / (cfg.rotary_emb_base ** (torch.arange",
                     "1.0 / ((cfg.rotary_emb_base * 10) ** (torch.arange"),)),
@@ -141,7 +141,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "export/onnx_graphs.py",
              'rotated = g.op("Concat", g.op("Neg", hi), lo, axis=-1)',
              'rotated = g.op("Concat", hi, g.op("Neg", lo), axis=-1)',
-             ("tests/test_parity.py", "tests/test_llama_oracle.py"),
+             ("tests/workers/test_parity.py", "tests/export/test_llama_oracle.py"),
              more=(("export/reference.py",
                     "return torch.cat([-x[..., half:], x[..., :half]], dim=-1)",
                     "return torch.cat([x[..., half:], -x[..., :half]], dim=-1)"),)),
@@ -151,24 +151,24 @@ MUTATIONS: tuple[Mutation, ...] = (
              "_np(tensors[p + \"w2\"]).reshape(e, f, h))",
              "    return (_np(tensors[p + \"w1\"]).reshape(e, f, h), "
              "_np(tensors[p + \"w2\"]).reshape(e, h, f).transpose(0, 2, 1).copy())",
-             ("tests/test_parity.py", "tests/test_llama_oracle.py"),
+             ("tests/workers/test_parity.py", "tests/export/test_llama_oracle.py"),
              more=(("export/reference.py",
                     "        w2 = self.w2.view(self.num_experts, self.ffn, -1)",
                     "        w2 = self.w2.view(self.num_experts, -1, self.ffn).transpose(1, 2)"),)),
     Mutation("the scheduler's own deadline drop removed", "service/scheduler.py",
              "        for job in self.queue.expired(now):",
              "        for job in []:",
-             ("tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::"
               "test_a_request_past_its_deadline_is_dropped_before_any_worker",)),
     Mutation("a worker-side invalid input mapped to INTERNAL", "service/scheduler.py",
              "        if failure.reason == protocol.Reason.INVALID_INPUT and failure.row",
              "        if False and failure.row",
-             ("tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::"
               "test_worker_side_invalid_input_fails_only_its_request",)),
     Mutation("first free worker instead of the least loaded", "service/worker_pool.py",
              "            if best is None or (w.slots, w.tokens) < (best.slots, best.tokens):",
              "            if best is None:",
-             ("tests/test_service_scheduler.py::test_the_least_loaded_worker_gets_the_next_batch",)),
+             ("tests/service/test_service_scheduler.py::test_the_least_loaded_worker_gets_the_next_batch",)),
     Mutation("the frontend's dimensions check removed", "service/validation.py",
              "            or not lo <= dimensions <= hi:",
              "            or False:",
@@ -176,95 +176,95 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("pooling divides by one more than the token count", "workers/runtime/pooling.py",
              "    lengths = np.diff(offsets).astype(np.float32)",
              "    lengths = np.diff(offsets).astype(np.float32) + 1",
-             ("tests/test_parity.py",)),
+             ("tests/workers/test_parity.py",)),
     Mutation("worker runs batches in arrival order", "workers/process/main.py",
              "        task = next_to_step(running)",
              "        task = running[0]",
-             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
+             ("tests/service/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",)),
     Mutation("worker runs the smallest batch first (starves older ones)",
              "workers/process/main.py",
              "        task = next_to_step(running)",
              "        task = min(running, key=lambda r: r.tokens)",
-             ("tests/test_service_scheduler.py::test_batches_of_similar_size_keep_their_order",
-              "tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::test_batches_of_similar_size_keep_their_order",
+              "tests/service/test_service_scheduler.py::"
               "test_the_worker_lets_only_far_smaller_batches_ahead_and_only_so_much")),
     Mutation("a batch lets through any number of smaller ones", "workers/process/main.py",
              "             and (r.overtook or oldest.yielded + r.tokens <= oldest.tokens)]",
              "             ]",
-             ("tests/test_service_scheduler.py::test_a_large_batch_yields_at_most_its_own_size",
-              "tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::test_a_large_batch_yields_at_most_its_own_size",
+              "tests/service/test_service_scheduler.py::"
               "test_the_worker_lets_only_far_smaller_batches_ahead_and_only_so_much")),
     Mutation("express batches as large as any", "service/scheduler.py",
              "            elif express:\n                budget = EXPRESS_TOKENS\n",
              "            elif express:\n                budget = None\n",
-             ("tests/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",
-              "tests/test_service_scheduler.py::test_a_large_batch_yields_at_most_its_own_size")),
+             ("tests/service/test_service_scheduler.py::test_a_small_batch_overtakes_a_large_one",
+              "tests/service/test_service_scheduler.py::test_a_large_batch_yields_at_most_its_own_size")),
     Mutation("express batches for every caller (a burst is cut into small batches)",
              "service/scheduler.py",
              "                if self._in_flight[c] + self.queue.tokens_waiting(c) <= "
              "EXPRESS_TOKENS}",
              "                }",
-             ("tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::"
               "test_a_burst_from_one_caller_is_sent_ahead_whole",)),
     Mutation("an idle worker takes light and heavy callers' inputs in one batch",
              "service/scheduler.py",
              "            express = bool(light) and (worker.busy or len(light) < len(",
              "            express = bool(light) and (worker.busy or 0 * len(",
-             ("tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::"
               "test_a_light_request_never_rides_in_a_heavy_callers_batch",)),
     Mutation("express batches take heavy callers' inputs too", "service/scheduler.py",
              "                                    only=light if express else None)",
              "                                    only=None)",
-             ("tests/test_service_scheduler.py::"
+             ("tests/service/test_service_scheduler.py::"
               "test_a_light_request_never_rides_in_a_heavy_callers_batch",)),
     Mutation("a busy worker is sent everything that waits", "service/scheduler.py",
              "    return 1 if workers <= 1 else 2 * workers",
              "    return 1",
-             ("tests/test_service_scheduler.py::test_a_burst_is_shared_between_busy_workers",)),
+             ("tests/service/test_service_scheduler.py::test_a_burst_is_shared_between_busy_workers",)),
     Mutation("no express slot (a light caller waits for a heavy batch's slot)",
              "service/worker_pool.py",
              "EXPRESS_SLOTS = 1",
              "EXPRESS_SLOTS = 0",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_a_light_caller_is_not_starved_by_a_flooding_stream",)),
     Mutation("graphs saved with their weights inline (copied at every start)", "export/split.py",
              "EXTERNAL_MIN = 1024 ", "EXTERNAL_MIN = 1 << 40 ",
-             ("tests/test_bundle.py::"
+             ("tests/export/test_bundle.py::"
               "test_the_runtime_maps_the_weights_from_the_bundle_instead_of_copying_them",)),
     Mutation("external weights at unaligned offsets (ORT copies them)", "export/split.py",
              "PAGE = 4096 ", "PAGE = 1 ",
-             ("tests/test_bundle.py::"
+             ("tests/export/test_bundle.py::"
               "test_weights_are_saved_page_aligned_and_read_back_exactly",)),
     Mutation("one-thread workers load their own weights (no loader)", "service/worker_pool.py",
              "        self.forked = share_weights and threads == 1",
              "        self.forked = False",
-             ("tests/test_service_resilience.py::"
+             ("tests/service/test_service_resilience.py::"
               "test_one_thread_workers_share_the_loaders_weights",)),
     Mutation("the loader forks with ONNX Runtime's telemetry thread running",
              "service/worker_pool.py",
              "                env={**os.environ, **LOADER_ENV})",
              "                env={k: v for k, v in os.environ.items()\n"
              "                     if k != 'ORT_DISABLE_TELEMETRY'})",
-             ("tests/test_service_resilience.py::"
+             ("tests/service/test_service_resilience.py::"
               "test_one_thread_workers_share_the_loaders_weights",)),
     Mutation("Unigram ties replace the first path found", "service/unigram.py",
              "                if start[j] < 0 or candidate > score[j]:\n"
              "                    score[j], start[j], token[j] = candidate, i, ids[k]",
              "                if start[j] < 0 or candidate >= score[j]:\n"
              "                    score[j], start[j], token[j] = candidate, i, ids[k]",
-             ("tests/test_compact_tokenizer.py::test_ties_break_as_hfs_do",)),
+             ("tests/service/test_compact_tokenizer.py::test_ties_break_as_hfs_do",)),
     Mutation("unknown runs not fused", "service/unigram.py",
              "            if token[end] < 0 or token[end] == self.unk_id:",
              "            if False:",
-             ("tests/test_compact_tokenizer.py",)),
+             ("tests/service/test_compact_tokenizer.py",)),
     Mutation("the unknown-id piece not fused with unknown runs", "service/unigram.py",
              "            if token[end] < 0 or token[end] == self.unk_id:",
              "            if token[end] < 0:",
-             ("tests/test_compact_tokenizer.py",)),
+             ("tests/service/test_compact_tokenizer.py",)),
     Mutation("a repeated piece takes its first id", "service/unigram.py",
              "        np.maximum.at(ids, key_of, np.arange(len(pieces), dtype=np.int32))",
              "        np.minimum.at(ids, key_of, np.arange(len(pieces), dtype=np.int32))",
-             ("tests/test_compact_tokenizer.py::test_a_repeated_piece_takes_its_last_id_and_score",),
+             ("tests/service/test_compact_tokenizer.py::test_a_repeated_piece_takes_its_last_id_and_score",),
              more=(("service/unigram.py",
                     "        ids = np.full(len(self._trie), -1, np.int32)",
                     "        ids = np.full(len(self._trie), 2**30, np.int32)"),)),
@@ -272,21 +272,21 @@ MUTATIONS: tuple[Mutation, ...] = (
              "service/unigram.py",
              "                single = single or j == i + 1",
              "                single = True",
-             ("tests/test_compact_tokenizer.py",)),
+             ("tests/service/test_compact_tokenizer.py",)),
     Mutation("a word that spells an added token is taken for it",
              "service/compact_tokenizer.py",
              "        word.prepend(MARK)\n", "",
-             ("tests/test_compact_tokenizer.py::test_a_word_that_normalizes_into_an_added_token_is_still_segmented",)),
+             ("tests/service/test_compact_tokenizer.py::test_a_word_that_normalizes_into_an_added_token_is_still_segmented",)),
     Mutation("segmented words recorded for all threads at once",
              "service/compact_tokenizer.py",
              "        self.local = threading.local()",
              "        self.local = type('Shared', (), {})()",
-             ("tests/test_compact_tokenizer.py::test_encoding_from_many_threads_at_once",)),
+             ("tests/service/test_compact_tokenizer.py::test_encoding_from_many_threads_at_once",)),
     Mutation("large requests tokenized on a pool of threads", "service/engine.py",
              "        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, "
              "fn, *args)",
              "        return await asyncio.to_thread(fn, *args)",
-             ("tests/test_service_hardening.py::"
+             ("tests/service/test_service_hardening.py::"
               "test_large_requests_are_tokenized_on_one_thread",)),
 )
 

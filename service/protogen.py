@@ -1,7 +1,7 @@
 """Regenerate the Python gRPC code from protos/ (`make protos`).
 
 The generated files are committed so that installing the package needs no code generation;
-tests/test_service_protos.py regenerates them into a temporary directory and fails when the
+tests/service/test_service_protos.py regenerates them into a temporary directory and fails when the
 committed copies differ, so the contract and the code cannot drift apart.
 """
 

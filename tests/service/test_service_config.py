@@ -97,7 +97,7 @@ def test_no_api_key_on_the_command_line() -> None:
 
 
 def test_readme_documents_every_flag_and_its_variable() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1]
     for s in config.SETTINGS:
         assert f"`{s.flag}" in table and f"`{s.env}`" in table, s.flag

@@ -22,7 +22,7 @@ from support.service import ServeProcess, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
-NODE_DIR = Path(__file__).parent / "node"
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 INPUTS = ["hello world", "grpc from node", "ünïcödé 日本語"]
 
 

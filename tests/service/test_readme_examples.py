@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.service import ServerThread, free_port
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _blocks() -> list[str]:

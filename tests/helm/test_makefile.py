@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from support.helm_image import dockerfile_stages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 RECORDING_PIP = """#!/bin/sh

@@ -24,7 +24,7 @@ from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.workers.runtime.runtime import Runtime, pack
 
-GOLDEN = Path(__file__).parent / "data" / "llama_golden.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "llama_golden.json"
 MIN_COS = 0.99999
 # Measured at generation: llama.cpp vs the runtime 8.3e-5, vs the fp32 reference 8.3e-5 (tiny,
 # seed 0, 25 texts up to 512 tokens). Components of a 64-dim unit vector are ~0.125.

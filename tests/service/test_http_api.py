@@ -38,7 +38,7 @@ from moe_embed.service.tasks import task_named
 from moe_embed.v1 import embedder_pb2 as pb
 
 TOL = 1e-6
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CARD = sorted((REPO.parent / "shared" / "seeds").glob("000_*.txt"))
 
 # The model card's example (its "Usage" section), verbatim but for the port. The card's page
