@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table
+.PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table mutation
 
 # On Linux, torch's CPU-only build, as the Dockerfile installs it: PyPI's Linux wheel pulls
 # the multi-GB CUDA stack. A CPU wheel pip already finds (a local wheel, a mirror) is taken
@@ -64,3 +64,8 @@ llama-golden: $(STAMP)
 quant-table: $(STAMP)
 	$(BIN)/python benchmarks/llama_peer/provision.py
 	$(BIN)/python benchmarks/quant_table.py $(ARGS)
+
+## Mutation testing (cosmic-ray) of the modules that decide correctness, each against its own
+## fast tests; writes benchmarks/mutation/REPORT.md (not part of `make test`).
+mutation: $(STAMP)
+	$(BIN)/python benchmarks/mutation/run.py $(ARGS)

@@ -128,7 +128,8 @@ class Scheduler:
                 await _first(self.pool.changes.wait(), self._wake.wait(), timeout=until_deadline)
                 continue
             delay = self.max_wait_s - (now - oldest)
-            express = policy.is_express(light, len(self.queue.callers_waiting()), worker.busy)
+            express = policy.is_express(light, len(self.queue.callers_waiting()), worker.busy,
+                                        policy.heavy_in_flight(self._in_flight))
             if worker.busy and delay > 0 and not self.queue.full(
                     policy.EXPRESS_TOKENS if express else None):
                 timeout = delay if until_deadline is None else min(delay, until_deadline)

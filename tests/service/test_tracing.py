@@ -111,12 +111,21 @@ def _check_request(spans, request_span, inputs: int) -> None:
             compute.end_time_unix_nano <= batch.end_time_unix_nano
 
 
-def test_a_unary_call_continues_the_callers_trace(traced) -> None:
-    spans, parent, _ = traced
+def _server_span_under(spans, parent: str):
+    """The one server span continuing the caller's trace from span `parent`."""
     (server,) = [s for s in spans if _hex(s.trace_id) == TRACE_ID
                  and _hex(s.parent_span_id) == parent]
-    assert "Embed" in server.name and server.kind == server.SPAN_KIND_SERVER
-    _check_request(spans, server, inputs=2)
+    assert server.kind == server.SPAN_KIND_SERVER
+    return server
+
+
+@pytest.mark.parametrize(("protocol", "name", "inputs"), [("grpc", "Embed", 2),
+                                                          ("http", "/v1/embeddings", 1)])
+def test_a_call_continues_the_callers_trace(traced, protocol, name, inputs) -> None:
+    spans, unary_parent, http_parent = traced
+    server = _server_span_under(spans, unary_parent if protocol == "grpc" else http_parent)
+    assert name in server.name
+    _check_request(spans, server, inputs=inputs)
 
 
 def test_each_stream_request_has_its_own_span(traced) -> None:
@@ -126,14 +135,6 @@ def test_each_stream_request_has_its_own_span(traced) -> None:
     assert sorted(_attrs(r)["request_id"] for r in requests_) == ["s0", "s1"]
     for r in requests_:
         _check_request(spans, r, inputs=1)
-
-
-def test_an_http_call_continues_the_callers_trace(traced) -> None:
-    spans, _, parent = traced
-    (server,) = [s for s in spans if _hex(s.trace_id) == TRACE_ID
-                 and _hex(s.parent_span_id) == parent]
-    assert "/v1/embeddings" in server.name and server.kind == server.SPAN_KIND_SERVER
-    _check_request(spans, server, inputs=1)
 
 
 def test_off_by_default_nothing_is_exported(tiny_bundle, receiver) -> None:

@@ -50,11 +50,21 @@ def test_light_callers_at_the_express_size_and_one_past_it() -> None:
     assert policy.light_callers({"big": EXPRESS_TOKENS + 1}, {}) == set()
 
 
-def test_express_only_beside_work_and_never_mixes_a_light_caller_into_a_heavy_batch() -> None:
+def test_express_only_beside_heavy_work_and_never_mixes_a_light_caller_into_a_heavy_batch(
+        ) -> None:
     assert not policy.is_express(set(), 3, worker_busy=True)  # nobody light
-    assert policy.is_express({"a"}, 1, worker_busy=True)  # beside the busy worker's batch
+    assert policy.is_express({"a"}, 1, worker_busy=True)  # beside a heavy batch in flight
     assert not policy.is_express({"a", "b"}, 2, worker_busy=False)  # idle, all light: normal
     assert policy.is_express({"a"}, 2, worker_busy=False)  # idle, but a heavy caller waits
+    assert policy.is_express({"a"}, 2, worker_busy=True, heavy_in_flight=False)  # it waits
+    # many small clients and nothing heavy anywhere: batched as usual, nothing to overtake
+    assert not policy.is_express({"a", "b"}, 2, worker_busy=True, heavy_in_flight=False)
+
+
+def test_heavy_in_flight_past_an_express_batchs_tokens() -> None:
+    assert not policy.heavy_in_flight({})
+    assert not policy.heavy_in_flight({"a": EXPRESS_TOKENS, "b": 3})
+    assert policy.heavy_in_flight({"a": EXPRESS_TOKENS + 1, "b": 3})
 
 
 def test_an_express_slot_opens_at_the_heavy_threshold_and_not_below() -> None:
@@ -72,3 +82,23 @@ def test_budgets_idle_express_and_sent_ahead() -> None:
     assert policy.budget(True, False, 10_001, 2) == 2501  # rounded up: nothing left behind
     assert policy.budget(True, False, 100, 2) == EXPRESS_TOKENS  # never below an express batch
     assert [policy.ahead_parts(n) for n in (0, 1, 2, 3)] == [1, 1, 4, 6]
+
+
+def test_the_overtaking_budget_adds_tokens_up_to_the_oldests_own() -> None:
+    oldest = held(1000)
+    lights = [held(200) for _ in range(6)]
+    ahead = [policy.next_to_step([oldest, light]) is light for light in lights]
+    assert ahead == [True] * 5 + [False]  # 5 x 200 = 1000 exactly, the 6th would pass it
+
+
+def test_an_express_slot_opens_one_token_past_the_threshold_too() -> None:
+    assert policy.slots(HEAVY_TOKENS + 1, express=True) == MAX_IN_FLIGHT + EXPRESS_SLOTS
+
+
+def test_the_thresholds_keep_their_stated_relations() -> None:
+    """An express batch is one dense-segment chunk's worth, and exactly the size that may
+    overtake the smallest heavy work."""
+    from moe_embed.workers.runtime.chunks import CHUNK_TOKENS
+
+    assert EXPRESS_TOKENS == CHUNK_TOKENS
+    assert HEAVY_TOKENS == EXPRESS_TOKENS * OVERTAKE_RATIO

@@ -12,7 +12,9 @@ The rules, in one picture:
   EXPRESS_TOKENS (many one-text requests on one connection; not one client's burst). Light
   callers' inputs never ride in a heavy caller's batch: while heavy work is in flight or waits,
   they go in express batches of their own (at most EXPRESS_TOKENS, lightest callers first),
-  for which a worker holding at least HEAVY_TOKENS keeps EXPRESS_SLOTS extra slots.
+  for which a worker holding at least HEAVY_TOKENS keeps EXPRESS_SLOTS extra slots. When every
+  caller is light (many small clients), there is nothing to overtake: batches are formed as
+  usual, as large as what waits, so many small clients get the machine's throughput.
 - In a worker, a batch at most 1/OVERTAKE_RATIO of the oldest one runs first (between session
   calls of the larger), up to the oldest's own token count in all: a light request does not
   wait for a heavy batch to end, and a heavy batch's delay is bounded by its own size.
@@ -76,11 +78,18 @@ def light_callers(waiting: Mapping[Hashable, int],
             if in_flight.get(c, 0) + tokens <= EXPRESS_TOKENS}
 
 
-def is_express(light: Collection[Hashable], callers_waiting: int, worker_busy: bool) -> bool:
-    """Whether the next batch is an express one (light callers' inputs only): to a busy worker
-    whenever light callers wait, and to an idle one too while heavy callers also wait (light
-    inputs never ride in a heavy caller's batch)."""
-    return bool(light) and (worker_busy or len(light) < callers_waiting)
+def is_express(light: Collection[Hashable], callers_waiting: int, worker_busy: bool,
+               heavy_in_flight: bool = True) -> bool:
+    """Whether the next batch is an express one (light callers' inputs only): while heavy
+    callers wait too (light inputs never ride in a heavy caller's batch), and to a busy worker
+    while a heavy caller has work in flight (the express batch overtakes it). Light callers
+    beside nothing heavy are batched as usual."""
+    return bool(light) and (len(light) < callers_waiting or (worker_busy and heavy_in_flight))
+
+
+def heavy_in_flight(in_flight: Mapping[Hashable, int]) -> bool:
+    """A caller has more than an express batch's tokens in flight."""
+    return any(tokens > EXPRESS_TOKENS for tokens in in_flight.values())
 
 
 def slots(worker_tokens: int, express: bool) -> int:
