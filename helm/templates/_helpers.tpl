@@ -69,7 +69,7 @@ export (fp32 keeps the name it had before precisions existed, so its PVCs stay v
 {{- end }}
 {{- end }}
 
-{{/* Resources per precision for one worker, from README's "Footprint and start time"
+{{/* Resources per precision for one worker, from benchmarks/README.md's "Footprint and start time"
 (benchmarks/footprint.py): request = idle PSS rounded up, limit = peak under load + margin. */}}
 {{- define "moe-embed.resourcePresets" -}}
 fp32:

@@ -857,8 +857,8 @@ def test_dashboard_configmap_ships_the_repo_file(rendered: Rendered) -> None:
     assert json.loads(text)["uid"]
 
 
-# The frontend's RSS for about a second while it loads the tokenizer (README, "Footprint and
-# start time": HF loads it once, then the compact vocabulary replaces it).
+# The frontend's RSS for about a second while it loads the tokenizer (benchmarks/README.md,
+# "Footprint and start time": HF loads it once, then the compact vocabulary replaces it).
 FRONTEND_LOAD_PEAK_MB = 460
 
 
