@@ -1,5 +1,11 @@
-# moe-embed server image: `docker build -t REGISTRY/moe-embed:VERSION .`
-# The runtime stage runs `moe-embed serve`, the console script the test suite runs.
+# moe-embed server image: `docker build -t REGISTRY/moe-embed:VERSION .` (the last stage,
+# `runtime`, loads its model from a volume or builds the demo model).
+# With an exported bundle baked in, for clusters without internet access (chart value
+# model.source=image):
+#   moe-embed export nomic-ai/nomic-embed-text-v2-moe --out bundles/nomic-int8 --precision int8
+#   docker build --target bundled --build-arg BUNDLE=bundles/nomic-int8 \
+#     -t REGISTRY/moe-embed:VERSION-nomic-int8 .
+# Every stage runs `moe-embed serve`, the console script the test suite runs.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---- build: a virtualenv with CPU torch and the package (non-editable) ----
@@ -19,8 +25,8 @@ COPY workers ./workers
 COPY service ./service
 RUN pip install .
 
-# ---- runtime: the virtualenv only, as a non-root user ----
-FROM ${PYTHON_IMAGE} AS runtime
+# ---- server: the virtualenv only, as a non-root user ----
+FROM ${PYTHON_IMAGE} AS server
 RUN groupadd --system --gid 10001 moe \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /cache moe \
     && mkdir -p /cache \
@@ -39,3 +45,14 @@ WORKDIR /cache
 EXPOSE 50051 8080 9090
 ENTRYPOINT ["moe-embed"]
 CMD ["serve"]
+
+# ---- bundled: the server with an exported bundle in a read-only image layer ----
+FROM server AS bundled
+# A directory written by `moe-embed export`, relative to the build context.
+ARG BUNDLE=bundles/model
+# Owned by root, readable by the server's user: a served bundle must not change.
+COPY ${BUNDLE} /models/bundle
+ENV MOE_EMBED_BUNDLE=/models/bundle
+
+# ---- runtime (the default target): the server without a bundle ----
+FROM server AS runtime

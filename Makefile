@@ -7,8 +7,20 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: serve test install protos lint bench helm-tool llama-peer llama-golden quant-table mutation
 
+# On Linux, torch's CPU-only build, as the Dockerfile installs it: PyPI's Linux wheel pulls
+# the multi-GB CUDA stack. A CPU wheel pip already finds (a local wheel, a mirror) is taken
+# first; else it comes from PyTorch's CPU index. TORCH_INDEX= (empty) leaves torch to pip.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$$(uname -s)" = Linux ] && [ -n "$(TORCH_INDEX)" ]; then \
+	  $(BIN)/pip install --disable-pip-version-check -q '$(TORCH_PIN)+cpu' 2>/dev/null \
+	  || { echo "torch: $(TORCH_PIN) (CPU-only) from $(TORCH_INDEX)"; \
+	       $(BIN)/pip install --disable-pip-version-check -q --index-url $(TORCH_INDEX) \
+	         '$(TORCH_PIN)'; }; \
+	fi
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,bench]'
 	touch $(STAMP)
 

@@ -288,6 +288,78 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        return await asyncio.to_thread(fn, *args)",
              ("tests/service/test_service_hardening.py::"
               "test_large_requests_are_tokenized_on_one_thread",)),
+    # deploying and operating: the chart, the image, the dashboard, the clients
+    Mutation("bundles kept out of the image's build context", ".dockerignore",
+             "bundles/*.partial*", "bundles",
+             ("tests/helm/test_helm_chart.py::"
+              "test_bundled_target_bakes_in_the_bundle_that_model_source_image_serves",)),
+    Mutation("the bundled image's bundle elsewhere than the chart looks", "Dockerfile",
+             "ENV MOE_EMBED_BUNDLE=/models/bundle", "ENV MOE_EMBED_BUNDLE=/models/bundle/",
+             ("tests/helm/test_helm_chart.py::"
+              "test_bundled_target_bakes_in_the_bundle_that_model_source_image_serves",)),
+    Mutation("image source mounts a model volume it does not have",
+             "helm/templates/deployment.yaml",
+             '{{- if has $src (list "hub" "existingClaim") }}', '{{- if ne $src "demo" }}',
+             ("tests/helm/test_helm_chart.py::"
+              "test_model_provisioning",)),
+    Mutation("KEDA compares the release's total, not the per-pod average",
+             "helm/templates/scaledobject.yaml",
+             "metricType: AverageValue", "metricType: Value",
+             ("tests/helm/test_helm_chart.py::"
+              "test_scaledobject_scales_the_deployment_on_the_queue",)),
+    Mutation("KEDA's default query selects a label the ServiceMonitor does not set",
+             "helm/templates/scaledobject.yaml", "job=%q", "service=%q",
+             ("tests/helm/test_helm_chart.py::"
+              "test_scaledobject_scales_the_deployment_on_the_queue",)),
+    Mutation("a ScaledObject field its CRD does not know", "helm/templates/scaledobject.yaml",
+             "  pollingInterval:", "  pollInterval:",
+             ("tests/helm/test_helm_chart.py::"
+              "test_scaledobject_scales_the_deployment_on_the_queue",)),
+    Mutation("HPA on CPU even when its target is 0", "helm/templates/hpa.yaml",
+             "gt (int $a.targetCPUUtilizationPercentage) 0", "true",
+             ("tests/helm/test_helm_chart.py::"
+              "test_replicas_or_autoscaler",)),
+    Mutation("int8 preset's limit below the measured load", "helm/templates/_helpers.tpl",
+             'int8:\n  requests: {cpu: "2", memory: 768Mi}\n  limits: {cpu: "2", memory: 2Gi}',
+             'int8:\n  requests: {cpu: "2", memory: 768Mi}\n  limits: {cpu: "2", memory: 1Gi}',
+             ("tests/helm/test_helm_chart.py::"
+              "test_resource_presets_cover_the_measured_footprint",)),
+    Mutation("dashboard ConfigMap without the repo's JSON", "helm/templates/dashboard.yaml",
+             '"dashboards/moe-embed.json"', '"dashboards/moe-embed.jsn"',
+             ("tests/helm/test_helm_chart.py::"
+              "test_dashboard_configmap_ships_the_repo_file",)),
+    Mutation("tracing sampler misspelt (the SDK falls back to its default)",
+             "helm/templates/deployment.yaml",
+             "value: parentbased_traceidratio", "value: parentbased_traceid_ratio",
+             ("tests/helm/test_helm_chart.py::"
+              "test_tracing_values_reach_the_server_and_the_otel_sdk",)),
+    Mutation("a dashboard panel reads a metric the server does not export",
+             "helm/dashboards/moe-embed.json",
+             "sum(moe_embed_queue_tokens{", "sum(moe_embed_queue_token{",
+             ("tests/helm/test_dashboard_metrics.py::"
+              "test_every_dashboard_query_reads_exported_metrics",)),
+    Mutation("the dashboard shows no truncated inputs", "helm/dashboards/moe-embed.json",
+             "sum(rate(moe_embed_truncated_inputs_total{",
+             "sum(rate(moe_embed_inputs_dropped_total{",
+             ("tests/helm/test_dashboard_metrics.py::"
+              "test_every_dashboard_query_reads_exported_metrics",)),
+    Mutation("the adapter rule names a gauge that does not exist",
+             "helm/examples/prometheus-adapter.yaml",
+             "queue_oldest_wait_seconds|", "queue_oldest_wait|",
+             ("tests/helm/test_dashboard_metrics.py::"
+              "test_adapter_rule_serves_the_queue_gauges_the_hpa_reads",)),
+    Mutation("the adapter serves the gauges under other names than the HPA asks for",
+             "helm/examples/prometheus-adapter.yaml",
+             'as: "${1}"', 'as: "${1}_per_pod"',
+             ("tests/helm/test_dashboard_metrics.py::"
+              "test_adapter_rule_serves_the_queue_gauges_the_hpa_reads",)),
+    Mutation("torch from a CUDA index", "Makefile",
+             "TORCH_INDEX ?= https://download.pytorch.org/whl/cpu",
+             "TORCH_INDEX ?= https://download.pytorch.org/whl/cu128",
+             ("tests/helm/test_makefile.py",)),
+    Mutation("Node client's field names camelCased", "tests/node/embed_client.js",
+             "keepCase: true", "keepCase: false",
+             ("tests/service/test_node_client.py",)),
 )
 
 

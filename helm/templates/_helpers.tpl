@@ -64,6 +64,31 @@ export (fp32 keeps the name it had before precisions existed, so its PVCs stay v
 {{- printf "%s/%s" (include "moe-embed.modelMountPath" .) (include "moe-embed.hubBundleDir" .) }}
 {{- else if eq .Values.model.source "existingClaim" }}
 {{- printf "%s/%s" (include "moe-embed.modelMountPath" .) (trimPrefix "/" .Values.model.existingClaim.bundlePath) }}
+{{- else if eq .Values.model.source "image" }}
+{{- .Values.model.image.bundlePath }}
+{{- end }}
+{{- end }}
+
+{{/* Resources per precision for one worker, from benchmarks/README.md's "Footprint and start time"
+(benchmarks/footprint.py): request = idle PSS rounded up, limit = peak under load + margin. */}}
+{{- define "moe-embed.resourcePresets" -}}
+fp32:
+  requests: {cpu: "2", memory: 1536Mi}
+  limits: {cpu: "2", memory: 4Gi}
+int8:
+  requests: {cpu: "2", memory: 768Mi}
+  limits: {cpu: "2", memory: 2Gi}
+int4:
+  requests: {cpu: "2", memory: 768Mi}
+  limits: {cpu: "2", memory: 2Gi}
+{{- end }}
+
+{{/* The server container's resources: the chosen preset, else .Values.resources. */}}
+{{- define "moe-embed.resources" -}}
+{{- if .Values.resourcesPreset }}
+{{- get (include "moe-embed.resourcePresets" . | fromYaml) .Values.resourcesPreset | toYaml }}
+{{- else }}
+{{- toYaml .Values.resources }}
 {{- end }}
 {{- end }}
 
@@ -89,8 +114,14 @@ export (fp32 keeps the name it had before precisions existed, so its PVCs stay v
 {{/* Fails the render on values that would deploy something broken. */}}
 {{- define "moe-embed.validate" -}}
 {{- $src := .Values.model.source }}
-{{- if not (has $src (list "demo" "hub" "existingClaim")) }}
-{{- fail (printf "model.source must be demo, hub or existingClaim, not %q" $src) }}
+{{- if not (has $src (list "demo" "hub" "existingClaim" "image")) }}
+{{- fail (printf "model.source must be demo, hub, existingClaim or image, not %q" $src) }}
+{{- end }}
+{{- if and (eq $src "image") (not (hasPrefix "/" .Values.model.image.bundlePath)) }}
+{{- fail "model.image.bundlePath must be an absolute path inside the image" }}
+{{- end }}
+{{- if and .Values.resourcesPreset (not (has .Values.resourcesPreset (list "fp32" "int8" "int4"))) }}
+{{- fail (printf "resourcesPreset must be fp32, int8, int4 or empty, not %q" .Values.resourcesPreset) }}
 {{- end }}
 {{- if and (eq $src "existingClaim") (not .Values.model.existingClaim.claimName) }}
 {{- fail "model.existingClaim.claimName is required when model.source is existingClaim" }}
@@ -134,6 +165,17 @@ export (fp32 keeps the name it had before precisions existed, so its PVCs stay v
 {{- end }}
 {{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) }}
 {{- fail "apiKeys.existingSecret is required when apiKeys.enabled (a Secret whose apiKeys.secretKey holds one key per line)" }}
+{{- end }}
+{{- $ratio := .Values.tracing.sampleRatio | float64 }}
+{{- if or (lt $ratio 0.0) (gt $ratio 1.0) }}
+{{- fail (printf "tracing.sampleRatio must be between 0 and 1, not %v" .Values.tracing.sampleRatio) }}
+{{- end }}
+{{- $a := .Values.autoscaling }}
+{{- if and $a.enabled (not $a.keda.enabled) (le (int $a.targetCPUUtilizationPercentage) 0) (not $a.queueDepth.enabled) }}
+{{- fail "autoscaling needs a metric: targetCPUUtilizationPercentage above 0, or queueDepth.enabled" }}
+{{- end }}
+{{- if and $a.keda.enabled (not $a.keda.serverAddress) }}
+{{- fail "autoscaling.keda.serverAddress is required when autoscaling.keda.enabled (the Prometheus that scrapes the pods)" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}

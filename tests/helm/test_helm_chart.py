@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import kubernetes_validate
+import promql_parser
 import pytest
 import requests
 import yaml
@@ -47,7 +48,7 @@ from support.helm_chart import (
     render,
     run_helm,
 )
-from support.helm_image import dockerfile_stages, last
+from support.helm_image import dockerfile_named_stages, dockerfile_stages, dockerignored, last
 from support.tls import Pki
 
 from moe_embed.export.bundle import Bundle
@@ -56,10 +57,14 @@ from moe_embed.service.metrics import Metrics
 from moe_embed.v1 import embedder_pb2, embedder_pb2_grpc
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+DASHBOARD = CHART / "dashboards" / "moe-embed.json"
+FOOTPRINT = REPO / "benchmarks" / "results" / "footprint.json"
 OLDEST_KUBERNETES = (1, 29)
 
-# Custom resources have no schema in kubernetes-validate; each is checked by its own test.
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Custom resources have no schema in kubernetes-validate: each is checked by its own test,
+# against the models cloudcoil generates from the published CRDs, and field by field.
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                    ("keda.sh/v1alpha1", "ScaledObject")}
 
 HUB_PVC = {
     "source": "hub",
@@ -91,6 +96,32 @@ SCENARIOS: dict[str, dict] = {
     "headless-off": {"headless": {"enabled": False}},
     "hpa": {"autoscaling": {"enabled": True}},
     "hpa-queue-depth": {"autoscaling": {"enabled": True, "queueDepth": {"enabled": True}}},
+    "hpa-queue-tokens-only": {
+        "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0,
+                        "queueDepth": {"enabled": True, "metricName": "moe_embed_queue_tokens",
+                                       "averageValue": "16384"}},
+    },
+    "keda": {
+        "autoscaling": {"enabled": True, "keda": {"enabled": True}},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "keda-own-query-no-cpu": {
+        "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0, "maxReplicas": 30,
+                        "behavior": {},
+                        "keda": {"enabled": True, "threshold": "2",
+                                 "serverAddress": "http://prometheus.obs.svc:9090",
+                                 "query": "max(moe_embed_queue_oldest_wait_seconds"
+                                          "{namespace=\"search\"})"}},
+    },
+    "dashboard": {"metrics": {"dashboard": {"enabled": True}}},
+    "dashboard-elsewhere": {
+        "metrics": {"dashboard": {"enabled": True, "namespace": "monitoring", "folder": "Search",
+                                  "label": "grafana_dashboard_moe", "labelValue": "yes"}},
+    },
+    "image-bundle-int8": {"model": {"source": "image"}, "resourcesPreset": "int8"},
+    "connection-age": {"server": {"maxConnectionAgeSeconds": 300, "keepaliveSeconds": 30}},
+    "tracing": {"tracing": {"otlpEndpoint": "http://otel-collector.observability:4317",
+                            "sampleRatio": "0.25"}},
     "servicemonitor": {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     },
@@ -119,6 +150,17 @@ SCENARIOS: dict[str, dict] = {
         "service": {"port": 443},
         "terminationGracePeriodSeconds": 60,
         "preStopSleepSeconds": 0,
+    },
+    "everything-operated": {
+        "model": {"source": "image", "image": {"bundlePath": "/opt/bundles/nomic-int4"}},
+        "resourcesPreset": "int4",
+        "server": {"maxConnectionAgeSeconds": 600, "keepaliveSeconds": 45, "workers": 2},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                    "dashboard": {"enabled": True, "folder": "Embeddings"}},
+        "autoscaling": {"enabled": True, "queueDepth": {"enabled": True},
+                        "keda": {"enabled": True}},
+        "tls": {"enabled": True, "secretName": "embed-tls"},
+        "networkPolicy": {"enabled": True},
     },
     "everything": {
         "model": HUB_PVC,
@@ -227,7 +269,7 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model": {"source": "s3"}}, "model.source must be demo, hub or existingClaim"),
+        ({"model": {"source": "s3"}}, "model.source must be demo, hub, existingClaim or image"),
         ({"model": {"source": "existingClaim"}}, "model.existingClaim.claimName is required"),
         ({"model": {"source": "hub", "hub": {"storage": "hostPath"}}}, "model.hub.storage"),
         ({"model": {"source": "hub", "hub": {"moeMode": "dense"}}}, "model.hub.moeMode"),
@@ -244,11 +286,21 @@ def test_notes_show_an_in_cluster_grpcurl_call(helm: Path) -> None:
         ({"apiKeys": {"enabled": True}}, "apiKeys.existingSecret is required"),
         ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
          "serviceMonitor.enabled needs metrics.enabled"),
+        ({"model": {"source": "image", "image": {"bundlePath": "bundle"}}},
+         "model.image.bundlePath must be an absolute path"),
+        ({"resourcesPreset": "int3"}, "resourcesPreset must be fp32, int8, int4 or empty"),
+        ({"tracing": {"otlpEndpoint": "http://c:4317", "sampleRatio": "1.5"}},
+         "tracing.sampleRatio must be between 0 and 1"),
+        ({"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}},
+         "autoscaling needs a metric"),
+        ({"autoscaling": {"enabled": True, "keda": {"enabled": True, "serverAddress": ""}}},
+         "autoscaling.keda.serverAddress is required"),
     ],
     ids=["bad-source", "claim-missing", "bad-storage", "bad-moe-mode", "bad-precision",
          "all-experts-quantized", "short-grace", "port-clash", "http-port-clash",
          "health-port-clash", "tls-without-secret", "client-auth-without-tls",
-         "keys-without-secret", "monitor-without-metrics"],
+         "keys-without-secret", "monitor-without-metrics", "image-bundle-relative",
+         "bad-preset", "bad-sample-ratio", "hpa-without-metric", "keda-without-prometheus"],
 )
 def test_bad_values_fail_the_render_with_a_clear_message(
     helm: Path, overrides: dict, message: str
@@ -302,11 +354,55 @@ def test_server_accepts_the_chart_environment(rendered: Rendered) -> None:
     assert config.drain_grace_s == v["drainGraceSeconds"]
     assert config.log_level == v["logLevel"]
     assert config.reflection == v["reflection"]
+    assert config.max_connection_age_s == v["maxConnectionAgeSeconds"]
+    assert config.keepalive_s == v["keepaliveSeconds"]
     assert config.cache_dir == rendered.values["cache"]["mountPath"]
     if v["workers"] != "":
         assert config.workers == v["workers"]
     if v["threadsPerWorker"] != "":
         assert config.threads_per_worker == v["threadsPerWorker"]
+
+
+def kubelet_env(container: dict, pod_name: str) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: the pod's name from the downward
+    API, and $(VAR) replaced by variables defined earlier in the list."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            assert entry["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, entry
+            env[entry["name"]] = pod_name
+        else:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)",
+                                        lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+    return env
+
+
+def test_tracing_values_reach_the_server_and_the_otel_sdk(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint turns the server's tracing on; the sampler and the resource attributes are
+    read by the OpenTelemetry SDK itself from the environment the kubelet gives the process."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import sampling
+
+    t = rendered.values["tracing"]
+    if not t["otlpEndpoint"]:
+        env = env_of(rendered.server)
+        assert resolve_server_config(env).otlp_endpoint == ""
+        assert not [k for k in env if k.startswith("OTEL_")]
+        return
+    env = kubelet_env(rendered.server, "emb-moe-embed-6d4f-abcde")
+    assert resolve_server_config(env).otlp_endpoint == t["otlpEndpoint"]
+    for name, value in env.items():
+        if name.startswith("OTEL_"):
+            monkeypatch.setenv(name, value)
+    sampler = sampling._get_from_env_or_default()
+    assert isinstance(sampler, sampling.ParentBased)
+    assert f"TraceIdRatioBased{{{float(t['sampleRatio'])}}}" in sampler.get_description()
+    attributes = Resource.create({}).attributes
+    assert attributes["service.name"] == rendered.one("Deployment")["metadata"]["name"]
+    assert attributes["k8s.pod.name"] == "emb-moe-embed-6d4f-abcde"
+    assert attributes["k8s.namespace.name"] == NAMESPACE
 
 
 def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
@@ -319,7 +415,8 @@ def test_chart_defaults_are_the_server_defaults(helm: Path) -> None:
                   "max_batch_tokens", "max_wait_ms", "max_queue", "max_inputs",
                   "max_message_bytes", "drain_grace_s", "batch_timeout_s", "log_level",
                   "http_port", "health_port", "tls_cert_file", "tls_key_file",
-                  "tls_client_ca_file", "api_key_file", "reflection"):
+                  "tls_client_ca_file", "api_key_file", "reflection", "keepalive_s",
+                  "max_connection_age_s", "otlp_endpoint"):
         assert getattr(chart, field) == getattr(bare, field), field
     assert (bare.host, chart.host) == ("127.0.0.1", "0.0.0.0")
 
@@ -423,9 +520,8 @@ def test_tls_and_api_keys_are_files_of_whole_secret_volumes(rendered: Rendered) 
 
 def test_model_provisioning(rendered: Rendered) -> None:
     source = rendered.values["model"]["source"]
-    {"demo": check_demo, "hub": check_hub, "existingClaim": check_existing_claim}[source](
-        rendered
-    )
+    {"demo": check_demo, "hub": check_hub, "existingClaim": check_existing_claim,
+     "image": check_image}[source](rendered)
 
 
 def check_demo(r: Rendered) -> None:
@@ -499,6 +595,18 @@ def check_existing_claim(r: Rendered) -> None:
     assert not r.init_containers and not r.of_kind("PersistentVolumeClaim")
 
 
+def check_image(r: Rendered) -> None:
+    """The bundle is in the image: no volume, no export, no claim; the server loads the path
+    the Dockerfile's bundled target copies it to (unless bundlePath says otherwise)."""
+    env = env_of(r.server)
+    assert env["MOE_EMBED_BUNDLE"] == r.values["model"]["image"]["bundlePath"]
+    assert resolve_server_config(env).bundle == env["MOE_EMBED_BUNDLE"]
+    assert "model" not in {v["name"] for v in r.pod_spec["volumes"]}
+    assert "model" not in {m["name"] for m in r.server["volumeMounts"]}
+    assert not r.init_containers and not r.of_kind("PersistentVolumeClaim")
+    assert not r.of_kind("Secret")
+
+
 def test_hub_bundle_dir_changes_with_what_is_exported(helm: Path) -> None:
     """On a PVC, a new revision, MoE mode or precision must export anew, not reuse the old
     bundle; fp32 keeps the directory name it had before precisions existed."""
@@ -556,23 +664,35 @@ def test_replicas_or_autoscaler(rendered: Rendered) -> None:
     a = rendered.values["autoscaling"]
     deployment = rendered.one("Deployment")
     hpas = rendered.of_kind("HorizontalPodAutoscaler")
+    scaled = rendered.of_kind("ScaledObject")
     if not a["enabled"]:
-        assert not hpas and deployment["spec"]["replicas"] == rendered.values["replicaCount"]
+        assert not hpas and not scaled
+        assert deployment["spec"]["replicas"] == rendered.values["replicaCount"]
         return
-    (hpa,) = hpas
     assert "replicas" not in deployment["spec"]  # the HPA owns it
+    if a["keda"]["enabled"]:
+        assert not hpas and len(scaled) == 1  # KEDA makes the HPA; two would fight
+        return  # test_scaledobject_* checks it
+    assert not scaled
+    (hpa,) = hpas
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
         "apps/v1", "Deployment", deployment["metadata"]["name"])
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
         a["minReplicas"], a["maxReplicas"])
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    cpu = metrics["Resource"]["resource"]
-    assert cpu["name"] == "cpu"
-    assert cpu["target"]["averageUtilization"] == a["targetCPUUtilizationPercentage"]
+    assert len(metrics) == len(hpa["spec"]["metrics"]) >= 1
+    assert ("Resource" in metrics) == (a["targetCPUUtilizationPercentage"] > 0)
+    if "Resource" in metrics:
+        cpu = metrics["Resource"]["resource"]
+        assert cpu["name"] == "cpu"
+        assert cpu["target"]["averageUtilization"] == a["targetCPUUtilizationPercentage"]
     assert ("Pods" in metrics) == a["queueDepth"]["enabled"]
     if a["queueDepth"]["enabled"]:
-        assert metrics["Pods"]["pods"]["metric"]["name"] == a["queueDepth"]["metricName"]
+        pods = metrics["Pods"]["pods"]
+        assert pods["metric"]["name"] == a["queueDepth"]["metricName"]
+        assert pods["target"] == {"type": "AverageValue",
+                                  "averageValue": a["queueDepth"]["averageValue"]}
 
 
 def test_disruption_budget_and_spread_select_the_pods(rendered: Rendered) -> None:
@@ -641,6 +761,140 @@ def test_servicemonitor_scrapes_the_metrics_port_once(rendered: Rendered) -> Non
     assert len(scraped) == 1, "each pod must be scraped through exactly one Service"
     (port,) = [p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
     assert port["targetPort"] == "metrics"
+
+
+def crd_round_trip(model: type, manifest: dict) -> None:
+    """A custom resource against the pydantic model cloudcoil generates from its published
+    CRD: types and required fields are checked, and a field the CRD does not know (which the
+    model would drop) or a value it would coerce fails the comparison."""
+    dumped = model.model_validate(manifest).model_dump(by_alias=True, exclude_unset=True,
+                                                       mode="json")
+    assert dumped == manifest, f"{manifest['kind']} does not match its CRD's schema"
+
+
+def test_servicemonitor_matches_its_crd(rendered: Rendered) -> None:
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        crd_round_trip(ServiceMonitor, monitor)
+
+
+def test_scaledobject_scales_the_deployment_on_the_queue(rendered: Rendered) -> None:
+    """KEDA's ScaledObject (a custom resource): against its CRD's model, then field by field."""
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+    a = rendered.values["autoscaling"]
+    objects = rendered.of_kind("ScaledObject")
+    assert bool(objects) == (a["enabled"] and a["keda"]["enabled"])
+    if not objects:
+        return
+    (scaled,) = objects
+    crd_round_trip(ScaledObject, scaled)
+    spec = scaled["spec"]
+    deployment = rendered.one("Deployment")
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": deployment["metadata"]["name"]}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (a["minReplicas"],
+                                                                  a["maxReplicas"])
+    assert spec["pollingInterval"] == a["keda"]["pollingInterval"]
+    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+    assert behavior == (a["behavior"] or None)
+    triggers = {t["type"]: t for t in spec["triggers"]}
+    assert len(triggers) == len(spec["triggers"])
+    prometheus = triggers.pop("prometheus")
+    assert prometheus["metricType"] == "AverageValue"  # the query's total / replicas
+    meta = prometheus["metadata"]
+    assert meta["serverAddress"] == a["keda"]["serverAddress"]
+    assert meta["threshold"] == a["keda"]["threshold"]
+    promql_parser.parse(meta["query"])  # KEDA would reject what Prometheus cannot parse
+    if a["keda"]["query"]:
+        assert meta["query"] == a["keda"]["query"]
+    else:
+        check_default_keda_query(rendered, meta["query"])
+    if a["targetCPUUtilizationPercentage"] > 0:
+        cpu = triggers.pop("cpu")
+        assert cpu["metricType"] == "Utilization"
+        assert cpu["metadata"] == {"value": str(a["targetCPUUtilizationPercentage"])}
+    assert not triggers
+
+
+def check_default_keda_query(r: Rendered, query: str) -> None:
+    """The default query sums the queue gauge over the series a ServiceMonitor scrape of this
+    release produces: the Prometheus Operator labels them with the namespace and, as job, the
+    name of the Service it scraped."""
+    expr = promql_parser.parse(query)
+    assert isinstance(expr, promql_parser.AggregateExpr) and str(expr.op) == "sum", query
+    assert not expr.modifier  # the release's total, not per pod
+    selector = expr.expr
+    assert isinstance(selector, promql_parser.VectorSelector)
+    assert selector.name == r.values["autoscaling"]["queueDepth"]["metricName"]
+    matchers = {m.name: m.value for m in selector.matchers.matchers}
+    assert all(m.op == promql_parser.MatchOp.Equal for m in selector.matchers.matchers)
+    (monitored,) = [
+        s for s in r.of_kind("Service")
+        if any(p["name"] == "metrics" for p in s["spec"]["ports"])
+    ]
+    assert matchers == {"namespace": NAMESPACE, "job": monitored["metadata"]["name"]}
+
+
+def test_dashboard_configmap_ships_the_repo_file(rendered: Rendered) -> None:
+    """One source: the ConfigMap carries helm/dashboards/moe-embed.json as it is in the repo,
+    labelled for Grafana's dashboard sidecar."""
+    d = rendered.values["metrics"]["dashboard"]
+    maps = [m for m in rendered.of_kind("ConfigMap")
+            if m["metadata"]["name"].endswith("-dashboard")]
+    assert bool(maps) == d["enabled"]
+    if not maps:
+        return
+    (config_map,) = maps
+    meta = config_map["metadata"]
+    assert meta["labels"][d["label"]] == d["labelValue"]
+    assert meta["namespace"] == (d["namespace"] or NAMESPACE)
+    assert meta.get("annotations", {}).get("grafana_folder") == (d["folder"] or None)
+    (name, text), = config_map["data"].items()
+    assert name.endswith(".json")
+    assert text == DASHBOARD.read_text().rstrip("\n")
+    assert json.loads(text)["uid"]
+
+
+# The frontend's RSS for about a second while it loads the tokenizer (benchmarks/README.md,
+# "Footprint and start time": HF loads it once, then the compact vocabulary replaces it).
+FRONTEND_LOAD_PEAK_MB = 460
+
+
+def quantity_mib(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return float(quantity[: -len(unit)]) * factor
+    return float(quantity) / 2**20
+
+
+@pytest.mark.parametrize("preset", ["fp32", "int8", "int4"])
+def test_resource_presets_cover_the_measured_footprint(helm: Path, preset: str) -> None:
+    """Each preset against benchmarks/footprint.py's figures for one worker of that precision
+    (benchmarks/results/footprint.json), by the rule values.yaml states: the request holds the
+    idle footprint; the limit holds the footprint under W3 load plus the frontend's surplus
+    while it loads the tokenizer, plus 20%."""
+    rounds = [r for r in json.loads(FOOTPRINT.read_text())["rounds"]
+              if r["config"] == preset and r["workers"] == 1]
+    assert rounds, f"no {preset} figures in {FOOTPRINT}"
+    mib = 1e6 / 2**20
+    idle = max(r["total_pss_mb"] for r in rounds) * mib
+    surplus = FRONTEND_LOAD_PEAK_MB - min(r["frontend_rss_mb"] for r in rounds)
+    loaded = (max(r["total_pss_after_w3_mb"] for r in rounds) + surplus) * mib
+    resources = render(helm, {"resourcesPreset": preset}).server["resources"]
+    request = quantity_mib(resources["requests"]["memory"])
+    limit = quantity_mib(resources["limits"]["memory"])
+    assert idle <= request <= limit and loaded * 1.2 <= limit, (preset, idle, request, loaded)
+    # CPU as the figures were measured: 2 cores, which size one worker by default
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
+
+
+def test_no_preset_keeps_the_resources_value(helm: Path) -> None:
+    own = {"requests": {"cpu": "3", "memory": "5Gi"}, "limits": {"cpu": "4", "memory": "7Gi"}}
+    assert render(helm, {"resources": own}).server["resources"] == own
+    assert render(helm, {}).server["resources"] == default_values()["resources"]
 
 
 # ---- the init container's export script, run for real ------------------------------------
@@ -886,3 +1140,36 @@ def test_image_copies_every_package_source_and_dockerignore_keeps_them() -> None
         assert any(path == s or path.startswith(s + "/") for s in sources), f"{path} not copied"
         assert not any(fnmatch(path, p) or path.startswith(p + "/") for p in ignored), (
             f"{path} is excluded by .dockerignore")
+
+
+def test_bundled_target_bakes_in_the_bundle_that_model_source_image_serves(
+    tiny_bundle: Path,
+) -> None:
+    """`docker build --target bundled --build-arg BUNDLE=DIR` copies an exported bundle to
+    the path the chart's image source loads; `docker build .` still builds the image without
+    one. Read, not built: no docker engine runs in the tests."""
+    stages = dockerfile_named_stages()
+    bundled = stages["bundled"]
+    (arg,) = [rest for ins, rest in bundled if ins == "ARG" and rest.startswith("BUNDLE")]
+    default_bundle = arg.partition("=")[2]
+    assert default_bundle.startswith("bundles/")
+    (copy,) = [shlex.split(rest) for ins, rest in bundled if ins == "COPY" and "BUNDLE" in rest]
+    assert copy[0] in ("${BUNDLE}", "$BUNDLE")
+    destination = copy[-1]
+    env = dict(e.split("=", 1) for ins, rest in bundled if ins == "ENV" for e in rest.split())
+    assert env["MOE_EMBED_BUNDLE"] == destination
+    assert destination == default_values()["model"]["image"]["bundlePath"]
+    # the bundled image is the server image plus the bundle: same user, entrypoint, ports
+    runtime = dockerfile_stages()[-1]
+    for instruction in ("USER", "ENTRYPOINT", "CMD", "EXPOSE"):
+        assert last(bundled, instruction) == last(runtime, instruction), instruction
+    assert not any("BUNDLE" in rest for _, rest in runtime), "the default image has no bundle"
+
+    # every file of a real export reaches the build context; an unfinished export does not
+    files = [p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*")
+             if p.is_file()]
+    assert "manifest.json" in files
+    for name in files:
+        assert not dockerignored(f"{default_bundle}/{name}"), f"{name} left out of the context"
+    assert dockerignored(f"{default_bundle}.partial/manifest.json")
+    assert dockerignored(".venv/bin/python") and not dockerignored("service/server.py")
