@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import errors
 from ..engine import EmbedOutcome, Engine
@@ -169,12 +170,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise errors.too_large("body", f"{declared} bytes is over the limit of {limit} "
                                "(--max-message-bytes); send fewer or shorter inputs")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.too_large("body", f"over the limit of {limit} bytes "
-                                   "(--max-message-bytes); send fewer or shorter inputs")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.too_large("body", f"over the limit of {limit} bytes "
+                                       "(--max-message-bytes); send fewer or shorter inputs")
+            chunks.append(chunk)
+    except ClientDisconnect:  # hung up, or closed for a late body: not the server's failure
+        raise ClientGone() from None
     return b"".join(chunks)
 
 
@@ -240,7 +244,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
             response = error_response(err, engine.draining)
         except ClientGone:
             code = "CANCELLED"
-            log.info("request_cancelled", method=method, note="the client disconnected")
+            log.info("request_cancelled", method=method,
+                     note="the client disconnected (or was closed for a late body)")
             response = Response(status_code=499)
         except asyncio.CancelledError:
             code = "CANCELLED"
