@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -34,6 +35,8 @@ __all__ = ["REQUEST_ID_HEADER", "Throttle", "ToStructlog", "bind_request_id",
            "configure_logging", "install_loop_handler", "json_stderr", "request_id_from"]
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 STDERR_LINE_CHARS = 2000  # a line of C output longer than this is cut
+_ABSL_PREFIX = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ ")
+_ABSL_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "error"}
 THROTTLE_S = 10.0  # a repeating event is logged at most once in this many seconds
 
 
@@ -171,8 +174,11 @@ def json_stderr() -> None:
                 if _is_json_object(line):
                     out.write(line + "\n")
                     continue
-                throttle.emit("warning", "stderr", {"line": line[:STDERR_LINE_CHARS]},
-                              key=line[:40])
+                prefix = _ABSL_PREFIX.match(line)  # gRPC core: "E1203 08:20:01.123 42 f.cc:7] ..."
+                level = _ABSL_LEVELS.get(line[0], "warning") if prefix else "warning"
+                rest = line[prefix.end():] if prefix else line
+                throttle.emit(level, "stderr", {"line": line[:STDERR_LINE_CHARS]},
+                              key=rest[:60])
 
     threading.Thread(target=pump, name="json-stderr", daemon=True).start()
 

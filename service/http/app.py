@@ -296,8 +296,16 @@ def create_app(ctx: HttpContext) -> FastAPI:
                      note="the client disconnected (or was closed for a late body)")
             response = Response(status_code=499)
         except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
+            # only the server's stop cancels a request task (a client that goes away is
+            # ClientGone): answer it as any call refused while draining, not with uvicorn's
+            # 500 and traceback
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            err = errors.unavailable("server is stopping (draining); retry elsewhere")
+            code = err.code.status
+            log.info("request_failed", method=method, code=code, error=err.message)
+            response = error_response(err, draining=True)
         except Exception as exc:  # a bug: still an OpenAI-shaped 500, and logged
             err = errors.internal(f"internal error: {exc!r}")
             code = err.code.status
