@@ -47,6 +47,7 @@ JSON = "application/json"
 HTTP_FIELDS = {"inputs": "input"}
 RETRY_AFTER_S = 1  # seconds, sent with 429 and 503
 INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed in the parsing thread
+FRAMED_TWICE = "Content-Length"  # the "field" of a body framed by both headers
 FIELD_ALLOWANCE = 64  # values and strings a body may hold beside its inputs (fields, keys)
 # the HTTP status, OpenAI error `type` and `code` (a stable reason) of each engine failure
 HTTP_STATUS: dict[Code, tuple[int, str, str]] = {
@@ -141,15 +142,15 @@ def error_body(err: EngineError) -> tuple[int, dict]:
                               "code": code}}
 
 
-def error_response(err: EngineError, draining: bool = False) -> Response:
+def error_response(err: EngineError, close: bool = False) -> Response:
     status, body = error_body(err)
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    if draining:
-        headers["Connection"] = "close"  # the client reconnects, to another replica
+    if close:  # draining: the client reconnects, to another replica; or a request framed twice
+        headers["Connection"] = "close"
     return _json(body, status, headers)
 
 
@@ -199,6 +200,9 @@ async def _read_body(request: Request, limits: BodyLimits) -> bytearray:
     before it is read whole or parsed."""
     limit = limits.max_bytes
     declared = request.headers.get("content-length")
+    if declared is not None and "transfer-encoding" in request.headers:
+        raise errors.InvalidInput(  # RFC 9112 6.1: a proxy and we could read two bodies
+            FRAMED_TWICE, "sent with Transfer-Encoding; send one of the two")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.too_large("body", f"{declared} bytes is over the limit of {limit} "
                                "(--max-message-bytes); send fewer or shorter inputs")
@@ -250,7 +254,8 @@ def _embedding(vector: np.ndarray, encoding: str) -> np.ndarray | str:
 def create_app(ctx: HttpContext) -> FastAPI:
     """The FastAPI application of one server."""
     app = FastAPI(title="moe-embed", version=ctx.engine.model.version, description=DESCRIPTION,
-                  openapi_tags=[{"name": "embeddings"}, {"name": "health"}])
+                  openapi_tags=[{"name": "embeddings"}, {"name": "health"}],
+                  redoc_url=None)  # /docs is the one documented page
     engine, security, metrics = ctx.engine, ctx.security, ctx.metrics
     body_limits = BodyLimits(engine.config.max_message_bytes, engine.limits.max_inputs or 1,
                              engine.limits.max_tokens)
@@ -289,7 +294,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
         except EngineError as err:
             code = err.code.status
             log.info("request_failed", method=method, code=code, error=_short(err.message))
-            response = error_response(err, engine.draining)
+            response = error_response(err, engine.draining or err.field == FRAMED_TWICE)
         except ClientGone:
             code = "CANCELLED"
             log.info("request_cancelled", method=method,
@@ -305,7 +310,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
             err = errors.unavailable("server is stopping (draining); retry elsewhere")
             code = err.code.status
             log.info("request_failed", method=method, code=code, error=err.message)
-            response = error_response(err, draining=True)
+            response = error_response(err, close=True)
         except Exception as exc:  # a bug: still an OpenAI-shaped 500, and logged
             err = errors.internal(f"internal error: {exc!r}")
             code = err.code.status
@@ -369,12 +374,14 @@ def create_app(ctx: HttpContext) -> FastAPI:
             return _json(model_card())
         return await serve(request, "http:/v1/models", handle)
 
-    @app.get("/health", tags=["health"], response_model=schema.Health,
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["health"],
+                   response_model=schema.Health,
              summary="Liveness: 200 while the process answers (loading and draining too)")
     async def health() -> Response:
         return _json({"status": "ok"})
 
-    @app.get("/ready", tags=["health"], response_model=schema.Health,
+    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["health"],
+                   response_model=schema.Health,
              responses={503: {"description": "Loading, draining, or no worker can serve",
                               "model": schema.Health}},
              summary="Readiness: 200 when embeddings can be served, else 503 with the reason")
