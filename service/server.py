@@ -32,7 +32,7 @@ from .security import RELOAD_POLL_S, ApiKeyInterceptor, Security, SecurityError
 from .worker_pool import WorkerStartError
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
-METRICS_MAX_CONNECTIONS = 64  # scrapers open one or two; the rest would only hold descriptors
+METRICS_MAX_CONNECTIONS = 256  # scrapers open one or two: room for them beside idle sockets
 LAME_DUCK_S = 0.5  # after a drain, the port closes once no call has come for this long
 FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
 

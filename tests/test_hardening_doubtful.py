@@ -1,7 +1,8 @@
 """The doubtful cases of the second hostile probe, as decided (README, "Under load and
 faults"): a NaN among token ids is that input's bad token id; a body framed by both
 Content-Length and Transfer-Encoding is refused and its connection closed; HEAD works on the
-probes' routes; /redoc is not served; the Content-Type is not required to be JSON."""
+probes' routes; /redoc is not served; the Content-Type is not required to be JSON; a key file
+with a key no HTTP client could send is refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import socket
 import pytest
 import requests
 from support.service import ServerThread, free_port
+
+from moe_embed.service.security import ApiKeys, SecurityError
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,16 @@ def test_any_content_type_is_read_as_json(server) -> None:
     """`curl -d` sends application/x-www-form-urlencoded: the body is JSON all the same."""
     resp = _post(server, b'{"input": "hello"}', "application/x-www-form-urlencoded")
     assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("content", ["sk-good\nsk-ключ\n".encode(), bytes(range(256)) * 4],
+                         ids=["non-ascii-key", "binary-garbage"])
+def test_a_key_file_a_client_could_not_use_is_refused(tmp_path, content) -> None:
+    """A key that is not printable ASCII can never arrive in an HTTP header: the file is
+    refused (at start: the server stops naming it; on reload: the last good keys stay)."""
+    path = tmp_path / "keys.txt"
+    path.write_bytes(content)
+    with pytest.raises(SecurityError, match="not printable ASCII"):
+        ApiKeys.from_file(str(path))
+    path.write_bytes(b"# ok\nsk-good\n")
+    assert len(ApiKeys.from_file(str(path))) == 1
