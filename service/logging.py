@@ -164,6 +164,7 @@ def json_stderr() -> None:
                            closefd=False)
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=out))
     throttle = Throttle(logger_name="moe_embed.stderr")
+    passing = structlog.WriteLogger(out)  # a line as it is, under structlog's lock for `out`
 
     def pump() -> None:
         with os.fdopen(read_fd, "rb") as pipe:
@@ -171,8 +172,8 @@ def json_stderr() -> None:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if not line.strip():
                     continue
-                if _is_json_object(line):
-                    out.write(line + "\n")
+                if _is_json_object(line):  # a worker's line
+                    passing.msg(line)
                     continue
                 prefix = _ABSL_PREFIX.match(line)  # gRPC core: "E1203 08:20:01.123 42 f.cc:7] ..."
                 level = _ABSL_LEVELS.get(line[0], "warning") if prefix else "warning"
