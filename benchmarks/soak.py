@@ -263,12 +263,11 @@ class Soak:
         for s in unread:
             s.cancel()
 
-    def http_hostile(self) -> None:
-        """The HTTP findings: SLOW_SOCKETS slow sockets kept open (each timed until the server
-        closes it), and by turns a 4 MB token-id body, a hang-up mid-body, a big Tokenize."""
+    def slow_sockets(self) -> None:
+        """SLOW_SOCKETS slow sockets of every kind kept open, each timed (every 0.2 s) until
+        the server closes it, on a thread of its own so that the timing is the server's."""
         port, rng = self.srv.http_port, random.Random(11)
         held: list[tuple] = []
-        flood, stub = id_flood_body(4.0), self.stub()
         idle = [open_slow(self.srv.metrics_port, "half-header")
                 for _ in range(IDLE_METRICS_SOCKETS)]
         while not self.stop.is_set():
@@ -277,14 +276,26 @@ class Soak:
             for item in list(held):
                 sock, opened = item
                 age = time.monotonic() - opened
-                if closed_by_server(sock) or age > HTTP_TIMEOUT_S + CLOSE_SLACK_S:
+                closed = closed_by_server(sock)
+                if closed or age > HTTP_TIMEOUT_S + CLOSE_SLACK_S:
                     with self._lock:
-                        if age > HTTP_TIMEOUT_S + CLOSE_SLACK_S:
-                            self.slow_late += 1
-                        else:
+                        if closed:
                             self.slow_closed.append(age)
+                        else:
+                            self.slow_late += 1
                     sock.close()
                     held.remove(item)
+            time.sleep(0.2)
+        for sock, _ in held:
+            sock.close()
+        for sock in idle:
+            sock.close()
+
+    def http_hostile(self) -> None:
+        """By turns: a 4 MB token-id body, a hang-up mid-body, a big Tokenize."""
+        port, rng = self.srv.http_port, random.Random(12)
+        flood, stub = id_flood_body(4.0), self.stub()
+        while not self.stop.is_set():
             kind = rng.choice(["id-flood", "hang-up", "tokenize"])
             if kind == "id-flood":
                 status, _ = post_raw(port, flood)
@@ -300,10 +311,6 @@ class Soak:
                 except grpc.RpcError as e:
                     self.count(kind, e.code())
             time.sleep(0.5)
-        for sock, _ in held:
-            sock.close()
-        for sock in idle:
-            sock.close()
 
     def burst_calls(self, delay: float) -> None:
         """Once, BURST_CALLS unary calls at once on a fresh channel (streams past the
@@ -405,6 +412,7 @@ class Soak:
         threads = [threading.Thread(target=self.heavy, args=(k, rate / 2)) for k in range(2)]
         threads.append(threading.Thread(target=self.hostile))
         threads.append(threading.Thread(target=self.http_hostile))
+        threads.append(threading.Thread(target=self.slow_sockets))
         threads.append(threading.Thread(target=self.burst_calls, args=(duration / 2,)))
         for t in threads:
             t.daemon = True
