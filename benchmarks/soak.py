@@ -14,7 +14,13 @@ for --duration seconds runs at once:
 - heavy streams: 256-input requests offered at --overload x the measured capacity;
 - oversized inputs (3.9 MB strings), garbage bytes, calls cancelled or past their deadline,
   streams that never read their responses;
-- one worker SIGKILLed and, later, one SIGSTOPped (taken for stuck and replaced).
+- one worker SIGKILLed and, later, one SIGSTOPped (taken for stuck and replaced);
+- hostile HTTP (the second probe's findings): sockets that stop mid-header, mid-body or after a
+  response (each must be closed by the server within its timeout: 10 s here), 4 MB token-id
+  bodies (413 before they are read whole), clients that hang up mid-body (CANCELLED), 200 idle
+  connections to the metrics port (no thread each), a burst of 1,500 calls on a fresh channel
+  (refusals must show in the server's metrics), big Tokenize calls (both sides must count the
+  same codes).
 Every OK vector is checked against the same text embedded alone (in process). Then the flood
 stops and the light latency must recover. Prints requests by status, light p50/p99 against
 unloaded, frontend and worker RSS (start, peak, end), restarts, lost or wrong responses, and
@@ -24,6 +30,7 @@ a verdict per target. Run it on a quiet machine: other work skews every latency.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -41,6 +48,14 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from slow_clients import (  # noqa: E402
+    SLOW_KINDS,
+    closed_by_server,
+    hang_up,
+    id_flood_body,
+    open_slow,
+    post_raw,
+)
 from support.service import ServeProcess  # noqa: E402
 
 from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
@@ -55,6 +70,11 @@ UNLOADED_S = 10.0  # the light clients run this long alone before the flood star
 FLOOD_NICE = 10  # the flood generator's niceness (the server and light clients keep 0)
 HEAVY_INPUTS = 256
 ATOL = 1e-5
+HTTP_TIMEOUT_S = 10  # the server's HTTP header, body and keep-alive timeouts in the soak
+SLOW_SOCKETS = 60  # held open at once, of every kind
+CLOSE_SLACK_S = 5  # a slow socket the server has not closed this long past its timeout is late
+IDLE_METRICS_SOCKETS = 200
+BURST_CALLS = 1500
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -116,7 +136,10 @@ def light_clients(target: str, expected: dict[str, list[float]], clients: int,
 class Soak:
     def __init__(self, bundle: Path, log: Path, overload: float) -> None:
         self.srv = ServeProcess(bundle, log, "--workers", "2", "--threads-per-worker", "1",
-                                "--batch-timeout-s", "2")
+                                "--batch-timeout-s", "2",
+                                "--http-header-timeout-s", str(HTTP_TIMEOUT_S),
+                                "--http-body-timeout-s", str(HTTP_TIMEOUT_S),
+                                "--http-keepalive-s", str(HTTP_TIMEOUT_S))
         self.overload = overload
         self.reference = LocalEmbedder(bundle, threads=1)
         self._memo: dict[str, np.ndarray] = {}
@@ -127,6 +150,10 @@ class Soak:
         self.light_ms: list[tuple[float, float]] = []  # (time, latency ms)
         self.stop = threading.Event()
         self.rss: dict[str, list[float]] = {"frontend": [], "workers": []}
+        self.threads: list[int] = []  # the frontend's OS threads, sampled with the RSS
+        self.slow_closed: list[float] = []  # seconds until the server closed a slow socket
+        self.slow_late = 0  # slow sockets still open CLOSE_SLACK_S past their timeout
+        self.burst: Counter = Counter()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def expected(self, text: str) -> np.ndarray:
@@ -168,6 +195,7 @@ class Soak:
 
         pid = self.srv.proc.pid
         self.rss["frontend"].append(field(f"/proc/{pid}/status", "VmRSS:"))
+        self.threads.append(len(os.listdir(f"/proc/{pid}/task")))
         self.rss["workers"].append(sum(field(f"/proc/{p}/smaps_rollup", "Pss:")
                                        for p in descendants(pid)))
 
@@ -234,6 +262,71 @@ class Soak:
             time.sleep(0.2)
         for s in unread:
             s.cancel()
+
+    def slow_sockets(self) -> None:
+        """SLOW_SOCKETS slow sockets of every kind kept open, each timed (every 0.2 s) until
+        the server closes it, on a thread of its own so that the timing is the server's."""
+        port, rng = self.srv.http_port, random.Random(11)
+        held: list[tuple] = []
+        idle = [open_slow(self.srv.metrics_port, "half-header")
+                for _ in range(IDLE_METRICS_SOCKETS)]
+        while not self.stop.is_set():
+            while len(held) < SLOW_SOCKETS:
+                held.append((open_slow(port, rng.choice(SLOW_KINDS)), time.monotonic()))
+            for item in list(held):
+                sock, opened = item
+                age = time.monotonic() - opened
+                closed = closed_by_server(sock)
+                if closed or age > HTTP_TIMEOUT_S + CLOSE_SLACK_S:
+                    with self._lock:
+                        if closed:
+                            self.slow_closed.append(age)
+                        else:
+                            self.slow_late += 1
+                    sock.close()
+                    held.remove(item)
+            time.sleep(0.2)
+        for sock, _ in held:
+            sock.close()
+        for sock in idle:
+            sock.close()
+
+    def http_hostile(self) -> None:
+        """By turns: a 4 MB token-id body, a hang-up mid-body, a big Tokenize."""
+        port, rng = self.srv.http_port, random.Random(12)
+        flood, stub = id_flood_body(4.0), self.stub()
+        while not self.stop.is_set():
+            kind = rng.choice(["id-flood", "hang-up", "tokenize"])
+            if kind == "id-flood":
+                status, _ = post_raw(port, flood)
+                self.count(kind, f"HTTP_{status}")
+            elif kind == "hang-up":
+                hang_up(port)
+                self.count(kind, "sent")
+            else:
+                try:
+                    stub.Tokenize(pb.TokenizeRequest(inputs=[rng.choice(TEXTS) * 40] * 256,
+                                                      task=pb.TASK_NONE), timeout=60)
+                    self.count(kind, grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    self.count(kind, e.code())
+            time.sleep(0.5)
+
+    def burst_calls(self, delay: float) -> None:
+        """Once, BURST_CALLS unary calls at once on a fresh channel (streams past the
+        connection's limit are refused by gRPC: the server's metrics must show it)."""
+        if self.stop.wait(delay):
+            return
+
+        async def burst() -> list[str]:
+            async with grpc.aio.insecure_channel(self.srv.target) as channel:
+                stub = pb_grpc.EmbedderStub(channel)
+                calls = [stub.Embed(pb.EmbedRequest(inputs=[TEXTS[i % len(TEXTS)]],
+                                                    task=pb.TASK_SEARCH_DOCUMENT), timeout=120)
+                         for i in range(BURST_CALLS)]
+                got = await asyncio.gather(*calls, return_exceptions=True)
+            return [g.code().name if isinstance(g, grpc.RpcError) else "OK" for g in got]
+        self.burst.update(asyncio.run(burst()))
 
     def faults(self, duration: float) -> list[str]:
         """SIGKILL a worker at a third of the run, SIGSTOP one at two thirds."""
@@ -318,6 +411,9 @@ class Soak:
         os.nice(FLOOD_NICE)
         threads = [threading.Thread(target=self.heavy, args=(k, rate / 2)) for k in range(2)]
         threads.append(threading.Thread(target=self.hostile))
+        threads.append(threading.Thread(target=self.http_hostile))
+        threads.append(threading.Thread(target=self.slow_sockets))
+        threads.append(threading.Thread(target=self.burst_calls, args=(duration / 2,)))
         for t in threads:
             t.daemon = True
             t.start()
@@ -354,6 +450,9 @@ class Soak:
         self.light_split = [x for (at, _), x in zip(self.light_ms, self.light_split, strict=True)
                             if self.started <= at < flood_end]
         restarts = sum(v for k, v in m.items() if k.startswith("moe_embed_worker_restarts_total"))
+        log_lines = self.srv.log_path.read_text().splitlines()
+        tokenize = {k.split(":")[1]: n for k, n in self.codes_named().items()
+                    if k.startswith("tokenize:")}
         return {
             "duration_s": duration, "overload": self.overload,
             "capacity_inputs_per_s": round(capacity, 1), "offered_inputs_per_s": round(rate, 1),
@@ -379,7 +478,29 @@ class Soak:
                                    "peak": max(self.rss["workers"]),
                                    "end": self.rss["workers"][-1]}},
             "worker_restarts": restarts, "faults": fault_log,
+            "http": {
+                "slow_sockets_closed": len(self.slow_closed), "slow_sockets_late": self.slow_late,
+                "slow_close_s_max": round(max(self.slow_closed, default=0.0), 2),
+                "timeout_s": HTTP_TIMEOUT_S,
+                "closed_by_reason": {k.split("{")[1].rstrip("}"): v for k, v in m.items()
+                                     if k.startswith("moe_embed_connections_closed_total")},
+            },
+            "frontend_threads": {"idle": self.threads[0], "peak": max(self.threads)},
+            "server_internal": sum(v for k, v in m.items() if k.startswith(
+                "moe_embed_errors_total") and 'code="INTERNAL"' in k),
+            "burst": dict(self.burst),
+            "stream_limit_reached": m.get("moe_embed_grpc_stream_limit_reached_total", 0.0),
+            "tokenize_client": tokenize,
+            "tokenize_server": {k.split('code="')[1].split('"')[0]: v for k, v in m.items()
+                                if k.startswith("moe_embed_requests_total")
+                                and 'method="Tokenize"' in k},
+            "log": {"lines": len(log_lines), "bytes": self.srv.log_path.stat().st_size,
+                    "not_json": sum(not line.startswith("{") for line in log_lines if line)},
         }
+
+    def codes_named(self) -> dict[str, int]:
+        with self._lock:
+            return {f"{w}:{c}": n for (w, c), n in self.codes.items()}
 
 
 def _status(number: int) -> tuple:
@@ -413,6 +534,27 @@ def verdicts(r: dict) -> list[tuple[str, str, bool]]:
          f"(p50 {light['p50']:.1f} / {un['p50']:.1f})", light["p99"] <= 5 * un["p99"]),
         ("recovery <= 5 s", f"{r['recovery_s']} s",
          r["recovery_s"] is not None and r["recovery_s"] <= 5),
+        ("slow HTTP sockets closed by the server in time",
+         f"{r['http']['slow_sockets_closed']} closed (slowest {r['http']['slow_close_s_max']} s "
+         f"for a {r['http']['timeout_s']} s timeout), {r['http']['slow_sockets_late']} late",
+         r["http"]["slow_sockets_late"] == 0 and r["http"]["slow_sockets_closed"] > 0),
+        ("4 MB token-id bodies refused 413", str({k: n for k, n in r["codes"].items()
+                                                  if k.startswith("id-flood:")}),
+         all(k == "id-flood:HTTP_413" for k in r["codes"] if k.startswith("id-flood:"))),
+        ("no INTERNAL in the server's metrics (hang-ups are CANCELLED)",
+         str(r["server_internal"]), r["server_internal"] == 0),
+        ("frontend threads do not grow with connections",
+         f"{r['frontend_threads']['peak']} / {r['frontend_threads']['idle']} at idle",
+         r["frontend_threads"]["peak"] <= r["frontend_threads"]["idle"] + 8),
+        ("refused streams visible in the metrics", f"burst {r['burst']}, limit reached "
+         f"{r['stream_limit_reached']:.0f}x",
+         not r["burst"].get("UNAVAILABLE") or r["stream_limit_reached"] > 0),
+        ("Tokenize counted as answered", f"client {r['tokenize_client']}, server "
+         f"{r['tokenize_server']}", r["tokenize_client"] == r["tokenize_server"]),
+        ("every log line JSON, log under 1 MB per minute",
+         f"{r['log']['not_json']} not JSON of {r['log']['lines']}, {r['log']['bytes']} bytes",
+         r["log"]["not_json"] == 0
+         and r["log"]["bytes"] <= 1e6 * max(1.0, r["duration_s"] / 60)),
     ]
 
 

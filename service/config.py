@@ -67,6 +67,10 @@ class ServeConfig:
     cache_dir: str = "~/.cache/moe-embed"
     log_level: str = "info"
     http_port: int = 8080
+    http_header_timeout_s: float = 60.0
+    http_body_timeout_s: float = 60.0
+    http_keepalive_s: float = 75.0
+    http_max_connections: int = 1024
     health_port: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -94,6 +98,10 @@ class ServeConfig:
             "max_connection_age_s": self.max_connection_age_s >= 0,
             "log_level": self.log_level in LOG_LEVELS,
             "http_port": 0 <= self.http_port <= 65535,
+            "http_header_timeout_s": self.http_header_timeout_s > 0,
+            "http_body_timeout_s": self.http_body_timeout_s > 0,
+            "http_keepalive_s": self.http_keepalive_s > 0,
+            "http_max_connections": self.http_max_connections >= 1,
             "health_port": 0 <= self.health_port <= 65535,
         }
         checks["served_model_name"] = all(n and n == n.strip() and "," not in n
@@ -221,6 +229,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_port", "--http-port", "MOE_EMBED_HTTP_PORT", int,
             "OpenAI-compatible HTTP API port (POST /v1/embeddings, GET /v1/models, /health, "
             "/ready, /docs); 0 disables HTTP", "PORT"),
+    Setting("http_header_timeout_s", "--http-header-timeout-s", "MOE_EMBED_HTTP_HEADER_TIMEOUT_S",
+            float, "an HTTP connection (metrics too) must send its request's headers within "
+            "this long of opening, or of its previous response; else it is closed (nginx's "
+            "client_header_timeout)", "SECONDS"),
+    Setting("http_body_timeout_s", "--http-body-timeout-s", "MOE_EMBED_HTTP_BODY_TIMEOUT_S",
+            float, "an HTTP request's whole body must arrive within this long of its headers; "
+            "else 408 and the connection is closed", "SECONDS"),
+    Setting("http_keepalive_s", "--http-keepalive-s", "MOE_EMBED_HTTP_KEEPALIVE_S", float,
+            "an idle HTTP keep-alive connection is closed after this long (nginx's "
+            "keepalive_timeout; longer than a load balancer's 60 s idle timeout)", "SECONDS"),
+    Setting("http_max_connections", "--http-max-connections", "MOE_EMBED_HTTP_MAX_CONNECTIONS",
+            int, "open connections the HTTP port holds (at most half the descriptor limit); "
+            "past it new connections are closed at once", "N"),
     Setting("health_port", "--health-port", "MOE_EMBED_HEALTH_PORT", int,
             "plaintext port serving only grpc.health.v1, for probes that speak neither TLS nor "
             "API keys (the kubelet's); 0 disables", "PORT"),

@@ -9,9 +9,10 @@ vectors' float32 bytes (the packed wire form), not float by float.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from . import errors
 from .config import ServeConfig
 from .engine import EmbedOutcome, Engine
 from .errors import Code, EngineError
-from .logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
+from .logging import REQUEST_ID_HEADER, Throttle, bind_request_id, request_id_from
 from .metrics import Metrics
 from .security import AUTHORIZATION, Security, metadata_value
 from .wire import TASK_OF_PROTO
@@ -159,6 +160,31 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self.engine = engine
         self.metrics = metrics
         self.security = security
+        self._open: dict[str, int] = {}  # Embedder calls open per client connection (peer)
+        self._limit_log = Throttle()
+
+    @contextlib.contextmanager
+    def _counted(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Count the connection's open calls: one that reaches --max-concurrent-streams is
+        counted (gRPC refuses what it opens past that, UNAVAILABLE, before any handler runs)."""
+        peer = context.peer()
+        n = self._open[peer] = self._open.get(peer, 0) + 1
+        limit = self.engine.config.max_concurrent_streams
+        if n == limit:
+            self.metrics.transport_refusals.inc()
+            self._limit_log.warning(
+                "stream_limit_reached", max_concurrent_streams=limit,
+                note="a client connection has every call it may open in flight; calls past "
+                     "it are refused (UNAVAILABLE): the client should use more channels or "
+                     "keep fewer calls in flight")
+        try:
+            yield
+        finally:
+            left = self._open[peer] - 1
+            if left:
+                self._open[peer] = left
+            else:
+                del self._open[peer]
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """The fairness unit: the API key with keys on (checked by ApiKeyInterceptor), else
@@ -190,6 +216,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     async def Embed(self, request: pb.EmbedRequest | Malformed,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        with self._counted(context):
+            return await self._unary_embed(request, context)
+
+    async def _unary_embed(self, request: pb.EmbedRequest | Malformed,
+                           context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         start = time.perf_counter()
         self._begin(context)
         code = "OK"
@@ -213,6 +244,13 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         """Requests are read while fewer than STREAM_WINDOW are unanswered: a slot is given
         back when its response has been written, so a client that stops reading stops the
         server from reading (and from buffering) more."""
+        with self._counted(context):
+            async with contextlib.aclosing(self._stream(request_iterator, context)) as stream:
+                async for resp in stream:
+                    yield resp
+
+    async def _stream(self, request_iterator: AsyncIterator[pb.EmbedRequest | Malformed],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
         self._begin(context)
         caller = f"{self._caller(context)}/stream-{next(_streams)}"
         out: asyncio.Queue = asyncio.Queue()
@@ -266,6 +304,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        with self._counted(context):
+            return await self._tokenize(request, context)
+
+    async def _tokenize(self, request: pb.TokenizeRequest | Malformed,
+                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         start = time.perf_counter()
         self._begin(context)
         code = "OK"
@@ -273,16 +316,29 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             if isinstance(request, Malformed):
                 raise request.engine_error()
             pairs = await self.engine.tokenize(request.inputs, task_name(request.task))
-            return pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
+            resp = pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
                                                for ids, pieces in pairs])
+            self._check_size(resp, len(pairs))
+            return resp
         except EngineError as exc:
             code = exc.code.status
+            log.info("request_failed", method="Tokenize", code=code, error=exc.message)
             await context.abort_with_status(status_of(exc))
         except asyncio.CancelledError:
             code = _cancel_code(context)
             raise
         finally:
             self.metrics.observe_request("Tokenize", code, time.perf_counter() - start)
+
+    def _check_size(self, resp: pb.TokenizeResponse, n: int) -> None:
+        """A Tokenize response's size is known only once the inputs are tokenized (pieces vary
+        in length; tokenizing costs at most max_tokens per input): one over the limit is refused
+        here, counted RESOURCE_EXHAUSTED, instead of failing in gRPC after it is counted OK."""
+        size, limit = resp.ByteSize(), self.engine.config.max_message_bytes
+        if size > limit:
+            raise errors.too_large(
+                "inputs", f"the Tokenize response to {n} inputs would be {size} bytes, over "
+                f"max_message_bytes {limit}; send fewer or shorter inputs per call")
 
     async def Info(self, request: pb.InfoRequest | Malformed,
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:

@@ -2,29 +2,21 @@
 
 One registry per server instance (tests run several servers in one process). Everything is
 counted in the frontend: workers report tokens per expert with each result, so there is no
-multiprocess collector to set up.
+multiprocess collector to set up. The port is an ASGI app that the server runs with uvicorn on
+its event loop, under the same connection deadlines as the HTTP API (no thread per
+connection, idle connections closed).
 """
 
 from __future__ import annotations
 
-import socketserver
-import threading
 import time
-from collections.abc import Callable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 
-
-class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
-        pass
-
+NOT_FOUND = b"not found: metrics are at /metrics\n"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0, 30.0)
@@ -90,6 +82,14 @@ class Metrics:
         self.expert_tokens = Counter(
             "moe_embed_expert_tokens", "Tokens routed to each expert of each MoE layer",
             ["layer", "expert"], registry=r)
+        self.connections_closed = Counter(
+            "moe_embed_connections_closed", "HTTP connections the server closed or refused "
+            "(reason: max_connections, headers_timeout, body_timeout)", ["port", "reason"],
+            registry=r)
+        self.transport_refusals = Counter(
+            "moe_embed_grpc_stream_limit_reached", "Times a gRPC connection had "
+            "--max-concurrent-streams calls open: calls it opens past that are refused by "
+            "gRPC (UNAVAILABLE) before the server sees them", registry=r)
         self._expert_children: dict[tuple[int, int], Counter] = {}
         self._request_children: dict[tuple[str, str], tuple[Counter, Counter | None]] = {}
         self._latency_children: dict[str, Histogram] = {}
@@ -124,24 +124,24 @@ class Metrics:
                             str(layer), str(expert))
                     child.inc(n)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> Callable[[], None]:
-        """Serve GET /metrics over HTTP (404 on any other path); returns a function that
-        stops the server."""
-        exposition = make_wsgi_app(self.registry)
+    def connection_closed(self, port: str) -> Callable[[str], None]:
+        """A counter of the connections one HTTP port closes, by reason."""
+        def count(reason: str) -> None:
+            self.connections_closed.labels(port, reason).inc()
+        return count
 
-        def app(environ: dict, start_response: Callable) -> list[bytes]:
-            if environ.get("PATH_INFO") == "/metrics":
-                return exposition(environ, start_response)
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: metrics are at /metrics\n"]
+    def asgi_app(self) -> Callable[[dict, Callable, Callable], Awaitable[None]]:
+        """GET /metrics as an ASGI app (404 on any other path)."""
+        exposition = make_asgi_app(self.registry)
 
-        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
-        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-        thread.start()
+        async def app(scope: dict, receive: Callable, send: Callable[[Any], Awaitable]) -> None:
+            if scope.get("type") != "http":
+                return
+            if scope.get("path") == "/metrics":
+                await exposition(scope, receive, send)
+                return
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": NOT_FOUND})
 
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-
-        return stop
+        return app

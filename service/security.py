@@ -79,6 +79,10 @@ class ApiKeys:
         text = _read(path, "API key file").decode("utf-8", "replace")
         keys = [line.strip() for line in text.splitlines()]
         keys = [k for k in keys if k and not k.startswith("#")]
+        for n, key in enumerate(keys, 1):  # an HTTP header carries printable ASCII only
+            if not (key.isascii() and key.isprintable()):
+                raise SecurityError(f"API key file {path}: key {n} is not printable ASCII "
+                                    "(a key a client could never send)")
         if not keys:
             raise SecurityError(f"API key file {path}: no key in it (only blank lines or "
                                 "# comments)")

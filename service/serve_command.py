@@ -10,7 +10,7 @@ import sys
 import structlog
 
 from . import config as serve_config
-from .logging import configure_logging
+from .logging import configure_logging, json_stderr
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         args.parser.error(str(exc))
     configure_logging(cfg.log_level)
+    json_stderr()  # gRPC core's own lines become JSON too
     log = structlog.get_logger("moe_embed.serve")
     bundle = cfg.bundle
     if not bundle:

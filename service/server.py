@@ -12,6 +12,7 @@ with TLS on, `--health-port` serves it in plaintext for the kubelet's probes.
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import time
 from pathlib import Path
@@ -25,16 +26,24 @@ from grpc_reflection.v1alpha import reflection
 from .config import ServeConfig
 from .engine import Engine
 from .grpc_api import SERVICE_NAME, EmbedderServicer, add_servicer, server_options
+from .logging import install_loop_handler
 from .metrics import Metrics
 from .security import RELOAD_POLL_S, ApiKeyInterceptor, Security, SecurityError
 from .tracing import Tracing
 from .worker_pool import WorkerStartError
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
+METRICS_MAX_CONNECTIONS = 256  # scrapers open one or two: room for them beside idle sockets
 LAME_DUCK_S = 0.5  # after a drain, the port closes once no call has come for this long
 FINAL_GRACE_S = 1.0  # after a drain, for the last responses to be written
 
 log = structlog.get_logger("moe_embed.server")
+
+
+def descriptor_limit() -> int:
+    """This process's soft limit on open file descriptors."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class EmbedServer:
@@ -59,7 +68,7 @@ class EmbedServer:
         self._health_server: grpc.aio.Server | None = None
         self._http = None  # service.http.server.HttpServer when HTTP is on
         self._watch_task: asyncio.Task | None = None
-        self._stop_metrics = None
+        self._metrics_http = None  # service.http.server.HttpServer when metrics are on
         self._drained: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
         self._serving: int | None = None
@@ -74,6 +83,7 @@ class EmbedServer:
         `load` is done. Raises SecurityError naming a TLS or key file that cannot be used."""
         cfg = self.config
         self._drained = asyncio.Event()
+        install_loop_handler(asyncio.get_running_loop())
         self.security.load()
         self.engine = Engine(cfg, self.bundle_path, self.metrics, self.tracing)
         interceptors = [i for i in (
@@ -125,12 +135,24 @@ class EmbedServer:
         if cfg.http_port:
             await self._listen_http()
         if cfg.metrics_port:
-            self._stop_metrics = self.metrics.serve(cfg.metrics_port,
-                                                    cfg.metrics_host or cfg.host)
-            self.metrics_port = cfg.metrics_port
+            await self._listen_metrics()
         if self.security.files:
             self._watch_task = asyncio.get_running_loop().create_task(
                 self.security.watch(self.reload_poll_s), name="credentials-watch")
+
+    def _limits(self, port_name: str, max_connections: int):
+        """The connection deadlines and bound of one HTTP port (service/http/connections.py),
+        the bound at most half the descriptor limit so that HTTP alone cannot exhaust it."""
+        from .http.connections import ConnectionLimits
+
+        cfg = self.config
+        allowed = min(max_connections, max(16, descriptor_limit() // 2))
+        if allowed < max_connections:
+            log.warning("http_max_connections_lowered", port=port_name,
+                        configured=max_connections, allowed=allowed,
+                        descriptor_limit=descriptor_limit())
+        return ConnectionLimits(cfg.http_header_timeout_s, cfg.http_body_timeout_s, allowed,
+                                port_name, self.metrics.connection_closed(port_name))
 
     async def _listen_http(self) -> None:
         from .http.app import HttpContext, create_app  # FastAPI only when HTTP is on
@@ -142,9 +164,23 @@ class EmbedServer:
         self.tracing.instrument_http(app)
         sock = bind(cfg.host, cfg.http_port)
         self._http = HttpServer(app, sock,
-                                self.security.http_ssl_context() if cfg.tls else None)
+                                self.security.http_ssl_context() if cfg.tls else None,
+                                self._limits("http", cfg.http_max_connections),
+                                cfg.http_keepalive_s)
         self.http_port = self._http.port
         await self._http.start()
+
+    async def _listen_metrics(self) -> None:
+        """/metrics on its own port, served on this event loop (no thread per connection)."""
+        from .http.server import HttpServer, bind
+
+        cfg = self.config
+        sock = bind(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        self._metrics_http = HttpServer(self.metrics.asgi_app(), sock, None,
+                                        self._limits("metrics", METRICS_MAX_CONNECTIONS),
+                                        cfg.http_keepalive_s)
+        self.metrics_port = self._metrics_http.port
+        await self._metrics_http.start()
 
     def reload_credentials(self) -> bool:
         """SIGHUP: re-read the TLS and API-key files now (new connections use them)."""
@@ -233,9 +269,9 @@ class EmbedServer:
             await self._health_server.stop(0)
         if self.engine is not None:
             await self.engine.close()
-        if self._stop_metrics is not None:
-            self._stop_metrics()
-            self._stop_metrics = None
+        if self._metrics_http is not None:
+            await self._metrics_http.stop(0)
+            self._metrics_http = None
         await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._drained is not None:
             self._drained.set()

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import errors
 from ..engine import EmbedOutcome, Engine
@@ -34,6 +36,7 @@ from ..metrics import Metrics
 from ..security import Security, unauthenticated
 from ..validation import Input
 from . import schema
+from .json_scan import TooManyValues, ValueCounter
 
 log = structlog.get_logger("moe_embed.http")
 
@@ -43,6 +46,9 @@ JSON = "application/json"
 # the engine's field names as OpenAI's schema calls them
 HTTP_FIELDS = {"inputs": "input"}
 RETRY_AFTER_S = 1  # seconds, sent with 429 and 503
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed in the parsing thread
+FRAMED_TWICE = "Content-Length"  # the "field" of a body framed by both headers
+FIELD_ALLOWANCE = 64  # values and strings a body may hold beside its inputs (fields, keys)
 # the HTTP status, OpenAI error `type` and `code` (a stable reason) of each engine failure
 HTTP_STATUS: dict[Code, tuple[int, str, str]] = {
     Code.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
@@ -136,15 +142,15 @@ def error_body(err: EngineError) -> tuple[int, dict]:
                               "code": code}}
 
 
-def error_response(err: EngineError, draining: bool = False) -> Response:
+def error_response(err: EngineError, close: bool = False) -> Response:
     status, body = error_body(err)
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    if draining:
-        headers["Connection"] = "close"  # the client reconnects, to another replica
+    if close:  # draining: the client reconnects, to another replica; or a request framed twice
+        headers["Connection"] = "close"
     return _json(body, status, headers)
 
 
@@ -162,20 +168,57 @@ def _invalid_body(exc: ValidationError) -> EngineError:
     return errors.InvalidInput(str(loc[0]), msg[0].lower() + msg[1:] if msg else kind, index)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
+class BodyLimits:
+    """What a body may hold: `max_bytes` (--max-message-bytes), and the values and strings of
+    the largest request the server takes (max_inputs inputs of max_tokens token ids each),
+    counted while the body arrives (service/http/json_scan.py)."""
+
+    def __init__(self, max_bytes: int, max_inputs: int, max_tokens: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_inputs = max_inputs
+        self.max_tokens = max_tokens
+        self.max_values = max_inputs * max_tokens + FIELD_ALLOWANCE
+        self.max_strings = max_inputs + FIELD_ALLOWANCE
+
+    def counter(self) -> ValueCounter:
+        return ValueCounter(self.max_values, self.max_strings)
+
+    def refusal(self, exc: TooManyValues) -> EngineError:
+        if exc.kind == "strings":
+            return errors.InvalidInput(
+                "input", f"the body holds {exc}: at most {self.max_inputs} inputs per request "
+                "(max_inputs); split the request")
+        return errors.too_large(
+            "body", f"the body holds {exc}: a request takes at most {self.max_inputs} inputs "
+            f"of {self.max_tokens} token ids (longer token-id inputs cost what they hold "
+            "before truncation); send fewer or shorter token-id inputs")
+
+
+async def _read_body(request: Request, limits: BodyLimits) -> bytearray:
+    """The body, refused as soon as it is known to be over `limits`: 413 by Content-Length or
+    size, 413 (or 400 for too many strings) once it holds more values than any request takes,
+    before it is read whole or parsed."""
+    limit = limits.max_bytes
     declared = request.headers.get("content-length")
+    if declared is not None and "transfer-encoding" in request.headers:
+        raise errors.InvalidInput(  # RFC 9112 6.1: a proxy and we could read two bodies
+            FRAMED_TWICE, "sent with Transfer-Encoding; send one of the two")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.too_large("body", f"{declared} bytes is over the limit of {limit} "
                                "(--max-message-bytes); send fewer or shorter inputs")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.too_large("body", f"over the limit of {limit} bytes "
-                                   "(--max-message-bytes); send fewer or shorter inputs")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body, counter = bytearray(), limits.counter()
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise errors.too_large("body", f"over the limit of {limit} bytes "
+                                       "(--max-message-bytes); send fewer or shorter inputs")
+            counter.feed(chunk)
+            body += chunk
+    except ClientDisconnect:  # hung up, or closed for a late body: not the server's failure
+        raise ClientGone() from None
+    except TooManyValues as exc:
+        raise limits.refusal(exc) from None
+    return body
 
 
 async def _disconnected(request: Request) -> None:
@@ -211,9 +254,23 @@ def _embedding(vector: np.ndarray, encoding: str) -> np.ndarray | str:
 def create_app(ctx: HttpContext) -> FastAPI:
     """The FastAPI application of one server."""
     app = FastAPI(title="moe-embed", version=ctx.engine.model.version, description=DESCRIPTION,
-                  openapi_tags=[{"name": "embeddings"}, {"name": "health"}])
+                  openapi_tags=[{"name": "embeddings"}, {"name": "health"}],
+                  redoc_url=None)  # /docs is the one documented page
     engine, security, metrics = ctx.engine, ctx.security, ctx.metrics
-    limit = engine.config.max_message_bytes
+    body_limits = BodyLimits(engine.config.max_message_bytes, engine.limits.max_inputs or 1,
+                             engine.limits.max_tokens)
+    # large bodies are parsed here, one at a time: their parse never holds up the event loop's
+    # other work for more than a switch interval, and only one is in memory as objects at once
+    parsing = ThreadPoolExecutor(1, thread_name_prefix="moe-embed-http-parse")
+
+    async def parse(body: bytearray) -> schema.EmbeddingRequest:
+        try:
+            if len(body) <= INLINE_PARSE_BYTES:
+                return schema.EmbeddingRequest.model_validate_json(body)
+            return await asyncio.get_running_loop().run_in_executor(
+                parsing, schema.EmbeddingRequest.model_validate_json, body)
+        except ValidationError as exc:
+            raise _invalid_body(exc) from None
 
     def caller_of(request: Request) -> str:
         """The fairness unit: the API key with keys on, else the client connection."""
@@ -237,14 +294,23 @@ def create_app(ctx: HttpContext) -> FastAPI:
         except EngineError as err:
             code = err.code.status
             log.info("request_failed", method=method, code=code, error=_short(err.message))
-            response = error_response(err, engine.draining)
+            response = error_response(err, engine.draining or err.field == FRAMED_TWICE)
         except ClientGone:
             code = "CANCELLED"
-            log.info("request_cancelled", method=method, note="the client disconnected")
+            log.info("request_cancelled", method=method,
+                     note="the client disconnected (or was closed for a late body)")
             response = Response(status_code=499)
         except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
+            # only the server's stop cancels a request task (a client that goes away is
+            # ClientGone): answer it as any call refused while draining, not with uvicorn's
+            # 500 and traceback
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            err = errors.unavailable("server is stopping (draining); retry elsewhere")
+            code = err.code.status
+            log.info("request_failed", method=method, code=code, error=err.message)
+            response = error_response(err, close=True)
         except Exception as exc:  # a bug: still an OpenAI-shaped 500, and logged
             err = errors.internal(f"internal error: {exc!r}")
             code = err.code.status
@@ -261,11 +327,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
                   "schema": schema.EmbeddingRequest.model_json_schema()}}}})
     async def embeddings(request: Request) -> Response:
         async def handle(caller: str) -> Response:
-            body = await _read_body(request, limit)
-            try:
-                req = schema.EmbeddingRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise _invalid_body(exc) from None
+            req = await parse(await _read_body(request, body_limits))
             engine.check_model(req.model)
             if req.model_extra:  # names only (cut short), never values
                 log.info("fields_ignored", fields=[f[:40] for f in sorted(req.model_extra)[:8]])
@@ -312,12 +374,14 @@ def create_app(ctx: HttpContext) -> FastAPI:
             return _json(model_card())
         return await serve(request, "http:/v1/models", handle)
 
-    @app.get("/health", tags=["health"], response_model=schema.Health,
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["health"],
+                   response_model=schema.Health,
              summary="Liveness: 200 while the process answers (loading and draining too)")
     async def health() -> Response:
         return _json({"status": "ok"})
 
-    @app.get("/ready", tags=["health"], response_model=schema.Health,
+    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["health"],
+                   response_model=schema.Health,
              responses={503: {"description": "Loading, draining, or no worker can serve",
                               "model": schema.Health}},
              summary="Readiness: 200 when embeddings can be served, else 503 with the reason")

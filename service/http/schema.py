@@ -38,12 +38,14 @@ INPUT_SCHEMA = {
 
 
 def _inputs(value: Any) -> list:
-    """The request's inputs as a list: a string is one input, a list of integers is one
-    token-id input, any other list is a list of inputs (each checked by the engine)."""
+    """The request's inputs as a list: a string is one input, a list of numbers is one
+    token-id input (a float in it, NaN included, is then refused as `input[0]`'s token id,
+    not taken for an input of its own), any other list is a list of inputs (each checked by
+    the engine)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
-        if value and all(type(v) is int for v in value):
+        if value and all(type(v) in (int, float) for v in value):
             return [value]
         return value
     raise PydanticCustomError(

@@ -1,9 +1,10 @@
-"""uvicorn on the frontend's event loop, beside grpc.aio.
+"""uvicorn on the frontend's event loop, beside grpc.aio: the HTTP API and the metrics port.
 
 The listening socket is bound here (so a port in use is an error at startup, not uvicorn's
 sys.exit, and port 0 is known at once); uvicorn installs no signal handlers (the frontend
 handles SIGTERM/SIGINT and drains both protocols) and no logging config: its log records
-become JSON lines like everything else.
+become JSON lines like everything else. Every connection runs under `ConnectionLimits`
+(service/http/connections.py): header, body and keep-alive deadlines, a bound per port.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import logging
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import FastAPI
 
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
+from ..logging import ToStructlog
+from .connections import ConnectionLimits
 
 log = structlog.get_logger("moe_embed.http")
 
@@ -30,25 +32,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-class _ToStructlog(logging.Handler):
-    """uvicorn's stdlib log records as structlog events (JSON lines)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record must not break serving
-            message = str(record.msg)
-        level = record.levelname.lower()
-        logger = structlog.get_logger(record.name)
-        getattr(logger, level if level in ("debug", "info", "warning", "error") else "error")(
-            "uvicorn", message=message)
-
-
 def _route_uvicorn_logs() -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
-            logger.addHandler(_ToStructlog())
+        if not any(isinstance(h, ToStructlog) for h in logger.handlers):
+            logger.addHandler(ToStructlog())
         logger.setLevel(logging.WARNING)  # startup banners are not news; errors are
         logger.propagate = False
     logging.getLogger("uvicorn.access").disabled = True  # our own log lines cover requests
@@ -72,14 +60,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """One uvicorn server for `app` on an already bound socket."""
+    """One uvicorn server for an ASGI `app` on an already bound socket."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket,
-                 ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, app: Any, sock: socket.socket, ssl_context: ssl.SSLContext | None,
+                 limits: ConnectionLimits, keepalive_s: float) -> None:
         _route_uvicorn_logs()
         config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
                                 proxy_headers=False, server_header=False,
-                                timeout_keep_alive=KEEP_ALIVE_S, http="h11")
+                                timeout_keep_alive=keepalive_s, http=limits.protocol())
         config.load()
         config.ssl = ssl_context  # ours: its certificates follow the reloads
         self.sock = sock
