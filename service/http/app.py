@@ -374,14 +374,14 @@ def create_app(ctx: HttpContext) -> FastAPI:
             return _json(model_card())
         return await serve(request, "http:/v1/models", handle)
 
-    @app.api_route("/health", methods=["GET", "HEAD"], tags=["health"],
-                   response_model=schema.Health,
+    @app.head("/health", include_in_schema=False)  # probes that send HEAD
+    @app.get("/health", tags=["health"], response_model=schema.Health,
              summary="Liveness: 200 while the process answers (loading and draining too)")
     async def health() -> Response:
         return _json({"status": "ok"})
 
-    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["health"],
-                   response_model=schema.Health,
+    @app.head("/ready", include_in_schema=False)
+    @app.get("/ready", tags=["health"], response_model=schema.Health,
              responses={503: {"description": "Loading, draining, or no worker can serve",
                               "model": schema.Health}},
              summary="Readiness: 200 when embeddings can be served, else 503 with the reason")
