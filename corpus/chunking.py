@@ -1,7 +1,8 @@
 """Long documents cut into overlapping token windows, each embedded as its own text span.
 
 The text alone (no task prefix, no specials) is tokenized with the bundle's tokenizer.json,
-whose offsets map each token back to characters of the original text. Windows of N tokens
+whose offsets map each token back to characters of the original text (tokens of only
+whitespace are not counted). Windows of N tokens
 start every N - M tokens; a window's span is text[first token's start : last token's end].
 The span TEXT is what gets embedded (so the in-process and remote paths embed the same
 thing), and it must fit the model as it will be seen: task prefix + span + `<s>` `</s>`
@@ -58,7 +59,8 @@ class Chunker:
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         enc = self._offsets.encode(text, add_special_tokens=False)
-        offsets = [(a, b) for a, b in enc.offsets if b > a]
+        # tokens of nothing but whitespace (XLM-R's lone "▁") carry no text of their own
+        offsets = [(a, b) for a, b in enc.offsets if b > a and not text[a:b].isspace()]
         n = len(offsets)
         if n == 0:
             return [(0, len(text))]
