@@ -1,9 +1,9 @@
 """Long documents cut into overlapping token windows, each embedded as its own text span.
 
 The text alone (no task prefix, no specials) is tokenized with the bundle's tokenizer.json,
-whose offsets map each token back to characters of the original text (tokens of only
-whitespace are not counted). Windows of N tokens
-start every N - M tokens; a window's span is text[first token's start : last token's end].
+whose offsets map each token back to characters of the original text. Windows of N tokens
+start every N - M tokens; a window's span is the characters of its tokens, less whitespace
+at either end.
 The span TEXT is what gets embedded (so the in-process and remote paths embed the same
 thing), and it must fit the model as it will be seen: task prefix + span + `<s>` `</s>`
 re-tokenized by the service's own tokenizer is at most max_tokens, or the window is shrunk
@@ -12,6 +12,7 @@ by the excess until it fits. The next window starts M tokens before the end of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -29,6 +30,14 @@ def check_chunking(tokens: int, overlap: int, max_tokens: int) -> None:
     if not 0 <= overlap < tokens:
         raise ValueError(f"chunk_overlap (--chunk-overlap) is {overlap}; it must be within "
                          f"0..{tokens - 1} (less than --chunk-tokens {tokens})")
+
+
+@dataclass(frozen=True)
+class Window:
+    first: int  # token index (the text alone) of the window's first token
+    end: int  # one past its last
+    char_start: int
+    char_end: int
 
 
 class Chunker:
@@ -49,7 +58,9 @@ class Chunker:
         """How many ids the model sees for this span (prefix and specials included)."""
         return len(self.counter.full_ids(self.task.apply(span)))
 
-    def _span(self, text: str, offsets: list[tuple[int, int]], s: int, e: int) -> tuple[int, int]:
+    @staticmethod
+    def _span(text: str, offsets: list[tuple[int, int]], s: int, e: int) -> tuple[int, int]:
+        """Characters of tokens s..e-1, without whitespace at either end."""
         a, b = offsets[s][0], offsets[e - 1][1]
         while a < b and text[a].isspace():
             a += 1
@@ -57,26 +68,31 @@ class Chunker:
             b -= 1
         return a, b
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
-        enc = self._offsets.encode(text, add_special_tokens=False)
-        # tokens of nothing but whitespace (XLM-R's lone "▁") carry no text of their own
-        offsets = [(a, b) for a, b in enc.offsets if b > a and not text[a:b].isspace()]
+    def windows(self, text: str) -> list[Window]:
+        """The windows of `text` in order (token indices of the text alone, and their span).
+        A window of nothing but whitespace tokens (XLM-R's lone "▁") is left out."""
+        offsets = [(a, b) for a, b in self._offsets.encode(text, add_special_tokens=False).offsets
+                   if b > a]
         n = len(offsets)
-        if n == 0:
-            return [(0, len(text))]
-        out: list[tuple[int, int]] = []
+        out: list[Window] = []
         s = 0
         limit = self.counter.max_tokens
-        while True:
+        while s < n:
             e = min(s + self.tokens, n)
             a, b = self._span(text, offsets, s, e)
             while e > s + 1 and (excess := self.seen_tokens(text[a:b]) - limit) > 0:
                 e = max(s + 1, e - excess)
                 a, b = self._span(text, offsets, s, e)
-            out.append((a, b))
+            if b > a:
+                out.append(Window(s, e, a, b))
             if e >= n:
-                return out
+                break
             s = max(s + 1, e - self.overlap)
+        return out or [Window(0, n, 0, len(text))]
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """(char_start, char_end) of each window."""
+        return [(w.char_start, w.char_end) for w in self.windows(text)]
 
 
 def chunker_for(bundle: Bundle, counter: Tokenizer, task: Task, tokens: int,

@@ -33,47 +33,43 @@ def _chunker(counter: Tokenizer, n: int, m: int, task: str = "search_document") 
 
 
 def _offsets(hf: HFTokenizer, text: str) -> list[tuple[int, int]]:
-    """Offsets of the text's tokens that hold more than whitespace, without the space a
-    token's offsets may start with (XLM-R's "▁word" covers the space before the word)."""
-    out = []
-    for a, b in hf.encode(text, add_special_tokens=False).offsets:
-        piece = text[a:b]
-        if b > a and not piece.isspace():
-            out.append((a + len(piece) - len(piece.lstrip()), b))
-    return out
-
-
-def _token_ranges(hf: HFTokenizer, text: str, spans: list[tuple[int, int]]) -> list[range]:
-    """The text's token indices (the text alone) that each span covers."""
-    offsets = _offsets(hf, text)
-    out = []
-    for a, b in spans:
-        inside = [i for i, (x, y) in enumerate(offsets) if x >= a and y <= b]
-        assert inside == list(range(inside[0], inside[-1] + 1))
-        out.append(range(inside[0], inside[-1] + 1))
-    return out
+    return [(a, b) for a, b in hf.encode(text, add_special_tokens=False).offsets if b > a]
 
 
 @pytest.mark.parametrize(("n", "m"), [(64, 16), (100, 0), (37, 36)])
 def test_windows_have_n_tokens_and_overlap_m(counter, hf, long_text, n, m) -> None:
-    spans = _chunker(counter, n, m).spans(long_text)
-    ranges = _token_ranges(hf, long_text, spans)
-    total = len(_offsets(hf, long_text))
-    assert ranges[0].start == 0 and ranges[-1].stop == total  # every token in some chunk
-    assert all(len(r) == n for r in ranges[:-1]) and 0 < len(ranges[-1]) <= n
-    for prev, nxt in zip(ranges, ranges[1:], strict=False):
-        assert nxt.start == prev.stop - m  # exactly M tokens shared
-    for a, b in spans:  # offsets into the original text, no space at either end
-        assert 0 <= a < b <= len(long_text)
-        assert not long_text[a].isspace() and not long_text[b - 1].isspace()
+    windows = _chunker(counter, n, m).windows(long_text)
+    offsets = _offsets(hf, long_text)
+    assert windows[0].first == 0 and windows[-1].end == len(offsets)  # every token in a chunk
+    assert all(w.end - w.first == n for w in windows[:-1])
+    assert 0 < windows[-1].end - windows[-1].first <= n
+    for prev, nxt in zip(windows, windows[1:], strict=False):
+        assert nxt.first == prev.end - m  # exactly M tokens shared
+    for w in windows:  # the characters of its tokens in the original text, stripped
+        a, b = offsets[w.first][0], offsets[w.end - 1][1]
+        assert long_text[w.char_start:w.char_end] == long_text[a:b].strip()
+        assert (w.char_start, w.char_end) == (a + len(long_text[a:b]) -
+                                              len(long_text[a:b].lstrip()),
+                                              b - len(long_text[a:b]) +
+                                              len(long_text[a:b].rstrip()))
 
 
-@pytest.mark.parametrize("task", ["none", "search_document"])  # 2 and 6 tokens over
+def test_whitespace_only_windows_are_left_out(counter) -> None:
+    text = "a b c" + " " * 6  # ends in lone "▁" tokens
+    spans = _chunker(counter, 1, 0).spans(text)
+    assert [text[a:b] for a, b in spans] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("task", ["none", "search_document"])
 def test_n_512_shrinks_each_window_until_the_model_sees_at_most_512(counter, long_text,
-                                                                     task) -> None:
+                                                                     task, plain) -> None:
+    """Plain words re-tokenize as they were cut: the windows are then over by just the
+    specials (and prefix), 2 tokens for task none."""
+    text = "the quick brown fox jumps over the lazy dog " * 200 if plain else long_text
     chunker = _chunker(counter, 512, 64, task)
-    spans = chunker.spans(long_text)
-    seen = [chunker.seen_tokens(long_text[a:b]) for a, b in spans]
+    spans = chunker.spans(text)
+    seen = [chunker.seen_tokens(text[a:b]) for a, b in spans]
     assert len(spans) > 2
     assert max(seen) <= 512
     assert min(seen[:-1]) >= 500  # shrunk by the excess only, not to some safe small size
@@ -91,7 +87,7 @@ def test_the_task_prefix_counts(counter, long_text) -> None:
 
 def test_a_text_within_one_window_is_one_chunk(counter) -> None:
     text = "  Tell me about embeddings.  "
-    assert _chunker(counter, 8, 2).spans(text) == [(2, 27)]
+    assert _chunker(counter, 16, 2).spans(text) == [(2, 27)]
 
 
 @pytest.mark.parametrize(("n", "m", "message"), [
@@ -106,6 +102,5 @@ def test_impossible_windows_are_refused_naming_the_option(counter, n, m, message
 
 
 def test_the_limits_themselves_are_accepted(counter, long_text) -> None:
-    assert _chunker(counter, 512, 511).tokens == 512
-    spans = _chunker(counter, 1, 0).spans("a b c")
-    assert [("a b c")[a:b] for a, b in spans] == ["a", "b", "c"]
+    windows = _chunker(counter, 512, 511).windows(long_text[:4000])
+    assert [w.first for w in windows[:3]] == [0, 1, 2]  # one token further each time
