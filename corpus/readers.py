@@ -34,9 +34,12 @@ class _Reader:
         self.size = path.stat().st_size
         self._file: BinaryIO | None = None
         self.total_rows: int | None = None  # known up front only for Parquet
+        self.finished = False  # every row has been read
 
     def fraction(self) -> float:
         """Share of the input read so far (bytes; rows for Parquet)."""
+        if self.finished:
+            return 1.0
         if self._file is None or self._file.closed or not self.size:
             return 0.0
         return min(1.0, self._file.tell() / self.size)
@@ -60,6 +63,7 @@ class JsonlReader(_Reader):
                     continue
                 yield self._record(raw, row, line_no)
                 row += 1
+        self.finished = True
 
     def _record(self, raw: bytes, row: int, line: int) -> Record:
         try:
@@ -67,7 +71,7 @@ class JsonlReader(_Reader):
         except UnicodeDecodeError as exc:
             return bad_row(row, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", line)
         except json.JSONDecodeError as exc:
-            return bad_row(row, f"not valid JSON ({exc.msg}, column {exc.colno})", line)
+            return bad_row(row, f"not valid JSON ({exc.msg} at character {exc.pos})", line)
         if not isinstance(obj, dict):
             return bad_row(row, f"not a JSON object but a {type(obj).__name__}", line)
         return record_from(obj, row, self.text_field, self.id_field)
@@ -86,6 +90,7 @@ class CsvReader(_Reader):
             try:
                 header = next(reader)
             except StopIteration:
+                self.finished = True
                 return
             except (csv.Error, UnicodeDecodeError) as exc:
                 raise InputError(f"{self.path}: cannot read the CSV header: {exc}") from exc
@@ -97,6 +102,7 @@ class CsvReader(_Reader):
                 try:
                     cells = next(reader)
                 except StopIteration:
+                    self.finished = True
                     return
                 except (csv.Error, UnicodeDecodeError) as exc:
                     raise InputError(f"{self.path}: line {reader.line_num}: {exc}") from exc
@@ -135,6 +141,8 @@ class ParquetReader(_Reader):
         self._done = 0
 
     def fraction(self) -> float:
+        if self.finished:
+            return 1.0
         return min(1.0, self._done / self.total_rows) if self.total_rows else 0.0
 
     def records(self, start: int = 0) -> Iterator[Record]:
@@ -148,6 +156,7 @@ class ParquetReader(_Reader):
                     yield record_from(fields, row, self.text_field, self.id_field)
                 row += 1
                 self._done = row
+        self.finished = True
 
 
 READERS = {".jsonl": JsonlReader, ".csv": CsvReader, ".parquet": ParquetReader}
