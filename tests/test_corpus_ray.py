@@ -59,20 +59,25 @@ def test_ray_data_parquet_to_parquet_equals_the_cli(cluster, corpus, tiny_bundle
     assert got.num_rows == pq.read_metadata(corpus).num_rows
 
 
-@pytest.mark.parametrize("fmt", ["pyarrow", "pandas", "numpy"])
-def test_every_batch_format_gives_the_cli_rows_with_chunks(corpus, tiny_bundle, tmp_path,
-                                                           fmt) -> None:
-    out = tmp_path / "cli"
+@pytest.fixture(scope="module")
+def chunked_cli(corpus, tiny_bundle, tmp_path_factory) -> pa.Table:
+    out = tmp_path_factory.mktemp("chunked") / "cli"
     run_batch(str(corpus), "--out", str(out), "--bundle", str(tiny_bundle), "--task", TASK,
               "--chunk-tokens", "40", "--chunk-overlap", "10", "--quiet", "--workers", "1",
               "--threads", "1")
+    return read_output(out).combine_chunks()
+
+
+@pytest.mark.parametrize("fmt", ["pyarrow", "pandas", "numpy"])
+def test_every_batch_format_gives_the_cli_rows_with_chunks(corpus, chunked_cli, tiny_bundle,
+                                                           fmt) -> None:
     embed = RayEmbedder(bundle=tiny_bundle, task=TASK, chunk_tokens=40, chunk_overlap=10,
                         threads=1)
     table = pq.read_table(corpus)
     batch = {"pyarrow": lambda: table, "pandas": table.to_pandas,
              "numpy": lambda: {c: table.column(c).to_numpy(zero_copy_only=False)
                                for c in table.column_names}}[fmt]()
-    assert embed(batch).equals(read_output(out).combine_chunks())
+    assert embed(batch).equals(chunked_cli)
 
 
 def test_a_batch_without_the_id_column_is_refused_naming_it(tiny_bundle) -> None:
