@@ -81,6 +81,7 @@ class _Stream:
         self.stub = pb_grpc.EmbedderStub(channel)
         self.metadata = metadata
         self.room = asyncio.Semaphore(WINDOW)
+        self.writing = asyncio.Lock()
         self.in_flight = 0
         self.call: grpc.aio.StreamStreamCall | None = None
         self.pending: dict[str, asyncio.Future] = {}
@@ -117,14 +118,19 @@ class _Stream:
                 fut = asyncio.get_running_loop().create_future()
                 self.pending[req.id] = fut
                 try:
-                    await call.write(req)
-                except grpc.aio.AioRpcError as exc:
+                    async with self.writing:  # grpc.aio allows one write at a time per call
+                        await call.write(req)
+                except BaseException as exc:
                     self.pending.pop(req.id, None)
-                    raise _failure(self.target, exc.code(), exc.details() or "") from exc
-                except Exception as exc:  # the call ended while writing: the reader reports why
-                    self.pending.pop(req.id, None)
-                    raise Retryable(self.target, grpc.StatusCode.UNAVAILABLE,
-                                    f"the stream closed ({exc!r})") from exc
+                    if fut.done():
+                        fut.exception()  # the reader failed it too: retrieved, not logged
+                    fut.cancel()
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        raise _failure(self.target, exc.code(), exc.details() or "") from exc
+                    if isinstance(exc, Exception):  # the call ended while writing
+                        raise Retryable(self.target, grpc.StatusCode.UNAVAILABLE,
+                                        f"the stream closed ({exc!r})") from exc
+                    raise
                 return await fut
             finally:
                 self.in_flight -= 1

@@ -65,23 +65,37 @@ def corpus(multilingual_texts, tiny_bundle, tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "in.jsonl", rows)
 
 
+@pytest.fixture(scope="module")
+def big_corpus(multilingual_texts, tiny_bundle, tmp_path_factory) -> Path:
+    """Every kind of row, then 240 documents of 1..60 texts (up to ~1,500 tokens): calls big
+    enough, and enough of them, for every stream to hold its window of requests at once."""
+    counter = Tokenizer(tiny_bundle / "tokenizer.json")
+    rows = corpus_rows(multilingual_texts, counter, TASK)
+    k = len(multilingual_texts)
+    rows += [{"id": f"doc-{i}", "text": " ".join(multilingual_texts[(i + j) % k]
+                                                for j in range(1 + (i * 7) % 60))}
+             for i in range(240)]
+    return write_jsonl(tmp_path_factory.mktemp("big") / "in.jsonl", rows)
+
+
 def _tls(files: dict[str, str], key: str = "api_key") -> tuple[str, ...]:
     return ("--tls-ca-file", files["ca"], "--tls-cert-file", files["cert"],
             "--tls-key-file", files["key"], "--api-key-file", files[key])
 
 
-def test_through_a_server_with_mtls_and_a_key_equals_in_process(locked, client_files, corpus,
-                                                                tiny_bundle, tmp_path) -> None:
+def test_through_a_server_with_mtls_and_a_key_equals_in_process(locked, client_files,
+                                                                big_corpus, tiny_bundle,
+                                                                tmp_path) -> None:
     """Two targets (one server by two names: two streams) over mTLS with the key; the shards
     are the in-process job's bytes."""
-    common = (str(corpus), "--bundle", str(tiny_bundle), "--task", TASK, "--shard-rows", "5",
-              "--quiet")
+    common = (str(big_corpus), "--bundle", str(tiny_bundle), "--task", TASK, "--shard-rows",
+              "60", "--quiet")
     run_batch(*common, "--out", str(tmp_path / "local"), "--workers", "1", "--threads", "1")
     targets = f"{HOST}:{locked.port},localhost:{locked.port}"
     run_batch(*common, "--out", str(tmp_path / "remote"), "--server", targets,
               *_tls(client_files))
     assert shard_bytes(tmp_path / "remote") == shard_bytes(tmp_path / "local")
-    assert read_output(tmp_path / "remote").num_rows > 10
+    assert read_output(tmp_path / "remote").num_rows == len(big_corpus.read_text().splitlines())
 
 
 def test_a_wrong_key_fails_the_job_naming_the_status(locked, client_files, corpus,
