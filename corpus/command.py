@@ -70,6 +70,13 @@ def _batch(args: argparse.Namespace) -> int:
     from .shards import OutputError
 
     configure_logging(args.log_level)
+    remote_only = [f"--{n.replace('_', '-')}" for n in ("tls_ca_file", "tls_cert_file",
+                                                         "tls_key_file", "api_key_file")
+                   if getattr(args, n)]
+    if remote_only and not args.server:
+        print(f"moe-embed batch: error: {', '.join(remote_only)} need(s) --server",
+              file=sys.stderr)
+        return 2
     progress = "quiet" if args.quiet else args.progress
     opts = JobOptions(Path(args.input), Path(args.out), args.task, args.dimensions,
                       args.normalize, args.text_field, args.id_field, args.chunk_tokens,

@@ -147,3 +147,6 @@ def test_tls_flags_must_pair(corpus, tiny_bundle, tmp_path) -> None:
                      check=False)
     assert proc.returncode == 2
     assert "--tls-cert-file and --tls-key-file go together" in proc.stderr
+    alone = run_batch(str(corpus), "--out", str(tmp_path / "o"), "--task", TASK, "--bundle",
+                      str(tiny_bundle), "--api-key-file", "k", check=False)
+    assert alone.returncode == 2 and "--api-key-file need(s) --server" in alone.stderr
