@@ -91,7 +91,7 @@ def embed_sync(call: Call, texts: Sequence[str], max_inputs: int) -> list:
 
 
 async def embed_async(call: AsyncCall, texts: Sequence[str], max_inputs: int,
-                      concurrency: int) -> list:
+                      concurrency: int, max_chars: int = CALL_CHARS) -> list:
     out = _Outcomes(len(texts))
     room = asyncio.Semaphore(concurrency)
 
@@ -105,7 +105,7 @@ async def embed_async(call: AsyncCall, texts: Sequence[str], max_inputs: int,
                     k = _refused(exc, pending)
                     out.items[pending.pop(k)] = _message(exc)
 
-    tasks = [asyncio.ensure_future(one(p)) for p in calls(texts, max_inputs)]
+    tasks = [asyncio.ensure_future(one(p)) for p in calls(texts, max_inputs, max_chars)]
     try:
         await asyncio.gather(*tasks)
     finally:

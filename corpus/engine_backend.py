@@ -23,7 +23,7 @@ from moe_embed.service.metrics import Metrics
 from moe_embed.workers.runtime.errors import InvalidInput
 from moe_embed.workers.runtime.requests import Limits, resolve_dimensions
 
-from .embedding import Embedded
+from .embedding import CALL_CHARS, Embedded
 from .retry import RETRYABLE, BackendError, Retryable, with_retries
 
 MAX_INPUTS = 256  # texts per engine call (the engine batches them with other calls)
@@ -36,6 +36,7 @@ class EngineBackend:
 
     name = "in-process"
     max_inputs = MAX_INPUTS
+    max_chars = CALL_CHARS
     concurrency = CONCURRENCY
 
     def __init__(self, bundle: str | Path, task: str, dimensions: int, normalize: bool,

@@ -38,6 +38,7 @@ HEAD_BYTES = 1 << 20  # the input's identity: its size and the hash of its first
 class Backend(Protocol):
     name: str
     max_inputs: int
+    max_chars: int  # characters of text per call (about 4 a token)
     concurrency: int
 
     async def start(self) -> dict: ...
@@ -128,7 +129,7 @@ class Job:
                 todo, texts = texts_of(pieces)
                 embedding = asyncio.ensure_future(
                     embed_async(self.backend.embed, texts, self.backend.max_inputs,
-                                self.backend.concurrency))
+                                self.backend.concurrency, self.backend.max_chars))
                 in_flight.append((first_row, records, pieces, todo, embedding))
                 first_row += len(records)
                 if len(in_flight) >= SHARDS_IN_FLIGHT:

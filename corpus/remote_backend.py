@@ -26,6 +26,9 @@ from .embedding import Embedded
 from .retry import RETRYABLE, BackendError, Retryable, with_retries
 
 WINDOW = 4  # calls in flight per server (the server reads up to its own STREAM_WINDOW)
+# characters per request (~1k tokens): the server batches a window of them; one request of
+# ~6k tokens made a first batch that outran the server's stuck-batch limit on a loaded machine
+CALL_CHARS = 4096
 INFO_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 << 20
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -148,6 +151,7 @@ class RemoteBackend:
     name = "remote"
     concurrency: int
     max_inputs: int
+    max_chars = CALL_CHARS
 
     def __init__(self, targets: list[str], task: str, dimensions: int, normalize: bool,
                  security: Security = Security()) -> None:
