@@ -15,6 +15,7 @@ _COMMANDS = (
     "moe_embed.export.commands",
     "moe_embed.service.embed_command",
     "moe_embed.service.serve_command",
+    "moe_embed.batch.command",
 )
 
 
