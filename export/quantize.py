@@ -15,6 +15,14 @@ Storage formats (the strings recorded per tensor in the manifest):
   ONNX Runtime's graph optimizer fuses each (with a following bias Add) into one
   `com.microsoft.DynamicQuantizeMatMul` at session creation: ORT_ENABLE_EXTENDED or above
   (ORT_ENABLE_BASIC runs the unfused nodes).
+- ``int8-rowwise`` (MatMul weights only): int8 weights, symmetric, one fp32 scale per output
+  column; at run time each *row* of the activations gets its own scale (its max-abs / 127) and is
+  quantized to uint8 around 128 (per-axis `QuantizeLinear`), the product is accumulated in int32
+  (`com.microsoft.MatMulIntegerToFloat`, which also applies the column scales), then multiplied by
+  the row scales. Integer sums are exact in any order and every other step is per element or per
+  row, so a row's output depends on that row alone: not on its batch-mates, the number of rows,
+  the GEMM's blocking or the thread count. (Dynamic int8 quantizes a whole call's activations
+  with one scale: a row's result then moves with whatever else is in the call.)
 - ``nbits{4,8}-block{16..256}[-sym]``: block quantization along the input (K) dimension, one fp32
   scale (and, unless ``-sym``, one zero point of the same width) per block. A MatMul weight becomes
   `com.microsoft.MatMulNBits` (via `onnxruntime.quantization.matmul_nbits_quantizer`), the word-
@@ -51,6 +59,7 @@ from .recipes import (
     PRECISIONS,
     RECIPES,
     ROLES,
+    ROWWISE_FORMAT,
     SEGMENT_ROLES,
     Kind,
     NBits,
@@ -189,6 +198,66 @@ def _dynamic_int8(model: onnx.ModelProto, nodes: list[str], per_channel: bool) -
         return onnx.load(str(out))  # loads external data, if any, before tmp goes
 
 
+# the constants a row-wise MatMul adds beside its weight (suffixes of the weight's name)
+_ROWWISE_AUX = ("_act_zero_point", "_act_unit", "_act_inv127", "_act_floor", "_act_axes")
+ACT_LEVELS = 127.0  # symmetric int8 activations: q = round(x / scale) in -127..127
+ACT_FLOOR = 1e-30  # a row of zeros gets this max-abs, not a division by zero
+
+
+def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight]) -> None:
+    """Rewrite each MatMul(x, W) of `weights` in place to the ``int8-rowwise`` form (module
+    docstring). The MatMul's output name is kept, so a following bias Add is untouched.
+
+    x must be 2-D [rows, K] (every weight MatMul of a routed graph reads packed rows): the row
+    scales are a [rows] vector for QuantizeLinear's axis 0, and ONNX Runtime refuses a call whose
+    input has another rank (the flattened scales no longer match axis 0)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    for w in weights:
+        pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
+        x, name, y = node.input[0], node.input[1], node.output[0]
+        weight = numpy_helper.to_array(inits[name]).astype(np.float32)  # [K, N]
+        col_scale = np.abs(weight).max(axis=0) / np.float32(127.0)
+        col_scale = np.where(col_scale > 0, col_scale, np.float32(1.0)).astype(np.float32)
+        q = np.clip(np.rint(weight / col_scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[name])
+        consts = {
+            "_quantized": q, "_scale": col_scale,
+            "_act_zero_point": np.asarray(128, dtype=np.uint8),
+            "_act_unit": np.asarray(1.0, dtype=np.float32),
+            "_act_inv127": np.asarray(1.0 / ACT_LEVELS, dtype=np.float32),
+            "_act_floor": np.asarray(ACT_FLOOR, dtype=np.float32),
+            "_act_axes": np.asarray([-1], dtype=np.int64),
+        }
+        graph.initializer.extend(numpy_helper.from_array(v, name + k) for k, v in consts.items())
+        c = {k: name + k for k in consts}
+        t = f"{node.name}_rw"
+        nodes = [
+            helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_hi"], keepdims=1),
+            helper.make_node("ReduceMin", [x, c["_act_axes"]], [f"{t}_lo"], keepdims=1),
+            helper.make_node("Neg", [f"{t}_lo"], [f"{t}_nlo"]),
+            helper.make_node("Max", [f"{t}_hi", f"{t}_nlo"], [f"{t}_amax"]),
+            helper.make_node("Max", [f"{t}_amax", c["_act_floor"]], [f"{t}_amax_f"]),
+            # the row scales [r, 1]
+            helper.make_node("Mul", [f"{t}_amax_f", c["_act_inv127"]], [f"{t}_row_scale"]),
+            # [r, 1] -> [r] (the axes constant [-1] doubles as the shape)
+            helper.make_node("Reshape", [f"{t}_row_scale", c["_act_axes"]], [f"{t}_rs_flat"]),
+            helper.make_node("Shape", [f"{t}_rs_flat"], [f"{t}_rows"]),
+            helper.make_node("Expand", [c["_act_zero_point"], f"{t}_rows"], [f"{t}_zps"]),
+            helper.make_node("QuantizeLinear", [x, f"{t}_rs_flat", f"{t}_zps"], [f"{t}_xq"],
+                             axis=0),
+            helper.make_node("MatMulIntegerToFloat",
+                             [f"{t}_xq", c["_quantized"], c["_act_unit"], c["_scale"],
+                              c["_act_zero_point"]], [f"{t}_acc"], domain=MS_DOMAIN),
+            helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [y]),
+        ]
+        for i, n in enumerate(nodes):
+            n.name = f"{t}_{i}"
+        graph.node.remove(node)
+        for i, n in enumerate(nodes):
+            graph.node.insert(pos + i, n)
+
+
 def _copy_without(model: onnx.ModelProto, skip: set[str]) -> onnx.ModelProto:
     """A deep copy of `model` in which the initializers named in `skip` are one-row stand-ins of
     the same type and rank: the embedding table (733 MiB) is then neither copied nor sent through
@@ -304,6 +373,8 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
         return (w,)
     if isinstance(parsed, bool):
         return (f"{w}_quantized", f"{w}_scale", f"{w}_zero_point")
+    if isinstance(parsed, str):
+        return (f"{w}_quantized", f"{w}_scale", *(w + a for a in _ROWWISE_AUX))
     names = (f"{w}_Q{parsed.bits}", f"{w}_scales")
     return names if parsed.symmetric else (*names, f"{w}_zero_points")
 
@@ -365,6 +436,9 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
             mine = {w.node for w in weights if w.fmt == fmt and w.op == "MatMul"}
             others = [w.node for w in weights if w.op == "MatMul" and w.node not in mine]
             m = _matmul_nbits(m, others, parse_format(fmt), recipe.accuracy_level)
+    rowwise = [w for w in weights if w.fmt == ROWWISE_FORMAT]
+    if rowwise:
+        _rowwise_int8(m, rowwise)
     for t in model.graph.initializer:
         if t.name in tables:
             _put_table(m, tables[t.name], t)

@@ -22,6 +22,10 @@ ROLES = SEGMENT_ROLES + EXPERT_ROLES
 GATHER_ROLES = ("word_embeddings",)
 
 DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
+ROWWISE_FORMAT = "int8-rowwise"  # int8 weights per column, activations quantized per row
+# bytes of the small constants a row-wise MatMul adds (quantize.py's _ROWWISE_AUX): the activation
+# zero point (uint8), the unit A scale, 1/127 and the scale floor (fp32), the reduce axes (int64)
+ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8
 _NBITS = re.compile(r"^nbits(?P<bits>[48])-block(?P<block>[0-9]+)(?P<sym>-sym)?$")
 _OVERRIDE = re.compile(r"^layers\.(?P<layer>[0-9]+)\.(?P<role>.+)$")
 
@@ -37,10 +41,13 @@ class NBits:
     symmetric: bool
 
 
-def parse_format(fmt: str) -> NBits | bool | None:
-    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``nbits*`` -> NBits. Else raise."""
+def parse_format(fmt: str) -> NBits | bool | str | None:
+    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``int8-rowwise`` -> itself (str);
+    ``nbits*`` -> NBits. Else raise."""
     if fmt == "fp32":
         return None
+    if fmt == ROWWISE_FORMAT:
+        return fmt
     if fmt in DYNAMIC_FORMATS:
         return DYNAMIC_FORMATS[fmt]
     m = _NBITS.match(fmt)
@@ -50,8 +57,8 @@ def parse_format(fmt: str) -> NBits | bool | None:
             raise RecipeError(f"format {fmt!r}: block size must be a power of two in 16..256")
         return NBits(int(m["bits"]), block, bool(m["sym"]))
     raise RecipeError(
-        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-per-channel', 'int8-per-tensor' "
-        "or 'nbits{4|8}-block{16..256}[-sym]'")
+        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-rowwise', 'int8-per-channel', "
+        "'int8-per-tensor' or 'nbits{4|8}-block{16..256}[-sym]'")
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class Recipe:
                 parsed = parse_format(fmt)
             except RecipeError as exc:
                 raise RecipeError(f"recipe {self.name!r}: {where}: {exc}") from None
-            if role in GATHER_ROLES and isinstance(parsed, bool):
+            if role in GATHER_ROLES and isinstance(parsed, bool | str):
                 raise RecipeError(f"recipe {self.name!r}: {where}: {fmt!r} is for MatMul weights; "
                                   "the embedding table takes 'fp32' or 'nbits*'")
         if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
@@ -159,9 +166,9 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
 #   hundreds: slower than int8 everywhere.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
-    "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
+    "int8": _recipe("int8", "int8-rowwise", "int8-rowwise", "nbits8-block128",
                     **{"attn.qkv": "nbits8-block32", "attn.out_proj": "nbits8-block32"}),
-    "int4": _recipe("int4", "nbits4-block32", "int8-per-channel", "nbits4-block64"),
+    "int4": _recipe("int4", "nbits4-block32", "int8-rowwise", "nbits4-block64"),
 }
 PRECISIONS = tuple(RECIPES)
 
@@ -210,6 +217,8 @@ def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) ->
         k, n = shape
     if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
         return k * n + (5 * n if parsed else 5)
+    if isinstance(parsed, str):  # row-wise int8: int8 data, an fp32 scale per column
+        return k * n + 4 * n + ROWWISE_AUX_BYTES
     blocks = -(-k // parsed.block_size)
     # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
     data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8

@@ -188,14 +188,19 @@ def test_graph_ops_match_records(quantized, precision: str) -> None:
         a = attrs["GatherBlockQuantized"]
         assert ops["GatherBlockQuantized"].domain == "com.microsoft"
         assert (a["bits"], a["block_size"], a["quantize_axis"]) == (spec.bits, spec.block_size, 1)
-    if any(f.startswith("int8-") for f in by_format):
+    if any(f.startswith("int8-per-") for f in by_format):
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    if "int8-rowwise" in by_format:  # per-row activation scales, integer accumulation
+        assert ops["MatMulIntegerToFloat"].domain == "com.microsoft"
+        assert ops["QuantizeLinear"].input[1] != "" and "DynamicQuantizeLinear" not in ops
     for node in q.graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
             assert f"nbits{a['bits']}-block{a['block_size']}" in {f.removesuffix("-sym")
                                                                    for f in by_format}
             assert a.get("accuracy_level", 0) == RECIPES[precision].accuracy_level
+    rowwise = [n for n in q.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(rowwise) == sum(1 for r in records if r.format == "int8-rowwise")
     weight_matmuls = [n for n in q.graph.node if n.op_type == "MatMul"
                       and n.input[1] in {t.name for t in q.graph.initializer}]
     n_fp32 = sum(1 for r in records if r.role and r.role != "word_embeddings"
@@ -236,7 +241,7 @@ def test_per_layer_override() -> None:
                     {"layers.2.mlp.fc2": "fp32", "layers.1.expert.w2": "nbits8-block32"})
     _, records = quantize_graph(GRAPHS["segment_1"][0], recipe.validate(), "segment")
     fmt = {(r.role, r.layer): r.format for r in records if r.role}
-    assert fmt[("mlp.fc2", 2)] == "fp32" and fmt[("mlp.fc1", 2)] == "int8-per-channel"
+    assert fmt[("mlp.fc2", 2)] == "fp32" and fmt[("mlp.fc1", 2)] == "int8-rowwise"
     _, records = quantize_graph(GRAPHS["expert_l1_e0"][0], recipe, "expert", layer=1)
     assert {r.role: r.format for r in records} == {"expert.w1": "nbits4-block32",
                                                    "expert.w2": "nbits8-block32"}
@@ -335,3 +340,25 @@ def test_quantized_graph_is_refused_as_input(quantized) -> None:
     q, _ = quantized[("int4", "expert_l1_e0")]
     with pytest.raises(RecipeError, match="already quantized"):
         quantize_graph(q, RECIPES["int4"], "expert")
+
+
+def test_rowwise_int8_is_the_documented_arithmetic() -> None:
+    """int8-rowwise computes, per row r and column n, round(x[r] / s_r) . q[:, n] * c_n * s_r with
+    s_r = max|x[r]| / 127 and q, c the weight's int8 columns and their scales (numpy, independent
+    of ORT); a zero row stays finite."""
+    model, kind, layer, feeds = GRAPHS["expert_l1_e0"]
+    recipe = Recipe("rw", {**RECIPES["int8"].formats, "expert.w1": "int8-rowwise",
+                           "expert.w2": "fp32"}).validate()
+    q, _ = quantize_graph(model, recipe, kind, layer)
+    w1t = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w1.T")
+    w2 = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w2")
+    x = np.concatenate([feeds["x"], np.zeros((1, H), np.float32), 40 * feeds["x"][:2]])
+    c = np.abs(w1t).max(axis=0) / 127
+    qw = np.clip(np.rint(w1t / c), -127, 127)
+    s = np.abs(x).max(axis=1, keepdims=True) / 127
+    qx = np.rint(x / np.maximum(s, 1e-30))
+    h = (qx @ qw) * c * s
+    expected = (0.5 * h * (1 + torch.erf(torch.from_numpy(h / 2**0.5)).numpy())) @ w2
+    got = _run(q, {"x": x})
+    assert np.isfinite(got).all() and np.abs(got[len(feeds["x"])]).max() == 0
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
