@@ -204,9 +204,41 @@ ACT_LEVELS = 127.0  # symmetric int8 activations: q = round(x / scale) in -127..
 ACT_FLOOR = 1e-30  # a row of zeros gets this max-abs, not a division by zero
 
 
-def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight]) -> None:
+OUTLIER_RATIO = 4.0  # an input channel whose LayerNorm |gain| + |bias| is over 4x the median
+SPLIT_TARGET = 2.0  # is split into copies that each carry at most 2x the median
+_SPLIT_AUX = ("_split_index", "_split_scale")
+
+
+def outlier_split(gain: np.ndarray, bias: np.ndarray) -> dict[int, int]:
+    """Input channels to split, and into how many copies, for a MatMul reading LayerNorm(gain,
+    bias)'s output: the channels the LayerNorm makes much larger than the rest (trained models'
+    "massive activation" dimensions). A row's one int8 scale is set by its largest value; an
+    outlier channel split into m copies of x_c / m (their weight rows repeated) no longer sets
+    it, so the other channels keep their precision and the copies' rounding errors average."""
+    a = np.abs(gain.astype(np.float64)) + np.abs(bias.astype(np.float64))
+    ratio = a / max(float(np.median(a)), 1e-30)
+    return {int(c): math.ceil(ratio[c] / SPLIT_TARGET)
+            for c in np.flatnonzero(ratio > OUTLIER_RATIO)}
+
+
+def _input_norms(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """LayerNormalization outputs of a graph -> (gain, bias), where both are initializers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "LayerNormalization" and len(n.input) == 3 \
+                and n.input[1] in inits and n.input[2] in inits:
+            out[n.output[0]] = (numpy_helper.to_array(inits[n.input[1]]),
+                                numpy_helper.to_array(inits[n.input[2]]))
+    return out
+
+
+def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
+                  norms: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Rewrite each MatMul(x, W) of `weights` in place to the ``int8-rowwise`` form (module
-    docstring). The MatMul's output name is kept, so a following bias Add is untouched.
+    docstring). The MatMul's output name is kept, so a following bias Add is untouched. Where x
+    is a LayerNorm's output (`norms`: tensor name -> gain, bias) with outlier channels, those are
+    split first (outlier_split).
 
     x must be 2-D [rows, K] (every weight MatMul of a routed graph reads packed rows): the row
     scales are a [rows] vector for QuantizeLinear's axis 0, and ONNX Runtime refuses a call whose
@@ -217,22 +249,39 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight]) -> None:
         pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
         x, name, y = node.input[0], node.input[1], node.output[0]
         weight = numpy_helper.to_array(inits[name]).astype(np.float32)  # [K, N]
+        t = f"{node.name}_rw"
+        split = outlier_split(*norms[x]) if x in norms else {}
+        consts: dict[str, np.ndarray] = {}
+        pre = []
+        if split:
+            k = weight.shape[0]
+            chans = np.asarray(sorted(split), dtype=np.int64)
+            copies = np.asarray([split[c] for c in sorted(split)], dtype=np.int64)
+            index = np.concatenate([np.arange(k), np.repeat(chans, copies - 1)])
+            share = np.ones(k, dtype=np.float32)
+            share[chans] = 1.0 / copies
+            consts["_split_index"] = index.astype(np.int64)
+            consts["_split_scale"] = np.concatenate(
+                [share, np.repeat(share[chans], copies - 1)]).astype(np.float32)
+            weight = weight[index]
+            pre = [helper.make_node("Gather", [x, name + "_split_index"], [f"{t}_xs"], axis=1),
+                   helper.make_node("Mul", [f"{t}_xs", name + "_split_scale"], [f"{t}_x"])]
+            x = f"{t}_x"
         col_scale = np.abs(weight).max(axis=0) / np.float32(127.0)
         col_scale = np.where(col_scale > 0, col_scale, np.float32(1.0)).astype(np.float32)
         q = np.clip(np.rint(weight / col_scale), -127, 127).astype(np.int8)
         graph.initializer.remove(inits[name])
-        consts = {
+        consts.update({
             "_quantized": q, "_scale": col_scale,
             "_act_zero_point": np.asarray(128, dtype=np.uint8),
             "_act_unit": np.asarray(1.0, dtype=np.float32),
             "_act_inv127": np.asarray(1.0 / ACT_LEVELS, dtype=np.float32),
             "_act_floor": np.asarray(ACT_FLOOR, dtype=np.float32),
             "_act_axes": np.asarray([-1], dtype=np.int64),
-        }
+        })
         graph.initializer.extend(numpy_helper.from_array(v, name + k) for k, v in consts.items())
         c = {k: name + k for k in consts}
-        t = f"{node.name}_rw"
-        nodes = [
+        nodes = pre + [
             helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_hi"], keepdims=1),
             helper.make_node("ReduceMin", [x, c["_act_axes"]], [f"{t}_lo"], keepdims=1),
             helper.make_node("Neg", [f"{t}_lo"], [f"{t}_nlo"]),
@@ -379,6 +428,12 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
     return names if parsed.symmetric else (*names, f"{w}_zero_points")
 
 
+def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
+    """Tensors a weight of `fmt` holds only in some graphs (an outlier split's index and
+    shares)."""
+    return tuple(w + a for a in _SPLIT_AUX) if fmt == ROWWISE_FORMAT else ()
+
+
 def tensor_bytes(t: TensorProto) -> int:
     """Bytes of an initializer's data, from its shape and type (never materialized)."""
     if t.data_location == TensorProto.EXTERNAL:
@@ -406,11 +461,16 @@ def storage_records(model: onnx.ModelProto, kind: Kind | None,
 
 
 def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
-                   layer: int | None = None) -> tuple[onnx.ModelProto, list[TensorStorage]]:
+                   layer: int | None = None,
+                   input_norm: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[onnx.ModelProto, list[TensorStorage]]:
     """Quantize one bundle graph (an expert's, or a dense segment's) according to `recipe`.
 
     `model` is not modified. `layer` is the MoE layer of an expert graph (for per-layer
-    overrides); segment weights carry their layer in their names. Returns the new graph and one
+    overrides); segment weights carry their layer in their names. `input_norm` is the (gain,
+    bias) of the LayerNorm whose output an expert graph's input is (its layer's norm1, in another
+    graph): int8-rowwise splits the outlier channels it names; a segment's LayerNorms are read from
+    the graph itself. Returns the new graph and one
     TensorStorage per initializer of `model` (their bytes add up to the new graph's initializers).
     """
     if kind not in ("expert", "segment"):
@@ -438,7 +498,10 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
             m = _matmul_nbits(m, others, parse_format(fmt), recipe.accuracy_level)
     rowwise = [w for w in weights if w.fmt == ROWWISE_FORMAT]
     if rowwise:
-        _rowwise_int8(m, rowwise)
+        norms = _input_norms(m)
+        if input_norm is not None:
+            norms[m.graph.input[0].name] = input_norm
+        _rowwise_int8(m, rowwise, norms)
     for t in model.graph.initializer:
         if t.name in tables:
             _put_table(m, tables[t.name], t)
@@ -452,6 +515,7 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
         fmt = w.fmt if w else ("fp32" if dtype == TensorProto.FLOAT else
                                helper.tensor_dtype_to_np_dtype(dtype).name)
         names = _stored_names(name, fmt if w else "fp32")
+        names += tuple(n for n in _optional_names(name, fmt if w else "fp32") if n in stored)
         absent = [n for n in names if n not in stored]
         if absent:
             raise RuntimeError(f"{m.graph.name}: after quantization, {name!r} ({fmt}) is missing "
