@@ -56,6 +56,7 @@ from .recipes import (
     DYNAMIC_FORMATS,
     EXPERT_ROLES,
     GATHER_ROLES,
+    GELU_INPUT_ROLES,
     PRECISIONS,
     RECIPES,
     ROLES,
@@ -199,9 +200,14 @@ def _dynamic_int8(model: onnx.ModelProto, nodes: list[str], per_channel: bool) -
 
 
 # the constants a row-wise MatMul adds beside its weight (suffixes of the weight's name)
-_ROWWISE_AUX = ("_act_zero_point", "_act_unit", "_act_inv127", "_act_floor", "_act_axes")
+_ROWWISE_AUX = ("_act_zero_point", "_act_unit", "_act_step", "_act_floor", "_act_axes")
+_GELU_AUX = ("_act_offset", "_act_correction")
 ACT_LEVELS = 127.0  # symmetric int8 activations: q = round(x / scale) in -127..127
 ACT_FLOOR = 1e-30  # a row of zeros gets this max-abs, not a division by zero
+# GELU's output is >= -0.16997: shifted by this it is >= 0 and takes all 256 uint8 levels
+# (q = round((x + offset) / scale) in 0..255, one scale per row, zero point 0), and the shift's
+# product with the weights, a constant per column, is subtracted after the GEMM
+GELU_OFFSET = 0.17
 
 
 OUTLIER_RATIO = 4.0  # an input channel whose LayerNorm |gain| + |bias| is over 4x the median
@@ -240,16 +246,25 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
     is a LayerNorm's output (`norms`: tensor name -> gain, bias) with outlier channels, those are
     split first (outlier_split).
 
+    A MatMul of a GELU_INPUT_ROLES role reads a Gelu's output: its rows are shifted by
+    GELU_OFFSET and quantized over 0..255 (twice the levels the symmetric form gives a row whose
+    negative side is tiny); the shift's contribution is subtracted per column after the GEMM.
+
     x must be 2-D [rows, K] (every weight MatMul of a routed graph reads packed rows): the row
     scales are a [rows] vector for QuantizeLinear's axis 0, and ONNX Runtime refuses a call whose
     input has another rank (the flattened scales no longer match axis 0)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     for w in weights:
         pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
         x, name, y = node.input[0], node.input[1], node.output[0]
         weight = numpy_helper.to_array(inits[name]).astype(np.float32)  # [K, N]
         t = f"{node.name}_rw"
+        gelu = w.role in GELU_INPUT_ROLES
+        if gelu and (x not in producer or producer[x].op_type != "Gelu"):
+            raise RecipeError(f"{model.graph.name}: {name!r} ({w.role}) should read a Gelu's "
+                              "output; its input's producer is not one")
         split = outlier_split(*norms[x]) if x in norms else {}
         consts: dict[str, np.ndarray] = {}
         pre = []
@@ -273,33 +288,53 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
         graph.initializer.remove(inits[name])
         consts.update({
             "_quantized": q, "_scale": col_scale,
-            "_act_zero_point": np.asarray(128, dtype=np.uint8),
+            "_act_zero_point": np.asarray(0 if gelu else 128, dtype=np.uint8),
             "_act_unit": np.asarray(1.0, dtype=np.float32),
-            "_act_inv127": np.asarray(1.0 / ACT_LEVELS, dtype=np.float32),
+            "_act_step": np.asarray(1.0 / (255.0 if gelu else ACT_LEVELS), dtype=np.float32),
             "_act_floor": np.asarray(ACT_FLOOR, dtype=np.float32),
             "_act_axes": np.asarray([-1], dtype=np.int64),
         })
+        if gelu:
+            dequantized = q.astype(np.float64) * col_scale.astype(np.float64)
+            consts["_act_offset"] = np.asarray(GELU_OFFSET, dtype=np.float32)
+            consts["_act_correction"] = (-GELU_OFFSET * dequantized.sum(axis=0)).astype(
+                np.float32)
         graph.initializer.extend(numpy_helper.from_array(v, name + k) for k, v in consts.items())
         c = {k: name + k for k in consts}
-        nodes = pre + [
-            helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_hi"], keepdims=1),
-            helper.make_node("ReduceMin", [x, c["_act_axes"]], [f"{t}_lo"], keepdims=1),
-            helper.make_node("Neg", [f"{t}_lo"], [f"{t}_nlo"]),
-            helper.make_node("Max", [f"{t}_hi", f"{t}_nlo"], [f"{t}_amax"]),
+        if gelu:  # x + offset >= 0: its row max sets the scale, zero point 0 (the default)
+            x0 = x
+            x = f"{t}_shifted"
+            scale_in = [helper.make_node("Add", [x0, c["_act_offset"]], [x]),
+                        helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_amax"],
+                                         keepdims=1)]
+        else:  # symmetric around 128: the row's max-abs sets the scale
+            scale_in = [
+                helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_hi"], keepdims=1),
+                helper.make_node("ReduceMin", [x, c["_act_axes"]], [f"{t}_lo"], keepdims=1),
+                helper.make_node("Neg", [f"{t}_lo"], [f"{t}_nlo"]),
+                helper.make_node("Max", [f"{t}_hi", f"{t}_nlo"], [f"{t}_amax"])]
+        zero_points = [] if gelu else [
+            helper.make_node("Shape", [f"{t}_rs_flat"], [f"{t}_rows"]),
+            helper.make_node("Expand", [c["_act_zero_point"], f"{t}_rows"], [f"{t}_zps"])]
+        nodes = pre + scale_in + [
             helper.make_node("Max", [f"{t}_amax", c["_act_floor"]], [f"{t}_amax_f"]),
             # the row scales [r, 1]
-            helper.make_node("Mul", [f"{t}_amax_f", c["_act_inv127"]], [f"{t}_row_scale"]),
+            helper.make_node("Mul", [f"{t}_amax_f", c["_act_step"]], [f"{t}_row_scale"]),
             # [r, 1] -> [r] (the axes constant [-1] doubles as the shape)
             helper.make_node("Reshape", [f"{t}_row_scale", c["_act_axes"]], [f"{t}_rs_flat"]),
-            helper.make_node("Shape", [f"{t}_rs_flat"], [f"{t}_rows"]),
-            helper.make_node("Expand", [c["_act_zero_point"], f"{t}_rows"], [f"{t}_zps"]),
-            helper.make_node("QuantizeLinear", [x, f"{t}_rs_flat", f"{t}_zps"], [f"{t}_xq"],
-                             axis=0),
+            *zero_points,
+            helper.make_node("QuantizeLinear",
+                             [x, f"{t}_rs_flat"] + ([] if gelu else [f"{t}_zps"]),
+                             [f"{t}_xq"], axis=0),
             helper.make_node("MatMulIntegerToFloat",
                              [f"{t}_xq", c["_quantized"], c["_act_unit"], c["_scale"],
                               c["_act_zero_point"]], [f"{t}_acc"], domain=MS_DOMAIN),
-            helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [y]),
         ]
+        if gelu:
+            nodes += [helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [f"{t}_y"]),
+                      helper.make_node("Add", [f"{t}_y", c["_act_correction"]], [y])]
+        else:
+            nodes.append(helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [y]))
         for i, n in enumerate(nodes):
             n.name = f"{t}_{i}"
         graph.node.remove(node)
@@ -431,7 +466,7 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
 def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
     """Tensors a weight of `fmt` holds only in some graphs (an outlier split's index and
     shares)."""
-    return tuple(w + a for a in _SPLIT_AUX) if fmt == ROWWISE_FORMAT else ()
+    return tuple(w + a for a in _SPLIT_AUX + _GELU_AUX) if fmt == ROWWISE_FORMAT else ()
 
 
 def tensor_bytes(t: TensorProto) -> int:

@@ -20,6 +20,7 @@ SEGMENT_ROLES = ("word_embeddings", "attn.qkv", "attn.out_proj", "mlp.fc1", "mlp
 EXPERT_ROLES = ("expert.w1", "expert.w2")
 ROLES = SEGMENT_ROLES + EXPERT_ROLES
 GATHER_ROLES = ("word_embeddings",)
+GELU_INPUT_ROLES = ("mlp.fc2", "expert.w2")  # their MatMul reads a Gelu's output
 
 DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
 ROWWISE_FORMAT = "int8-rowwise"  # int8 weights per column, activations quantized per row
@@ -218,7 +219,8 @@ def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) ->
     if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
         return k * n + (5 * n if parsed else 5)
     if isinstance(parsed, str):  # row-wise int8: int8 data, an fp32 scale per column
-        return k * n + 4 * n + ROWWISE_AUX_BYTES
+        gelu = 4 + 4 * n if role in GELU_INPUT_ROLES else 0  # offset, correction per column
+        return k * n + 4 * n + ROWWISE_AUX_BYTES + gelu
     blocks = -(-k // parsed.block_size)
     # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
     data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8
