@@ -52,6 +52,11 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
 }
 
 
+# the quantizer's source as this process imported it: a cached bundle is reused only if the code
+# that would export it again is the same
+CODE = "".join((HERE.parent / "export" / f).read_text() for f in ("quantize.py", "recipes.py"))
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -91,9 +96,8 @@ def dir_bytes(path: Path) -> int:
 def bundle(ckpt: Path, root: Path, name: str, precision: str, recipe: Recipe | None) -> Path:
     from moe_embed.export.split import export_bundle
 
-    code = "".join((HERE.parent / "export" / f).read_text() for f in ("quantize.py", "recipes.py"))
     key = "fp32" if recipe is None else hashlib.sha256(
-        (json.dumps(recipe.to_dict(), sort_keys=True) + code).encode()).hexdigest()[:10]
+        (json.dumps(recipe.to_dict(), sort_keys=True) + CODE).encode()).hexdigest()[:10]
     path = root / "bundles" / ckpt.name / f"{name}-{key}"
     if not (path / "manifest.json").is_file():
         t = time.perf_counter()

@@ -143,28 +143,22 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
     return Recipe(name, formats).validate()
 
 
-# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
-# VNNI + AMX); cosine = pooled embeddings vs the fp32 reference. benchmarks/QUANT.md has the table
-# against llama.cpp's GGUF variants; benchmarks/quant_kernels.py the per-kernel figures.
+# The shipped recipes. Every format they use gives each row of a GEMM a result that depends on
+# that row alone (int8-rowwise: per-row activation scales and int32 sums; MatMulNBits at
+# accuracy_level 4: per-block-of-a-row scales), so a text's vector is bit-identical whatever it is
+# batched with (tests/test_batch_invariance.py). Chosen on several full-size synthetic checkpoints,
+# one with outlier channels, side by side with llama.cpp's GGUFs of each (benchmarks/QUANT.md,
+# benchmarks/quant_recipes.py); per-kernel speed and row invariance: benchmarks/quant_kernels.py.
 #
-# - int8: the FFN weights (experts, fc1, fc2) as dynamic int8 per channel: DynamicQuantizeMatMul
-#   runs them 3-9x faster than fp32 (AMX/VNNI), but quantizes each call's activations with one
-#   scale. Attention's two projections take MatMulNBits 8-bit block 32 with accuracy_level 4
-#   (weights and activations quantized per block of 32, like llama.cpp's Q8_0): quantized one
-#   role at a time, dynamic int8 costs 1 - cos ~1.0e-3 on attn.out_proj (its inputs are nearly
-#   the same for every token of a text on random weights, so its error does not average out in
-#   the mean pooling) and on attn.qkv (the softmax amplifies q/k errors), block 32 ~3e-4; on
-#   fc1 / fc2 / experts dynamic int8 costs 4.4e-4 / 4.9e-4 / 1.7e-4. MatMulNBits 8-bit has no
-#   fast int8 path here: at 16+ rows it runs at 0.85-1.0x fp32, so every role moved to it costs
-#   batch speed (all-dynamic int8: 3.3x fp32 on a batch, 1 - cos 2.3e-3; this recipe 1.9x, 1.1e-3;
-#   fc1/fc2 at block 32 too: ~1.5x). Row-wise activation scaling around dynamic int8 gained
-#   nothing (1.22e-3 either way) and cost 9%. Table 8-bit block 128 (block 32: +21 MiB; the table
-#   alone costs 7e-5 at block 128). 484 MiB.
-# - int4: 4-bit block-32 experts (block 128: -23 MiB and 1.2x faster, but 1 - cos 0.020 instead
-#   of 0.014; block 64 no better than 128 on these weights), dense linears at dynamic int8
-#   (4-bit dense: 0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32:
-#   +13 MiB for +0.0006). 316 MiB. MatMulNBits 4-bit is ~2x fp32 at a few rows, ~0.8x at
-#   hundreds: slower than int8 everywhere.
+# - int8: the FFN weights (experts, fc1, fc2) as int8-rowwise, the fast integer path (VNNI);
+#   attention's two projections as MatMulNBits 8-bit block 32 (per-block activation scales, like
+#   llama.cpp's Q8_0: the softmax amplifies q/k errors, and out_proj's error does not average out
+#   in the mean pooling); table 8-bit block 128 (block 32: +21 MiB, over Q8_0's size). 484 MiB.
+#   Dynamic int8 (one activation scale per call) was faster still but made vectors depend on
+#   their batch-mates; it is no longer used.
+# - int4: 4-bit block-32 experts (MatMulNBits, accuracy level 4), dense linears int8-rowwise
+#   (4-bit dense flips routers), table 4-bit block 64 (block 32: +13 MiB for nothing measurable).
+#   316 MiB.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
     "int8": _recipe("int8", "int8-rowwise", "int8-rowwise", "nbits8-block128",
