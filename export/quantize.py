@@ -211,20 +211,17 @@ GELU_OFFSET = 0.17
 
 
 OUTLIER_RATIO = 4.0  # an input channel whose LayerNorm |gain| + |bias| is over 4x the median
-SPLIT_TARGET = 2.0  # is split into copies that each carry at most 2x the median
-_SPLIT_AUX = ("_split_index", "_split_scale")
+_OUTLIER_AUX = ("_outlier_index", "_outlier_mask", "_outlier_weight")
 
 
-def outlier_split(gain: np.ndarray, bias: np.ndarray) -> dict[int, int]:
-    """Input channels to split, and into how many copies, for a MatMul reading LayerNorm(gain,
-    bias)'s output: the channels the LayerNorm makes much larger than the rest (trained models'
-    "massive activation" dimensions). A row's one int8 scale is set by its largest value; an
-    outlier channel split into m copies of x_c / m (their weight rows repeated) no longer sets
-    it, so the other channels keep their precision and the copies' rounding errors average."""
+def outlier_channels(gain: np.ndarray, bias: np.ndarray) -> list[int]:
+    """Input channels to keep in fp32, for a MatMul reading LayerNorm(gain, bias)'s output: the
+    channels the LayerNorm makes much larger than the rest (trained models' "massive activation"
+    dimensions). A row's one int8 scale is set by its largest value: with such a channel in the
+    row, every other channel would lose most of its levels."""
     a = np.abs(gain.astype(np.float64)) + np.abs(bias.astype(np.float64))
     ratio = a / max(float(np.median(a)), 1e-30)
-    return {int(c): math.ceil(ratio[c] / SPLIT_TARGET)
-            for c in np.flatnonzero(ratio > OUTLIER_RATIO)}
+    return [int(c) for c in np.flatnonzero(ratio > OUTLIER_RATIO)]
 
 
 def _input_norms(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -243,8 +240,9 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
                   norms: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Rewrite each MatMul(x, W) of `weights` in place to the ``int8-rowwise`` form (module
     docstring). The MatMul's output name is kept, so a following bias Add is untouched. Where x
-    is a LayerNorm's output (`norms`: tensor name -> gain, bias) with outlier channels, those are
-    split first (outlier_split).
+    is a LayerNorm's output (`norms`: tensor name -> gain, bias) with outlier channels
+    (outlier_channels), those few channels are multiplied in fp32 (a [rows, c] x [c, N] MatMul,
+    row by row like every fp32 GEMM here) and zeroed in the int8 product.
 
     A MatMul of a GELU_INPUT_ROLES role reads a Gelu's output: its rows are shifted by
     GELU_OFFSET and quantized over 0..255 (twice the levels the symmetric form gives a row whose
@@ -265,22 +263,22 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
         if gelu and (x not in producer or producer[x].op_type != "Gelu"):
             raise RecipeError(f"{model.graph.name}: {name!r} ({w.role}) should read a Gelu's "
                               "output; its input's producer is not one")
-        split = outlier_split(*norms[x]) if x in norms else {}
+        outliers = outlier_channels(*norms[x]) if x in norms else []
         consts: dict[str, np.ndarray] = {}
-        pre = []
-        if split:
-            k = weight.shape[0]
-            chans = np.asarray(sorted(split), dtype=np.int64)
-            copies = np.asarray([split[c] for c in sorted(split)], dtype=np.int64)
-            index = np.concatenate([np.arange(k), np.repeat(chans, copies - 1)])
-            share = np.ones(k, dtype=np.float32)
-            share[chans] = 1.0 / copies
-            consts["_split_index"] = index.astype(np.int64)
-            consts["_split_scale"] = np.concatenate(
-                [share, np.repeat(share[chans], copies - 1)]).astype(np.float32)
-            weight = weight[index]
-            pre = [helper.make_node("Gather", [x, name + "_split_index"], [f"{t}_xs"], axis=1),
-                   helper.make_node("Mul", [f"{t}_xs", name + "_split_scale"], [f"{t}_x"])]
+        pre, post = [], []
+        if outliers:  # x[:, outliers] @ W[outliers] in fp32, the rest as int8 with them zeroed
+            mask = np.ones(weight.shape[0], dtype=np.float32)
+            mask[outliers] = 0.0
+            consts["_outlier_index"] = np.asarray(outliers, dtype=np.int64)
+            consts["_outlier_mask"] = mask
+            consts["_outlier_weight"] = weight[outliers].copy()
+            weight = weight * mask[:, None]
+            pre = [helper.make_node("Mul", [x, name + "_outlier_mask"], [f"{t}_x"])]
+            post = [helper.make_node("Gather", [x, name + "_outlier_index"], [f"{t}_xo"], axis=1),
+                    helper.make_node("MatMul", [f"{t}_xo", name + "_outlier_weight"],
+                                     [f"{t}_yo"]),
+                    helper.make_node("Add", [f"{t}_yi", f"{t}_yo"], [y])]
+            y = f"{t}_yi"
             x = f"{t}_x"
         col_scale = np.abs(weight).max(axis=0) / np.float32(127.0)
         col_scale = np.where(col_scale > 0, col_scale, np.float32(1.0)).astype(np.float32)
@@ -335,6 +333,7 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
                       helper.make_node("Add", [f"{t}_y", c["_act_correction"]], [y])]
         else:
             nodes.append(helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [y]))
+        nodes += post
         for i, n in enumerate(nodes):
             n.name = f"{t}_{i}"
         graph.node.remove(node)
@@ -464,9 +463,9 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
 
 
 def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
-    """Tensors a weight of `fmt` holds only in some graphs (an outlier split's index and
-    shares)."""
-    return tuple(w + a for a in _SPLIT_AUX + _GELU_AUX) if fmt == ROWWISE_FORMAT else ()
+    """Tensors a weight of `fmt` holds only in some graphs (outlier channels, a Gelu input's
+    shift)."""
+    return tuple(w + a for a in _OUTLIER_AUX + _GELU_AUX) if fmt == ROWWISE_FORMAT else ()
 
 
 def tensor_bytes(t: TensorProto) -> int:
@@ -504,9 +503,9 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
     `model` is not modified. `layer` is the MoE layer of an expert graph (for per-layer
     overrides); segment weights carry their layer in their names. `input_norm` is the (gain,
     bias) of the LayerNorm whose output an expert graph's input is (its layer's norm1, in another
-    graph): int8-rowwise splits the outlier channels it names; a segment's LayerNorms are read from
-    the graph itself. Returns the new graph and one
-    TensorStorage per initializer of `model` (their bytes add up to the new graph's initializers).
+    graph): int8-rowwise keeps the outlier channels it names in fp32; a segment's LayerNorms are
+    read from the graph itself. Returns the new graph and one TensorStorage per initializer of
+    `model` (their bytes add up to the new graph's initializers).
     """
     if kind not in ("expert", "segment"):
         raise RecipeError(f"kind must be 'expert' or 'segment', got {kind!r}")

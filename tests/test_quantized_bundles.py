@@ -236,11 +236,12 @@ def test_inconsistent_precision_records_are_refused(fp32_copy, change, message) 
         Bundle.load(fp32_copy)
 
 
-def test_outlier_channels_are_split_in_every_graph_that_reads_them(tmp_path,
+def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
                                                                    multilingual_texts) -> None:
-    """A checkpoint with outlier channels (LayerNorm gains x30 on 2 dims): the int8 export splits
-    them in every MatMul that reads a LayerNorm's output, the experts included (their LayerNorm is
-    in a segment graph, handed over by the exporter), and vectors stay batch-invariant."""
+    """A checkpoint with outlier channels (LayerNorm gains x30 on 2 dims): the int8 export keeps
+    them in fp32 in every int8-rowwise MatMul that reads a LayerNorm's output, the experts
+    included (their LayerNorm is in a segment graph, handed over by the exporter), and vectors
+    stay batch-invariant."""
     import onnx
 
     from moe_embed.export.synthetic import write_synthetic
@@ -253,8 +254,8 @@ def test_outlier_channels_are_split_in_every_graph_that_reads_them(tmp_path,
     for rel in sorted(_graph_files(m)):
         names = {t.name for t in onnx.load(str(path / rel), load_external_data=False)
                  .graph.initializer}
-        split[rel] = sorted(n.removesuffix(".T_split_index").removesuffix("_split_index")
-                            for n in names if n.endswith("_split_index"))
+        split[rel] = sorted(n.removesuffix(".T_outlier_index")
+                            for n in names if n.endswith("_outlier_index"))
     experts = [r for r in split if r.startswith("experts/")]
     assert experts and all(split[r] == ["w1"] for r in experts), split
     rowwise_ln_inputs = [f"encoder.layers.{i}.mlp.fc1.weight" for i in range(4)
