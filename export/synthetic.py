@@ -115,7 +115,8 @@ def write_synthetic(out: str | Path, size: str = "tiny", seed: int = 0,
     every LayerNorm on that many hidden dimensions (outlier_dims) by `outlier_gain`, leaving
     every other value as it was. `weight_scale` multiplies every linear weight's std. `layers`
     overrides the layer count (a reduced checkpoint with the size's real widths, for quick
-    exploration). The options are recorded in config.json under `synthetic_options`.
+    exploration). These three options are recorded in config.json under `synthetic_options`
+    (absent when none is used, so a default checkpoint's config is what it always was).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -130,9 +131,10 @@ def write_synthetic(out: str | Path, size: str = "tiny", seed: int = 0,
         raw["n_layer"] = layers
     cfg = parse_config(raw)
     dims = outlier_dims(cfg.n_embd, outlier_channels, seed)
-    options = {"seed": seed, "zero_expert_bias": zero_expert_bias, "weight_scale": weight_scale,
-               "outlier_dims": dims, "outlier_gain": outlier_gain if dims else None}
-    raw["synthetic_options"] = options
+    if dims or weight_scale != 1.0 or layers is not None:  # the default's config stays as it was
+        raw["synthetic_options"] = {"seed": seed, "weight_scale": weight_scale,
+                                    "outlier_dims": dims,
+                                    "outlier_gain": outlier_gain if dims else None}
     gen = torch.Generator().manual_seed(seed)
     tensors = {
         name: _tensor(name, shape, gen, cfg.n_embd, weight_scale).contiguous()

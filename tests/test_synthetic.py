@@ -40,6 +40,11 @@ def test_outlier_channels_scale_only_layer_norm_gains_on_those_dims(default, tmp
     assert load_checkpoint(str(out)).config.n_embd == 64  # still the upstream format
 
 
+def test_default_config_has_no_options_recorded(tmp_path) -> None:
+    out = write_synthetic(tmp_path / "d", "tiny", seed=1, zero_expert_bias=True)
+    assert "synthetic_options" not in json.loads((out / "config.json").read_text())
+
+
 def test_weight_scale_scales_linear_weights_only(default, tmp_path) -> None:
     got = load_file(write_synthetic(tmp_path / "w", "tiny", seed=5, weight_scale=2.0)
                     / "model.safetensors")
@@ -57,7 +62,7 @@ def test_layers_override_and_cli_flags(tmp_path) -> None:
     ck = load_checkpoint(str(out))
     assert ck.config.n_layer == 2 and ck.config.moe_layers == [1]
     opts = json.loads((out / "config.json").read_text())["synthetic_options"]
-    assert opts == {"seed": 2, "zero_expert_bias": False, "weight_scale": 0.5,
-                    "outlier_dims": outlier_dims(64, 2, 2), "outlier_gain": 40.0}
+    assert opts == {"seed": 2, "weight_scale": 0.5, "outlier_dims": outlier_dims(64, 2, 2),
+                    "outlier_gain": 40.0}
     gains = ck.tensors["emb_ln.weight"]
     assert gains[opts["outlier_dims"]].abs().min() > 10 * gains.abs().median()
