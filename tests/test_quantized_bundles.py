@@ -21,7 +21,7 @@ from support.service import ServerThread, free_port, vectors
 
 from moe_embed.export.bundle import Bundle, BundleError, Manifest
 from moe_embed.export.commands import PRECISIONS
-from moe_embed.export.quantize import RECIPES, RecipeError
+from moe_embed.export.quantize import RECIPES, Recipe, RecipeError
 from moe_embed.export.reference import pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.v1 import embedder_pb2 as pb
@@ -248,7 +248,10 @@ def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
     from moe_embed.workers.runtime.runtime import pack
 
     ckpt = write_synthetic(tmp_path / "ckpt", "tiny", seed=3, outlier_channels=2)
-    path = export_bundle(str(ckpt), tmp_path / "int8", precision="int8")
+    # every MatMul weight int8-rowwise (the shipped int8 keeps fc1 on 8-bit blocks)
+    recipe = Recipe("int8", {r: "int8-rowwise" for r in RECIPES["int8"].formats}
+                    | {"word_embeddings": "nbits8-block128"}).validate()
+    path = export_bundle(str(ckpt), tmp_path / "int8", precision="int8", recipe=recipe)
     m = Bundle.load(path).manifest
     split = {}
     for rel in sorted(_graph_files(m)):
@@ -258,8 +261,9 @@ def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
                             for n in names if n.endswith("_outlier_index"))
     experts = [r for r in split if r.startswith("experts/")]
     assert experts and all(split[r] == ["w1"] for r in experts), split
-    rowwise_ln_inputs = [f"encoder.layers.{i}.mlp.fc1.weight" for i in range(4)
-                         if i not in m.config.moe_layers]
+    rowwise_ln_inputs = [f"encoder.layers.{i}.{r}.weight" for i in range(4)
+                         for r in ("attn.Wqkv", "mlp.fc1")
+                         if r != "mlp.fc1" or i not in m.config.moe_layers]
     assert sorted(n for r in split if r.startswith("segments/") for n in split[r]) == \
         sorted(rowwise_ln_inputs)
     rt = Runtime(path, threads=2)
