@@ -10,7 +10,8 @@ shared arena, ORT_ENABLE_ALL), 2 threads unless --threads. Prints:
    768x768, fc1 768x3072, fc2 3072x768, each MatMul + bias) and rows M: the median time per call
    of every variant and its speedup over fp32, all variants interleaved in one loop so ratios are
    side by side; output error vs fp32 at M=64 (max-abs error over the fp32 output's max-abs, and
-   cosine); bytes per weight; the ops ORT runs after graph optimization.
+   cosine); whether a row's output is the same alone, in the M=64 call and beside louder rows
+   (bit for bit: "row-invariant"); bytes per weight; the ops ORT runs after graph optimization.
 2. GatherBlockQuantized on a 250048 x 768 table vs fp32 Gather (16 and 4096 ids): time,
    reconstruction error, bytes per weight.
 
@@ -90,6 +91,7 @@ def uniform(name: str, fmt: str, accuracy_level: int = 4) -> Recipe:
 
 def variants(quick: bool) -> list[tuple[str, Recipe]]:
     out = [("fp32", RECIPES["fp32"]),
+           ("int8-rowwise", uniform("rw", "int8-rowwise")),
            ("dyn-int8 per-channel", uniform("dyn-pc", "int8-per-channel")),
            ("dyn-int8 per-tensor", uniform("dyn-pt", "int8-per-tensor"))]
     blocks = (32,) if quick else (32, 64, 128)
@@ -154,6 +156,11 @@ def bench_shape(label: str, model: onnx.ModelProto, kind: str, k_in: int, gelu_i
     for name, s in sessions.items():
         y = s.run(None, {"x": x_all[:ERROR_ROWS]})[0]
         info[name]["err"], info[name]["cos"] = errors(y, ref)
+        # row-invariant: rows 0..3 alone, and beside 4x louder rows, equal their M=64 result
+        loud = np.concatenate([4 * x_all[ERROR_ROWS:ERROR_ROWS + 5], x_all[:4]])
+        info[name]["row_invariant"] = bool(
+            all(np.array_equal(s.run(None, {"x": x_all[i:i + 1]})[0], y[i:i + 1])
+                for i in range(4)) and np.array_equal(s.run(None, {"x": loud})[0][5:], y[:4]))
     rows = []
     for m in ROWS:
         t = timed(sessions, {"x": np.ascontiguousarray(x_all[:m])}, budget_s)
@@ -169,14 +176,14 @@ def print_shape(rows: list[dict]) -> None:
     by = {(r["variant"], r["M"]): r for r in rows}
     print(f"\n### {label}")
     head = "| variant | B/weight | " + " | ".join(f"M={m} ms (x)" for m in ROWS) + \
-        f" | err@{ERROR_ROWS} | cos@{ERROR_ROWS} | ops after ORT optimization |"
+        f" | err@{ERROR_ROWS} | cos@{ERROR_ROWS} | row-invariant | ops after ORT optimization |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for n in names:
         r0 = by[(n, ROWS[0])]
         cells = " | ".join(f"{by[(n, m)]['ms']:.3f} ({by[(n, m)]['speedup']:.2f})" for m in ROWS)
         print(f"| {n} | {r0['bytes_per_weight']:.3f} | {cells} | {r0['err']:.2e} | "
-              f"{r0['cos']:.6f} | {r0['ops']} |")
+              f"{r0['cos']:.6f} | {'yes' if r0['row_invariant'] else 'NO'} | {r0['ops']} |")
     sys.stdout.flush()
 
 

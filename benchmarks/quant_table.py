@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = extra.partition("=")
         paths[name] = Path(path)
         args.variants.append(name)
-    ggufs = make_ggufs(checkpoint, types=("F32", *GGUF))
+    ggufs = make_ggufs(checkpoint, types=("F32", *[v for v in GGUF if v in args.variants]))
     meta.update(checkpoint=str(checkpoint), bundles={k: str(v) for k, v in paths.items()},
                 exports=built, ggufs={k: str(v) for k, v in ggufs.items()},
                 versions={p: version(p) for p in ("moe-embed", "onnxruntime", "torch", "onnx",

@@ -36,9 +36,12 @@ def _synthetic(args: argparse.Namespace) -> int:
     log = json_logger("synthetic")
     t0 = time.perf_counter()
     out = write_synthetic(args.out, args.size, args.seed,
-                          zero_expert_bias=args.zero_expert_bias)
+                          zero_expert_bias=args.zero_expert_bias,
+                          outlier_channels=args.outlier_channels, outlier_gain=args.outlier_gain,
+                          weight_scale=args.weight_scale, layers=args.layers)
     log.info("synthetic.done", out=str(out), size=args.size, seed=args.seed,
-             zero_expert_bias=args.zero_expert_bias,
+             zero_expert_bias=args.zero_expert_bias, outlier_channels=args.outlier_channels,
+             outlier_gain=args.outlier_gain, weight_scale=args.weight_scale, layers=args.layers,
              seconds=round(time.perf_counter() - t0, 1))
     return 0
 
@@ -76,4 +79,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--zero-expert-bias", action="store_true",
                    help="zero every mlp.experts.bias (only that tensor changes): for "
                    "comparisons with llama.cpp, whose GGUF converter drops it")
+    s.add_argument("--outlier-channels", type=int, default=0, metavar="N",
+                   help="give N hidden dimensions LayerNorm gains --outlier-gain times larger in "
+                   "every LayerNorm, as trained transformers have (default 0: none)")
+    s.add_argument("--outlier-gain", type=float, default=30.0,
+                   help="the gain factor of the outlier channels (default 30)")
+    s.add_argument("--weight-scale", type=float, default=1.0,
+                   help="factor on the std of every linear weight (default 1)")
+    s.add_argument("--layers", type=int, default=None,
+                   help="override the layer count, keeping the size's widths (a reduced "
+                   "checkpoint for quick exploration; default: the size's)")
     s.set_defaults(func=_synthetic)

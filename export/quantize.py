@@ -15,6 +15,14 @@ Storage formats (the strings recorded per tensor in the manifest):
   ONNX Runtime's graph optimizer fuses each (with a following bias Add) into one
   `com.microsoft.DynamicQuantizeMatMul` at session creation: ORT_ENABLE_EXTENDED or above
   (ORT_ENABLE_BASIC runs the unfused nodes).
+- ``int8-rowwise`` (MatMul weights only): int8 weights, symmetric, one fp32 scale per output
+  column; at run time each *row* of the activations gets its own scale (its max-abs / 127) and is
+  quantized to uint8 around 128 (per-axis `QuantizeLinear`), the product is accumulated in int32
+  (`com.microsoft.MatMulIntegerToFloat`, which also applies the column scales), then multiplied by
+  the row scales. Integer sums are exact in any order and every other step is per element or per
+  row, so a row's output depends on that row alone: not on its batch-mates, the number of rows,
+  the GEMM's blocking or the thread count. (Dynamic int8 quantizes a whole call's activations
+  with one scale: a row's result then moves with whatever else is in the call.)
 - ``nbits{4,8}-block{16..256}[-sym]``: block quantization along the input (K) dimension, one fp32
   scale (and, unless ``-sym``, one zero point of the same width) per block. A MatMul weight becomes
   `com.microsoft.MatMulNBits` (via `onnxruntime.quantization.matmul_nbits_quantizer`), the word-
@@ -51,6 +59,7 @@ from .recipes import (
     PRECISIONS,
     RECIPES,
     ROLES,
+    ROWWISE_FORMAT,
     SEGMENT_ROLES,
     Kind,
     NBits,
@@ -189,6 +198,146 @@ def _dynamic_int8(model: onnx.ModelProto, nodes: list[str], per_channel: bool) -
         return onnx.load(str(out))  # loads external data, if any, before tmp goes
 
 
+# the constants a row-wise MatMul adds beside its weight (suffixes of the weight's name)
+_ROWWISE_AUX = ("_act_zero_point", "_act_unit", "_act_step", "_act_floor", "_act_axes")
+_GELU_AUX = ("_act_offset", "_act_correction")
+ACT_LEVELS = 127.0  # symmetric int8 activations: q = round(x / scale) in -127..127
+ACT_FLOOR = 1e-30  # a row of zeros gets this max-abs, not a division by zero
+# GELU's output is >= -0.16997: shifted by this it is >= 0 and takes all 256 uint8 levels
+# (q = round((x + offset) / scale) in 0..255, one scale per row, zero point 0), and the shift's
+# product with the weights, a constant per column, is subtracted after the GEMM
+GELU_OFFSET = 0.17
+
+
+OUTLIER_RATIO = 4.0  # an input channel whose LayerNorm |gain| + |bias| is over 4x the median
+_OUTLIER_AUX = ("_outlier_index", "_outlier_mask", "_outlier_weight")
+
+
+def outlier_channels(gain: np.ndarray, bias: np.ndarray) -> list[int]:
+    """Input channels to keep in fp32, for a MatMul reading LayerNorm(gain, bias)'s output: the
+    channels the LayerNorm makes much larger than the rest (trained models' "massive activation"
+    dimensions). A row's one int8 scale is set by its largest value: with such a channel in the
+    row, every other channel would lose most of its levels."""
+    a = np.abs(gain.astype(np.float64)) + np.abs(bias.astype(np.float64))
+    ratio = a / max(float(np.median(a)), 1e-30)
+    return [int(c) for c in np.flatnonzero(ratio > OUTLIER_RATIO)]
+
+
+def _input_norms(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """LayerNormalization outputs of a graph -> (gain, bias), where both are initializers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "LayerNormalization" and len(n.input) == 3 \
+                and n.input[1] in inits and n.input[2] in inits:
+            out[n.output[0]] = (numpy_helper.to_array(inits[n.input[1]]),
+                                numpy_helper.to_array(inits[n.input[2]]))
+    return out
+
+
+def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
+                  norms: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Rewrite each MatMul(x, W) of `weights` in place to the ``int8-rowwise`` form (module
+    docstring). The MatMul's output name is kept, so a following bias Add is untouched. Where x
+    is a LayerNorm's output (`norms`: tensor name -> gain, bias) with outlier channels
+    (outlier_channels), those few channels are multiplied in fp32 (a [rows, c] x [c, N] MatMul,
+    row by row like every fp32 GEMM here) and zeroed in the int8 product.
+
+    A MatMul that reads a Gelu's output (fc2 and expert w2, GELU_INPUT_ROLES, in every graph the
+    exporter builds) gets its rows shifted by
+    GELU_OFFSET and quantized over 0..255 (twice the levels the symmetric form gives a row whose
+    negative side is tiny); the shift's contribution is subtracted per column after the GEMM.
+
+    x must be 2-D [rows, K] (every weight MatMul of a routed graph reads packed rows): the row
+    scales are a [rows] vector for QuantizeLinear's axis 0, and ONNX Runtime refuses a call whose
+    input has another rank (the flattened scales no longer match axis 0)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    for w in weights:
+        pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
+        x, name, y = node.input[0], node.input[1], node.output[0]
+        weight = numpy_helper.to_array(inits[name]).astype(np.float32)  # [K, N]
+        t = f"{node.name}_rw"
+        gelu = x in producer and producer[x].op_type == "Gelu"
+        outliers = outlier_channels(*norms[x]) if x in norms else []
+        consts: dict[str, np.ndarray] = {}
+        pre, post = [], []
+        if outliers:  # x[:, outliers] @ W[outliers] in fp32, the rest as int8 with them zeroed
+            mask = np.ones(weight.shape[0], dtype=np.float32)
+            mask[outliers] = 0.0
+            consts["_outlier_index"] = np.asarray(outliers, dtype=np.int64)
+            consts["_outlier_mask"] = mask
+            consts["_outlier_weight"] = weight[outliers].copy()
+            weight = weight * mask[:, None]
+            pre = [helper.make_node("Mul", [x, name + "_outlier_mask"], [f"{t}_x"])]
+            post = [helper.make_node("Gather", [x, name + "_outlier_index"], [f"{t}_xo"], axis=1),
+                    helper.make_node("MatMul", [f"{t}_xo", name + "_outlier_weight"],
+                                     [f"{t}_yo"]),
+                    helper.make_node("Add", [f"{t}_yi", f"{t}_yo"], [y])]
+            y = f"{t}_yi"
+            x = f"{t}_x"
+        col_scale = np.abs(weight).max(axis=0) / np.float32(127.0)
+        col_scale = np.where(col_scale > 0, col_scale, np.float32(1.0)).astype(np.float32)
+        q = np.clip(np.rint(weight / col_scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[name])
+        consts.update({
+            "_quantized": q, "_scale": col_scale,
+            "_act_zero_point": np.asarray(0 if gelu else 128, dtype=np.uint8),
+            "_act_unit": np.asarray(1.0, dtype=np.float32),
+            "_act_step": np.asarray(1.0 / (255.0 if gelu else ACT_LEVELS), dtype=np.float32),
+            "_act_floor": np.asarray(ACT_FLOOR, dtype=np.float32),
+            "_act_axes": np.asarray([-1], dtype=np.int64),
+        })
+        if gelu:
+            dequantized = q.astype(np.float64) * col_scale.astype(np.float64)
+            consts["_act_offset"] = np.asarray(GELU_OFFSET, dtype=np.float32)
+            consts["_act_correction"] = (-GELU_OFFSET * dequantized.sum(axis=0)).astype(
+                np.float32)
+        graph.initializer.extend(numpy_helper.from_array(v, name + k) for k, v in consts.items())
+        c = {k: name + k for k in consts}
+        if gelu:  # x + offset >= 0: its row max sets the scale, zero point 0 (the default)
+            x0 = x
+            x = f"{t}_shifted"
+            scale_in = [helper.make_node("Add", [x0, c["_act_offset"]], [x]),
+                        helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_amax"],
+                                         keepdims=1)]
+        else:  # symmetric around 128: the row's max-abs sets the scale
+            scale_in = [
+                helper.make_node("ReduceMax", [x, c["_act_axes"]], [f"{t}_hi"], keepdims=1),
+                helper.make_node("ReduceMin", [x, c["_act_axes"]], [f"{t}_lo"], keepdims=1),
+                helper.make_node("Neg", [f"{t}_lo"], [f"{t}_nlo"]),
+                helper.make_node("Max", [f"{t}_hi", f"{t}_nlo"], [f"{t}_amax"])]
+        zero_points = [] if gelu else [
+            helper.make_node("Shape", [f"{t}_rs_flat"], [f"{t}_rows"]),
+            helper.make_node("Expand", [c["_act_zero_point"], f"{t}_rows"], [f"{t}_zps"])]
+        nodes = pre + scale_in + [
+            helper.make_node("Max", [f"{t}_amax", c["_act_floor"]], [f"{t}_amax_f"]),
+            # the row scales [r, 1]
+            helper.make_node("Mul", [f"{t}_amax_f", c["_act_step"]], [f"{t}_row_scale"]),
+            # [r, 1] -> [r] (the axes constant [-1] doubles as the shape)
+            helper.make_node("Reshape", [f"{t}_row_scale", c["_act_axes"]], [f"{t}_rs_flat"]),
+            *zero_points,
+            helper.make_node("QuantizeLinear",
+                             [x, f"{t}_rs_flat"] + ([] if gelu else [f"{t}_zps"]),
+                             [f"{t}_xq"], axis=0),
+            helper.make_node("MatMulIntegerToFloat",
+                             [f"{t}_xq", c["_quantized"], c["_act_unit"], c["_scale"],
+                              c["_act_zero_point"]], [f"{t}_acc"], domain=MS_DOMAIN),
+        ]
+        if gelu:
+            nodes += [helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [f"{t}_y"]),
+                      helper.make_node("Add", [f"{t}_y", c["_act_correction"]], [y])]
+        else:
+            nodes.append(helper.make_node("Mul", [f"{t}_acc", f"{t}_row_scale"], [y]))
+        nodes += post
+        for i, n in enumerate(nodes):
+            n.name = f"{t}_{i}"
+        graph.node.remove(node)
+        for i, n in enumerate(nodes):
+            graph.node.insert(pos + i, n)
+
+
 def _copy_without(model: onnx.ModelProto, skip: set[str]) -> onnx.ModelProto:
     """A deep copy of `model` in which the initializers named in `skip` are one-row stand-ins of
     the same type and rank: the embedding table (733 MiB) is then neither copied nor sent through
@@ -304,8 +453,16 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
         return (w,)
     if isinstance(parsed, bool):
         return (f"{w}_quantized", f"{w}_scale", f"{w}_zero_point")
+    if isinstance(parsed, str):
+        return (f"{w}_quantized", f"{w}_scale", *(w + a for a in _ROWWISE_AUX))
     names = (f"{w}_Q{parsed.bits}", f"{w}_scales")
     return names if parsed.symmetric else (*names, f"{w}_zero_points")
+
+
+def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
+    """Tensors a weight of `fmt` holds only in some graphs (outlier channels, a Gelu input's
+    shift)."""
+    return tuple(w + a for a in _OUTLIER_AUX + _GELU_AUX) if fmt == ROWWISE_FORMAT else ()
 
 
 def tensor_bytes(t: TensorProto) -> int:
@@ -335,12 +492,17 @@ def storage_records(model: onnx.ModelProto, kind: Kind | None,
 
 
 def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
-                   layer: int | None = None) -> tuple[onnx.ModelProto, list[TensorStorage]]:
+                   layer: int | None = None,
+                   input_norm: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[onnx.ModelProto, list[TensorStorage]]:
     """Quantize one bundle graph (an expert's, or a dense segment's) according to `recipe`.
 
     `model` is not modified. `layer` is the MoE layer of an expert graph (for per-layer
-    overrides); segment weights carry their layer in their names. Returns the new graph and one
-    TensorStorage per initializer of `model` (their bytes add up to the new graph's initializers).
+    overrides); segment weights carry their layer in their names. `input_norm` is the (gain,
+    bias) of the LayerNorm whose output an expert graph's input is (its layer's norm1, in another
+    graph): int8-rowwise keeps the outlier channels it names in fp32; a segment's LayerNorms are
+    read from the graph itself. Returns the new graph and one TensorStorage per initializer of
+    `model` (their bytes add up to the new graph's initializers).
     """
     if kind not in ("expert", "segment"):
         raise RecipeError(f"kind must be 'expert' or 'segment', got {kind!r}")
@@ -365,6 +527,12 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
             mine = {w.node for w in weights if w.fmt == fmt and w.op == "MatMul"}
             others = [w.node for w in weights if w.op == "MatMul" and w.node not in mine]
             m = _matmul_nbits(m, others, parse_format(fmt), recipe.accuracy_level)
+    rowwise = [w for w in weights if w.fmt == ROWWISE_FORMAT]
+    if rowwise:
+        norms = _input_norms(m)
+        if input_norm is not None:
+            norms[m.graph.input[0].name] = input_norm
+        _rowwise_int8(m, rowwise, norms)
     for t in model.graph.initializer:
         if t.name in tables:
             _put_table(m, tables[t.name], t)
@@ -378,6 +546,7 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
         fmt = w.fmt if w else ("fp32" if dtype == TensorProto.FLOAT else
                                helper.tensor_dtype_to_np_dtype(dtype).name)
         names = _stored_names(name, fmt if w else "fp32")
+        names += tuple(n for n in _optional_names(name, fmt if w else "fp32") if n in stored)
         absent = [n for n in names if n not in stored]
         if absent:
             raise RuntimeError(f"{m.graph.name}: after quantization, {name!r} ({fmt}) is missing "

@@ -20,8 +20,13 @@ SEGMENT_ROLES = ("word_embeddings", "attn.qkv", "attn.out_proj", "mlp.fc1", "mlp
 EXPERT_ROLES = ("expert.w1", "expert.w2")
 ROLES = SEGMENT_ROLES + EXPERT_ROLES
 GATHER_ROLES = ("word_embeddings",)
+GELU_INPUT_ROLES = ("mlp.fc2", "expert.w2")  # their MatMul reads a Gelu's output
 
 DYNAMIC_FORMATS = {"int8-per-channel": True, "int8-per-tensor": False}  # format -> per_channel
+ROWWISE_FORMAT = "int8-rowwise"  # int8 weights per column, activations quantized per row
+# bytes of the small constants a row-wise MatMul adds (quantize.py's _ROWWISE_AUX): the activation
+# zero point (uint8), the unit A scale, 1/127 and the scale floor (fp32), the reduce axes (int64)
+ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8
 _NBITS = re.compile(r"^nbits(?P<bits>[48])-block(?P<block>[0-9]+)(?P<sym>-sym)?$")
 _OVERRIDE = re.compile(r"^layers\.(?P<layer>[0-9]+)\.(?P<role>.+)$")
 
@@ -37,10 +42,13 @@ class NBits:
     symmetric: bool
 
 
-def parse_format(fmt: str) -> NBits | bool | None:
-    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``nbits*`` -> NBits. Else raise."""
+def parse_format(fmt: str) -> NBits | bool | str | None:
+    """``fp32`` -> None; ``int8-per-*`` -> per_channel (bool); ``int8-rowwise`` -> itself (str);
+    ``nbits*`` -> NBits. Else raise."""
     if fmt == "fp32":
         return None
+    if fmt == ROWWISE_FORMAT:
+        return fmt
     if fmt in DYNAMIC_FORMATS:
         return DYNAMIC_FORMATS[fmt]
     m = _NBITS.match(fmt)
@@ -50,8 +58,8 @@ def parse_format(fmt: str) -> NBits | bool | None:
             raise RecipeError(f"format {fmt!r}: block size must be a power of two in 16..256")
         return NBits(int(m["bits"]), block, bool(m["sym"]))
     raise RecipeError(
-        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-per-channel', 'int8-per-tensor' "
-        "or 'nbits{4|8}-block{16..256}[-sym]'")
+        f"unknown storage format {fmt!r}: expected 'fp32', 'int8-rowwise', 'int8-per-channel', "
+        "'int8-per-tensor' or 'nbits{4|8}-block{16..256}[-sym]'")
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class Recipe:
                 parsed = parse_format(fmt)
             except RecipeError as exc:
                 raise RecipeError(f"recipe {self.name!r}: {where}: {exc}") from None
-            if role in GATHER_ROLES and isinstance(parsed, bool):
+            if role in GATHER_ROLES and isinstance(parsed, bool | str):
                 raise RecipeError(f"recipe {self.name!r}: {where}: {fmt!r} is for MatMul weights; "
                                   "the embedding table takes 'fp32' or 'nbits*'")
         if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
@@ -135,33 +143,30 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
     return Recipe(name, formats).validate()
 
 
-# The shipped recipes. Measured on the full-size synthetic bundle (ORT 1.32; Xeon, 2 cores, AVX-512
-# VNNI + AMX); cosine = pooled embeddings vs the fp32 reference. benchmarks/QUANT.md has the table
-# against llama.cpp's GGUF variants; benchmarks/quant_kernels.py the per-kernel figures.
+# The shipped recipes. Every format they use gives each row of a GEMM a result that depends on
+# that row alone (int8-rowwise: per-row activation scales and int32 sums; MatMulNBits at
+# accuracy_level 4: per-block-of-a-row scales), so a text's vector is bit-identical whatever it is
+# batched with (tests/test_batch_invariance.py). Chosen on several full-size synthetic checkpoints,
+# one with outlier channels, side by side with llama.cpp's GGUFs of each (benchmarks/QUANT.md,
+# benchmarks/quant_recipes.py); per-kernel speed and row invariance: benchmarks/quant_kernels.py.
 #
-# - int8: the FFN weights (experts, fc1, fc2) as dynamic int8 per channel: DynamicQuantizeMatMul
-#   runs them 3-9x faster than fp32 (AMX/VNNI), but quantizes each call's activations with one
-#   scale. Attention's two projections take MatMulNBits 8-bit block 32 with accuracy_level 4
-#   (weights and activations quantized per block of 32, like llama.cpp's Q8_0): quantized one
-#   role at a time, dynamic int8 costs 1 - cos ~1.0e-3 on attn.out_proj (its inputs are nearly
-#   the same for every token of a text on random weights, so its error does not average out in
-#   the mean pooling) and on attn.qkv (the softmax amplifies q/k errors), block 32 ~3e-4; on
-#   fc1 / fc2 / experts dynamic int8 costs 4.4e-4 / 4.9e-4 / 1.7e-4. MatMulNBits 8-bit has no
-#   fast int8 path here: at 16+ rows it runs at 0.85-1.0x fp32, so every role moved to it costs
-#   batch speed (all-dynamic int8: 3.3x fp32 on a batch, 1 - cos 2.3e-3; this recipe 1.9x, 1.1e-3;
-#   fc1/fc2 at block 32 too: ~1.5x). Row-wise activation scaling around dynamic int8 gained
-#   nothing (1.22e-3 either way) and cost 9%. Table 8-bit block 128 (block 32: +21 MiB; the table
-#   alone costs 7e-5 at block 128). 484 MiB.
-# - int4: 4-bit block-32 experts (block 128: -23 MiB and 1.2x faster, but 1 - cos 0.020 instead
-#   of 0.014; block 64 no better than 128 on these weights), dense linears at dynamic int8
-#   (4-bit dense: 0.86 on the 24 test texts, routers flip), table 4-bit block 64 (block 32:
-#   +13 MiB for +0.0006). 316 MiB. MatMulNBits 4-bit is ~2x fp32 at a few rows, ~0.8x at
-#   hundreds: slower than int8 everywhere.
+# - int8: the experts as int8-rowwise, the fast integer path (VNNI); attention's two projections
+#   as MatMulNBits 8-bit block 32 (per-block activation scales, like llama.cpp's Q8_0: the
+#   softmax amplifies q/k errors, and out_proj's error does not average out in the mean
+#   pooling); the dense MLP (fc1, fc2) too, symmetric (no zero points, to stay under Q8_0's
+#   size): with fc1/fc2 int8-rowwise (per-column weight scales over all of K) the seed-1
+#   checkpoint fell below Q8_0 (0.99898 / 0.99951 vs 0.99914 / 0.99971), with 32-blocks it reached
+#   0.99952 / 0.99970. Table 8-bit block 128 (block 32: +21 MiB, over Q8_0's size). 487.5 MiB.
+#   Dynamic int8 (one activation scale per call) was faster still but made vectors depend on
+#   their batch-mates; it is no longer used.
+# - int4: 4-bit block-32 experts (MatMulNBits, accuracy level 4), dense linears int8-rowwise
+#   (4-bit dense flips routers), table 4-bit block 64 (block 32: +13 MiB for nothing measurable).
+#   316 MiB.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
-    "int8": _recipe("int8", "int8-per-channel", "int8-per-channel", "nbits8-block128",
-                    **{"attn.qkv": "nbits8-block32", "attn.out_proj": "nbits8-block32"}),
-    "int4": _recipe("int4", "nbits4-block32", "int8-per-channel", "nbits4-block64"),
+    "int8": _recipe("int8", "int8-rowwise", "nbits8-block32", "nbits8-block128",
+                    **{"mlp.fc1": "nbits8-block32-sym", "mlp.fc2": "nbits8-block32-sym"}),
+    "int4": _recipe("int4", "nbits4-block32", "int8-rowwise", "nbits4-block64"),
 }
 PRECISIONS = tuple(RECIPES)
 
@@ -210,6 +215,9 @@ def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) ->
         k, n = shape
     if isinstance(parsed, bool):  # dynamic int8: int8 data, fp32 scale + int8 zero point
         return k * n + (5 * n if parsed else 5)
+    if isinstance(parsed, str):  # row-wise int8: int8 data, an fp32 scale per column
+        gelu = 4 + 4 * n if role in GELU_INPUT_ROLES else 0  # offset, correction per column
+        return k * n + 4 * n + ROWWISE_AUX_BYTES + gelu
     blocks = -(-k // parsed.block_size)
     # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
     data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -43,7 +44,7 @@ from .config import ModelConfig
 from .onnx_graphs import OPSET, all_experts_graph, expert_graph, expert_weights, plan_segments
 from .onnx_graphs import segment_graph as build_segment
 from .quantize import quantize_graph, storage_records, tensor_bytes
-from .recipes import Kind, TensorStorage, get_recipe
+from .recipes import Kind, Recipe, TensorStorage, get_recipe
 
 __all__ = ["LAYOUT", "MOE_MODES", "export_bundle", "is_bundle"]
 ProgressFn = Callable[[int, int, str], None]
@@ -185,16 +186,23 @@ def is_bundle(source: str | Path) -> bool:
 
 def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "routed",
                   revision: str | None = None, progress: ProgressFn | None = None,
-                  precision: str = "fp32") -> Path:
+                  precision: str = "fp32", recipe: Recipe | None = None) -> Path:
     """Write a complete, hashed bundle for `source` (hub id, local dir, loaded checkpoint, or the
     directory of an fp32 routed bundle) at `precision` (a recipe of export/recipes.py).
 
     Each graph is quantized as it is built and written before the next one is made. The manifest
-    records the recipe and, for every initializer of every graph, how it is stored.
+    records the recipe and, for every initializer of every graph, how it is stored. `recipe`
+    replaces the shipped recipe of `precision` (recipe exploration, benchmarks/quant_recipes.py);
+    its name must be `precision`.
     """
     if moe_mode not in MOE_MODES:
         raise ValueError(f"moe_mode must be one of {MOE_MODES}, got {moe_mode!r}")
-    recipe = get_recipe(precision)
+    shipped = get_recipe(precision)
+    if recipe is None:
+        recipe = shipped
+    elif recipe.validate().name != precision:
+        raise ValueError(f"recipe {recipe.name!r} given for precision {precision!r}: a bundle's "
+                         "recipe carries its precision's name")
     if moe_mode == "all-experts" and precision != "fp32":
         raise ValueError(f"moe_mode all-experts is a benchmark peer exported in fp32 only, "
                          f"not {precision}")
@@ -216,12 +224,21 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
     tensors: list[TensorStorage] = []
     report = progress or (lambda step, total, what: None)
 
+    norms: dict[str, np.ndarray] = {}  # every segment's norm1 gain and bias, by name
+
     def emit(step: int, total: int, rel: str, model: onnx.ModelProto, kind: Kind | None,
              layer: int | None = None) -> list[str]:
+        if kind == "segment":
+            norms.update({t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                          if t.name.endswith((".norm1.weight", ".norm1.bias"))})
         if kind is None or recipe.is_identity:
             records = storage_records(model, kind, layer)
         else:
-            model, records = quantize_graph(model, recipe, kind, layer)
+            norm = None
+            if kind == "expert":  # its input is norm1's output of its layer, in a segment
+                p = f"encoder.layers.{layer}.norm1."
+                norm = (norms[p + "weight"], norms[p + "bias"])
+            model, records = quantize_graph(model, recipe, kind, layer, norm)
         names = _save(model, tmp / rel)
         del model
         rels = [str(Path(rel).parent / n) if Path(rel).parent != Path(".") else n for n in names]

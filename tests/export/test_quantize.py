@@ -188,14 +188,19 @@ def test_graph_ops_match_records(quantized, precision: str) -> None:
         a = attrs["GatherBlockQuantized"]
         assert ops["GatherBlockQuantized"].domain == "com.microsoft"
         assert (a["bits"], a["block_size"], a["quantize_axis"]) == (spec.bits, spec.block_size, 1)
-    if any(f.startswith("int8-") for f in by_format):
+    if any(f.startswith("int8-per-") for f in by_format):
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    if "int8-rowwise" in by_format:  # per-row activation scales, integer accumulation
+        assert ops["MatMulIntegerToFloat"].domain == "com.microsoft"
+        assert ops["QuantizeLinear"].input[1] != "" and "DynamicQuantizeLinear" not in ops
     for node in q.graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
             assert f"nbits{a['bits']}-block{a['block_size']}" in {f.removesuffix("-sym")
                                                                    for f in by_format}
             assert a.get("accuracy_level", 0) == RECIPES[precision].accuracy_level
+    rowwise = [n for n in q.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(rowwise) == sum(1 for r in records if r.format == "int8-rowwise")
     weight_matmuls = [n for n in q.graph.node if n.op_type == "MatMul"
                       and n.input[1] in {t.name for t in q.graph.initializer}]
     n_fp32 = sum(1 for r in records if r.role and r.role != "word_embeddings"
@@ -236,7 +241,7 @@ def test_per_layer_override() -> None:
                     {"layers.2.mlp.fc2": "fp32", "layers.1.expert.w2": "nbits8-block32"})
     _, records = quantize_graph(GRAPHS["segment_1"][0], recipe.validate(), "segment")
     fmt = {(r.role, r.layer): r.format for r in records if r.role}
-    assert fmt[("mlp.fc2", 2)] == "fp32" and fmt[("mlp.fc1", 2)] == "int8-per-channel"
+    assert fmt[("mlp.fc2", 2)] == "fp32" and fmt[("mlp.fc1", 2)] == "int8-rowwise"
     _, records = quantize_graph(GRAPHS["expert_l1_e0"][0], recipe, "expert", layer=1)
     assert {r.role: r.format for r in records} == {"expert.w1": "nbits4-block32",
                                                    "expert.w2": "nbits8-block32"}
@@ -335,3 +340,63 @@ def test_quantized_graph_is_refused_as_input(quantized) -> None:
     q, _ = quantized[("int4", "expert_l1_e0")]
     with pytest.raises(RecipeError, match="already quantized"):
         quantize_graph(q, RECIPES["int4"], "expert")
+
+
+def test_rowwise_int8_is_the_documented_arithmetic() -> None:
+    """int8-rowwise computes, per row r and column n, with q, c a weight's int8 columns and their
+    scales (numpy, independent of ORT): on a LayerNorm-side input round(x[r] / s_r) . q[:, n] *
+    c_n * s_r, s_r = max|x[r]| / 127; on a Gelu's output (expert.w2) round((x[r] + 0.17) / t_r)
+    . q[:, n] * c_n * t_r - 0.17 * sum_k q[k, n] c_n, t_r = max(x[r] + 0.17) / 255. A zero row
+    stays finite."""
+    model, kind, layer, feeds = GRAPHS["expert_l1_e0"]
+    recipe = Recipe("rw", {**RECIPES["int8"].formats, "expert.w1": "int8-rowwise",
+                           "expert.w2": "int8-rowwise"}).validate()
+    q, _ = quantize_graph(model, recipe, kind, layer)
+    w1t = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w1.T")
+    w2 = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w2")
+    x = np.concatenate([feeds["x"], np.zeros((1, H), np.float32), 40 * feeds["x"][:2]])
+
+    def columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = np.abs(w).max(axis=0) / 127
+        return np.clip(np.rint(w / c), -127, 127), c
+
+    qw1, c1 = columns(w1t)
+    s = np.abs(x).max(axis=1, keepdims=True) / 127
+    h = (np.rint(x / np.maximum(s, 1e-30)) @ qw1) * c1 * s
+    g = 0.5 * h * (1 + torch.erf(torch.from_numpy(h / 2**0.5)).numpy())
+    qw2, c2 = columns(w2)
+    t = np.maximum((g + 0.17).max(axis=1, keepdims=True), 1e-30) / 255
+    expected = (np.rint((g + 0.17) / t) @ qw2) * c2 * t - 0.17 * (qw2 * c2).sum(axis=0)
+    got = _run(q, {"x": x})
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(got[len(feeds["x"])]).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_rowwise_int8_keeps_outlier_channels_of_its_input_layer_norm_in_fp32() -> None:
+    """An expert whose input LayerNorm has 3 gains 30x the rest: int8-rowwise multiplies those 3
+    input channels in fp32 and zeroes them in the int8 product, so the row scale is no longer set
+    by them; the error on inputs with such channels falls well below the plain graph's, every
+    stored byte is still accounted for, and rows stay independent of their batch-mates."""
+    model, kind, layer, feeds = GRAPHS["expert_l1_e0"]
+    rng = np.random.default_rng(4)
+    gain, bias = 1 + 0.1 * rng.standard_normal(H), 0.1 * rng.standard_normal(H)
+    gain[[3, 50, 101]] *= 30
+    x = (rng.standard_normal((40, H)) * gain + bias).astype(np.float32)
+    recipe = Recipe("rw", {**RECIPES["int8"].formats, "expert.w1": "int8-rowwise",
+                           "expert.w2": "fp32"}).validate()
+    kept, records = quantize_graph(model, recipe, kind, layer, (gain, bias))
+    plain, _ = quantize_graph(model, recipe, kind, layer)
+    assert sum(r.bytes for r in records) == _init_bytes(kept)
+    index = next(onnx.numpy_helper.to_array(t) for t in kept.graph.initializer
+                 if t.name == "w1.T_outlier_index")
+    assert index.tolist() == [3, 50, 101]
+    ref = _run(model, {"x": x})
+
+    def err(q: onnx.ModelProto) -> float:
+        return float(np.abs(_run(q, {"x": x}) - ref).max() / np.abs(ref).max())
+
+    assert err(kept) < 0.5 * err(plain), (err(kept), err(plain))
+    together = _run(kept, {"x": x})
+    assert all(np.array_equal(_run(kept, {"x": x[i:i + 1]}), together[i:i + 1])
+               for i in (0, 17, 39))

@@ -21,7 +21,7 @@ from support.service import ServerThread, free_port, vectors
 
 from moe_embed.export.bundle import Bundle, BundleError, Manifest
 from moe_embed.export.commands import PRECISIONS
-from moe_embed.export.quantize import RECIPES, RecipeError
+from moe_embed.export.quantize import RECIPES, Recipe, RecipeError
 from moe_embed.export.reference import pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.service.local import LocalEmbedder
@@ -234,3 +234,41 @@ def test_inconsistent_precision_records_are_refused(fp32_copy, change, message) 
     _rewrite(fp32_copy, change)
     with pytest.raises(BundleError, match=message):
         Bundle.load(fp32_copy)
+
+
+def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
+                                                                   multilingual_texts) -> None:
+    """A checkpoint with outlier channels (LayerNorm gains x30 on 2 dims): the int8 export keeps
+    them in fp32 in every int8-rowwise MatMul that reads a LayerNorm's output, the experts
+    included (their LayerNorm is in a segment graph, handed over by the exporter), and vectors
+    stay batch-invariant."""
+    import onnx
+
+    from moe_embed.export.synthetic import write_synthetic
+    from moe_embed.workers.runtime.runtime import pack
+
+    ckpt = write_synthetic(tmp_path / "ckpt", "tiny", seed=3, outlier_channels=2)
+    # every MatMul weight int8-rowwise (the shipped int8 keeps fc1 on 8-bit blocks)
+    recipe = Recipe("int8", {r: "int8-rowwise" for r in RECIPES["int8"].formats}
+                    | {"word_embeddings": "nbits8-block128"}).validate()
+    path = export_bundle(str(ckpt), tmp_path / "int8", precision="int8", recipe=recipe)
+    m = Bundle.load(path).manifest
+    split = {}
+    for rel in sorted(_graph_files(m)):
+        names = {t.name for t in onnx.load(str(path / rel), load_external_data=False)
+                 .graph.initializer}
+        split[rel] = sorted(n.removesuffix(".T_outlier_index")
+                            for n in names if n.endswith("_outlier_index"))
+    experts = [r for r in split if r.startswith("experts/")]
+    assert experts and all(split[r] == ["w1"] for r in experts), split
+    rowwise_ln_inputs = [f"encoder.layers.{i}.{r}.weight" for i in range(4)
+                         for r in ("attn.Wqkv", "mlp.fc1")
+                         if r != "mlp.fc1" or i not in m.config.moe_layers]
+    assert sorted(n for r in split if r.startswith("segments/") for n in split[r]) == \
+        sorted(rowwise_ln_inputs)
+    rt = Runtime(path, threads=2)
+    tok = LocalEmbedder(path, threads=2).tokenizer
+    ids = [x.tolist() for x in tok.encode(multilingual_texts[:8], task_named("search_query"))]
+    together = rt.embed(*pack(ids)).vectors
+    assert all(np.array_equal(rt.embed(*pack([x])).vectors[0], v)
+               for x, v in zip(ids, together, strict=True))
