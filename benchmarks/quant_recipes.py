@@ -116,8 +116,8 @@ def bundle(ckpt: Path, root: Path, name: str, precision: str, recipe: Recipe | N
 
 
 def texts_ids(ckpt: Path) -> list[list[int]]:
-    from moe_embed.workers.runtime.tasks import task_named
-    from moe_embed.workers.runtime.tokenizer import Tokenizer
+    from moe_embed.service.tasks import task_named
+    from moe_embed.service.tokenizer import Tokenizer
 
     texts = json.loads((HERE.parent / "tests" / "data" / "multilingual.json").read_text())
     tok = Tokenizer(ckpt / "tokenizer.json")

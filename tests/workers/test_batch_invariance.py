@@ -24,11 +24,11 @@ from support.service import ServerThread, vectors
 
 from moe_embed.export.bundle import Bundle
 from moe_embed.export.commands import PRECISIONS
+from moe_embed.service.tasks import task_named
+from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.runtime.runtime import Runtime, pack
 from moe_embed.workers.runtime.sessions import session_options
-from moe_embed.workers.runtime.tasks import task_named
-from moe_embed.workers.runtime.tokenizer import Tokenizer
 
 DIMS = (0, 16, 32, 48)  # the tiny model's Matryoshka range is 16..64
 PARTITIONS = 5  # each text lands in this many random batches
