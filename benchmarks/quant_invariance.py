@@ -11,7 +11,8 @@ partitions of all texts into batches of 2..14 (one partition with 24-token dense
 3-row expert calls). Service: `moe-embed serve --workers 2 --threads-per-worker 1`, 8 concurrent
 clients, three random partitions of each task's texts into requests of 1..5 texts, every vector
 compared with the in-process vector of the text alone (a 2-thread process: the thread count
-differs too). tests/workers/test_batch_invariance.py checks the same on the tiny model in `make test`.
+differs too). tests/workers/test_batch_invariance.py checks the same on the tiny model in
+`make test`.
 """
 
 from __future__ import annotations

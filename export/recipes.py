@@ -146,8 +146,8 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
 # The shipped recipes. Every format they use gives each row of a GEMM a result that depends on
 # that row alone (int8-rowwise: per-row activation scales and int32 sums; MatMulNBits at
 # accuracy_level 4: per-block-of-a-row scales), so a text's vector is bit-identical whatever it is
-# batched with (tests/workers/test_batch_invariance.py). Chosen on several full-size synthetic checkpoints,
-# one with outlier channels, side by side with llama.cpp's GGUFs of each (benchmarks/QUANT.md,
+# batched with (tests/workers/test_batch_invariance.py). Chosen on several full-size synthetic
+# checkpoints, one with outlier channels, side by side with llama.cpp's GGUFs of each (benchmarks/QUANT.md,
 # benchmarks/quant_recipes.py); per-kernel speed and row invariance: benchmarks/quant_kernels.py.
 #
 # - int8: the experts as int8-rowwise, the fast integer path (VNNI); attention's two projections
