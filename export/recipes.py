@@ -148,7 +148,8 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
 # accuracy_level 4: per-block-of-a-row scales), so a text's vector is bit-identical whatever it is
 # batched with (tests/workers/test_batch_invariance.py). Chosen on several full-size synthetic
 # checkpoints, one with outlier channels, side by side with llama.cpp's GGUFs of each
-# (benchmarks/QUANT.md, benchmarks/quant_recipes.py); per-kernel speed and row invariance: benchmarks/quant_kernels.py.
+# (benchmarks/QUANT.md, benchmarks/quant_recipes.py); per-kernel speed and row invariance:
+# benchmarks/quant_kernels.py.
 #
 # - int8: the experts as int8-rowwise, the fast integer path (VNNI); attention's two projections
 #   as MatMulNBits 8-bit block 32 (per-block activation scales, like llama.cpp's Q8_0: the
