@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -35,8 +34,7 @@ import time
 from pathlib import Path
 
 import machine
-import numpy as np
-from inputs import multilingual_texts, token_budget_batches
+from inputs import multilingual_texts, token_budget_batches, w3_corpus
 from peers import OrtPeer
 
 from moe_embed.service.tasks import task_named
@@ -53,20 +51,9 @@ def log(msg: str) -> None:
 
 def make_corpus(tok: Tokenizer, n: int, lo: int = 16, hi: int = 1024,
                 seed: int = 0) -> list[str]:
-    """`n` documents of log-uniform target lengths in [lo, hi] tokens (some over 512)."""
-    rng = np.random.default_rng(seed)
-    words = sorted({w for t in multilingual_texts() for w in t.split()})
-    word_len = [len(x) - 2 for x in tok.encode(words, task_named("none"))]
-    targets = np.exp(rng.uniform(math.log(lo), math.log(hi), size=n)).round().astype(int)
-    docs = []
-    for target in targets:
-        parts, count = [], 2
-        while count < target:
-            j = int(rng.integers(len(words)))
-            parts.append(words[j])
-            count += word_len[j]
-        docs.append(" ".join(parts))
-    return docs
+    """`n` documents of log-uniform target lengths in [lo, hi] tokens (some over 512): W3's
+    generator, with longer documents."""
+    return w3_corpus(tok, n, lo, hi, seed).texts
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
