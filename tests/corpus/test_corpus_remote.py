@@ -15,8 +15,8 @@ from corpus_support import (
     start_batch,
     write_jsonl,
 )
-from support.service import ServeProcess, ServerThread, free_port
-from support.tls import HOST, Pki
+from support.service import ServerThread, free_port
+from support.tls import HOST, Pki, locked_server
 
 from moe_embed.service.tokenizer import Tokenizer
 
@@ -44,17 +44,7 @@ def client_files(pki: Pki, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def locked(tiny_bundle, pki, tmp_path_factory):
     """A server with mTLS, an API key and a plaintext health port."""
-    files = tmp_path_factory.mktemp("secrets")
-    cert, key, keys = files / "tls.crt", files / "tls.key", files / "api-keys"
-    pki.install(cert, key)
-    keys.write_text(KEY + "\n")
-    health_port = free_port()
-    srv = ServeProcess(tiny_bundle, files / "serve.log", "--workers", "1",
-                       "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                       "--tls-client-ca-file", str(pki.ca_file), "--api-key-file", str(keys),
-                       "--health-port", str(health_port))
-    srv.health_target = f"{HOST}:{health_port}"
-    with srv:
+    with locked_server(tiny_bundle, pki, tmp_path_factory.mktemp("secrets"), KEY) as srv:
         yield srv.wait_serving()
 
 

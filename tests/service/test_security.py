@@ -4,7 +4,6 @@ the `openai` client; rotation by SIGHUP and by a file change, without a restart.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.service import SERVING, ServeProcess, ServerThread, free_port, vectors, wait_for
-from support.tls import HOST, Pki, served_certificate
+from support.tls import HOST, Pki, locked_server, served_certificate, write_keys
 
 from moe_embed.service.client import EmbedClient, RemoteError
 from moe_embed.service.config import ServeConfig
@@ -42,12 +41,6 @@ def _health(channel: grpc.Channel, service: str = "") -> int:
         health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def _write_keys(path: Path, *keys: str) -> None:
-    tmp = path.with_suffix(".new")
-    tmp.write_text("# API keys of the test\n\n" + "\n".join(keys) + "\n")
-    os.replace(tmp, path)
-
-
 def _code(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as exc:
         call()
@@ -65,17 +58,7 @@ def pki(tmp_path_factory) -> Pki:
 @pytest.fixture(scope="module")
 def locked(tiny_bundle, pki, tmp_path_factory):
     """A server with mTLS, two API keys and a plaintext health port."""
-    files = tmp_path_factory.mktemp("secrets")
-    cert, key, keys = files / "tls.crt", files / "tls.key", files / "api-keys"
-    pki.install(cert, key)
-    _write_keys(keys, KEY, OTHER_KEY)
-    health_port = free_port()
-    srv = ServeProcess(tiny_bundle, files / "serve.log", "--workers", "1",
-                       "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                       "--tls-client-ca-file", str(pki.ca_file), "--api-key-file", str(keys),
-                       "--health-port", str(health_port))
-    srv.health_target = f"{HOST}:{health_port}"
-    with srv:
+    with locked_server(tiny_bundle, pki, tmp_path_factory.mktemp("secrets"), KEY, OTHER_KEY) as srv:
         yield srv.wait_serving()
 
 
@@ -205,7 +188,7 @@ def test_sighup_rotates_certificates_and_keys_without_a_restart(tiny_bundle, tmp
     old, new = Pki.make(tmp_path / "old"), Pki.make(tmp_path / "new")
     cert, key, keys = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "keys"
     old.install(cert, key)
-    _write_keys(keys, KEY)
+    write_keys(keys, KEY)
     health_port = free_port()
     with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--workers", "1",
                       "--tls-cert-file", str(cert), "--tls-key-file", str(key),
@@ -229,7 +212,7 @@ def test_sighup_rotates_certificates_and_keys_without_a_restart(tiny_bundle, tmp
             old.server_der
 
         new.install(cert, key)
-        _write_keys(keys, OTHER_KEY)
+        write_keys(keys, OTHER_KEY)
         srv.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: srv.events("credentials_reloaded"), 10, "the reload")
         assert served_certificate(srv.port, "h2") == new.server_der
@@ -352,7 +335,7 @@ def test_a_bad_key_file_does_not_hold_back_a_certificate_rotation(tmp_path) -> N
     old, new = Pki.make(tmp_path / "old"), Pki.make(tmp_path / "new")
     cert, key, keys = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "keys"
     old.install(cert, key)
-    _write_keys(keys, KEY)
+    write_keys(keys, KEY)
     security = Security(ServeConfig(tls_cert_file=str(cert), tls_key_file=str(key),
                                     api_key_file=str(keys)))
     security.load()
@@ -362,6 +345,6 @@ def test_a_bad_key_file_does_not_hold_back_a_certificate_rotation(tmp_path) -> N
     assert security.tls.cert == b"".join(b.bytes() for b in new.server.cert_chain_pems)
     assert security.caller(f"Bearer {KEY}")  # the old keys stay in use
     assert security.reload() is False  # nothing new
-    _write_keys(keys, OTHER_KEY)
+    write_keys(keys, OTHER_KEY)
     assert security.reload() is True
     assert security.caller(f"Bearer {OTHER_KEY}") and not security.caller(f"Bearer {KEY}")

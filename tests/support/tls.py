@@ -96,3 +96,27 @@ def served_certificate(port: int, alpn: str = "http/1.1") -> bytes:
     with socket.create_connection((HOST, port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname=HOST) as tls:
         return tls.getpeercert(binary_form=True)
+
+
+def write_keys(path: Path, *keys: str) -> None:
+    """An API-key file (with a comment and a blank line), replaced in one rename."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text("# API keys of the test\n\n" + "\n".join(keys) + "\n")
+    os.replace(tmp, path)
+
+
+def locked_server(bundle: Path, pki: Pki, files: Path, *keys: str):  # -> ServeProcess
+    """`moe-embed serve` with mTLS, these API keys and a plaintext health port (not started
+    waiting: use it as a context manager and call `wait_serving`)."""
+    from .service import ServeProcess, free_port
+
+    cert, key, key_file = files / "tls.crt", files / "tls.key", files / "api-keys"
+    pki.install(cert, key)
+    write_keys(key_file, *keys)
+    health_port = free_port()
+    srv = ServeProcess(bundle, files / "serve.log", "--workers", "1",
+                       "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                       "--tls-client-ca-file", str(pki.ca_file), "--api-key-file", str(key_file),
+                       "--health-port", str(health_port))
+    srv.health_target = f"{HOST}:{health_port}"
+    return srv
