@@ -25,6 +25,7 @@ from corpus_support import (
     write_jsonl,
     write_parquet,
 )
+from support.service import IN_PROCESS_THREADS
 
 from moe_embed.batch.shards import OutputError, ShardWriter
 from moe_embed.service.local import LocalEmbedder
@@ -36,7 +37,7 @@ MISSING_TEXT = {".csv": "field 'text' is empty", ".parquet": "field 'text' is nu
 
 @pytest.fixture(scope="module")
 def local(tiny_bundle: Path) -> LocalEmbedder:
-    return LocalEmbedder(tiny_bundle, 1)
+    return LocalEmbedder(tiny_bundle, IN_PROCESS_THREADS)  # the process-wide ORT pool
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from corpus_support import corpus_rows, read_output, run_batch, write_parquet
+from support.service import IN_PROCESS_THREADS
 
 from moe_embed.batch import RayEmbedder
 from moe_embed.service.tokenizer import Tokenizer
@@ -72,7 +73,7 @@ def chunked_cli(corpus, tiny_bundle, tmp_path_factory) -> pa.Table:
 def test_every_batch_format_gives_the_cli_rows_with_chunks(corpus, chunked_cli, tiny_bundle,
                                                            fmt) -> None:
     embed = RayEmbedder(bundle=tiny_bundle, task=TASK, chunk_tokens=40, chunk_overlap=10,
-                        threads=1)
+                        threads=IN_PROCESS_THREADS)
     table = pq.read_table(corpus)
     batch = {"pyarrow": lambda: table, "pandas": table.to_pandas,
              "numpy": lambda: {c: table.column(c).to_numpy(zero_copy_only=False)
@@ -81,6 +82,7 @@ def test_every_batch_format_gives_the_cli_rows_with_chunks(corpus, chunked_cli, 
 
 
 def test_a_batch_without_the_id_column_is_refused_naming_it(tiny_bundle) -> None:
-    embed = RayEmbedder(bundle=tiny_bundle, task=TASK, id_field="key", threads=1)
+    embed = RayEmbedder(bundle=tiny_bundle, task=TASK, id_field="key",
+                        threads=IN_PROCESS_THREADS)
     with pytest.raises(ValueError, match=r"no column 'key' \(id_field\)"):
         embed(pa.table({"text": ["x"]}))
