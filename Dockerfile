@@ -23,6 +23,7 @@ COPY protos ./protos
 COPY export ./export
 COPY workers ./workers
 COPY service ./service
+COPY corpus ./corpus
 RUN pip install .
 
 # ---- server: the virtualenv only, as a non-root user ----

@@ -5,6 +5,7 @@ response-size guard of each format, each at its boundary."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 
@@ -95,27 +96,39 @@ def _queue_gauges(server: ServerThread) -> tuple[float, float, float, float]:
 
 
 def test_queue_gauges_rise_while_work_waits_and_return_to_zero(tiny_bundle) -> None:
-    """The queue is made, not hoped for: the only worker is stopped while requests come."""
-    srv = ServerThread(tiny_bundle, workers=1, metrics_port=free_port()).start()
+    """The queue is made, not hoped for: the only worker is stopped, its two slots are filled
+    one request at a time, and only then do more requests come (they must wait)."""
+    srv = ServerThread(tiny_bundle, workers=1, metrics_port=free_port(),
+                       batch_timeout_s=300).start()  # never taken for stuck while stopped
     (pid,) = srv.pool.pids()
+
+    def request(i: int) -> pb.EmbedRequest:
+        return pb.EmbedRequest(inputs=[f"text {i}", "more"], task=TASKS["none"])
+
+    def batches() -> float:
+        return scrape(srv.server.metrics_port)["moe_embed_batch_size_inputs_count"]
+
     try:
         assert _queue_gauges(srv) == (0, 0, 0, 0)
         assert scrape(srv.server.metrics_port)["moe_embed_worker_slots"] == 2
         os.kill(pid, signal.SIGSTOP)
         stub = srv.stub()
-        calls = [stub.Embed.future(pb.EmbedRequest(inputs=[f"text {i}", "more"],
-                                                   task=TASKS["none"]), timeout=60)
-                 for i in range(6)]
-        wait_for(lambda: _queue_gauges(srv)[0] > 0 and _queue_gauges(srv)[2] > 0.05, 20,
-                 "inputs to wait behind the stopped worker")
+        calls = []
+        for i in range(2):  # one batch in each of the stopped worker's slots
+            calls.append(stub.Embed.future(request(i), timeout=120))
+            wait_for(lambda i=i: batches() == i + 1, 30, f"batch {i + 1} to be sent")
+        calls += [stub.Embed.future(request(i), timeout=120) for i in range(2, 6)]
+        wait_for(lambda: _queue_gauges(srv)[0] == 8 and _queue_gauges(srv)[2] > 0.05, 30,
+                 "4 requests' inputs to wait behind the stopped worker")
         depth, tokens, oldest, busy = _queue_gauges(srv)
-        assert tokens >= depth * 3 and busy >= 1
+        assert tokens >= depth * 3 and busy == 2
         os.kill(pid, signal.SIGCONT)
         for call in calls:
             call.result()
         wait_for(lambda: _queue_gauges(srv) == (0, 0, 0, 0), 5, "the gauges to return to 0")
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         srv.stop()
 
 
