@@ -17,7 +17,6 @@ Prints the figures, the machine's load average at the start and end, and a verdi
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -35,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from slow_clients import closed_by_server, id_flood_body, open_slow, post_raw  # noqa: E402
 from support.service import ServeProcess  # noqa: E402
+from verdicts import finish  # noqa: E402
 
 from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
 from moe_embed.v1 import embedder_pb2 as pb  # noqa: E402
@@ -277,14 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only in (None, "metrics"):
                 report["metrics_port"] = idle_metrics(srv)
     report["load_average_end"] = os.getloadavg()
-    print(json.dumps(report, indent=1))
-    ok = True
-    for name, value, passed in verdicts(report):
-        ok &= passed
-        print(f"{'PASS' if passed else 'MISS':>4}  {name}: {value}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if ok else 1
+    return finish(report, verdicts(report), args.out)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from slow_clients import (  # noqa: E402
     post_raw,
 )
 from support.service import ServeProcess  # noqa: E402
+from verdicts import finish  # noqa: E402
 
 from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
 from moe_embed.service.local import LocalEmbedder  # noqa: E402
@@ -575,14 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             report = soak.run(args.duration)
     report["cpu_flags"] = cpu
     report["load_average_start"] = os.getloadavg()
-    print(json.dumps(report, indent=1))
-    ok = True
-    for name, value, passed in verdicts(report):
-        ok &= passed
-        print(f"{'PASS' if passed else 'MISS':>4}  {name}: {value}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if ok else 1
+    return finish(report, verdicts(report), args.out)
 
 
 if __name__ == "__main__":
