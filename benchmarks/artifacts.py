@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from moe_embed.export.bundle import Bundle, BundleError
 from moe_embed.export.split import LAYOUT, export_bundle
 from moe_embed.export.synthetic import write_synthetic
+from moe_embed.workers.bundle.format import Bundle, BundleError
 
 DONE = ".bench-complete"
 

@@ -84,7 +84,7 @@ def run_job(args: list[str]) -> dict:
 
 
 def w3(bundle: Path, ids: list[list[int]], threads: int) -> dict:
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     peer = OrtPeer("routed", Bundle.load(bundle, verify=False), threads)
     batches = [[ids[i] for i in b] for b in token_budget_batches(ids, BATCH_TOKENS)]
@@ -244,7 +244,7 @@ def main() -> int:
     model, isa = machine.cpu_isa()
     res: dict = {"cpu": model, "isa": isa, "threads": threads, "bundle": str(bundle),
                  "load_before": machine.load_average()}
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     tok = Tokenizer.from_bundle(Bundle.load(bundle, verify=False))
     docs = make_corpus(tok, args.docs, seed=args.seed)

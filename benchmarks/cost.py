@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_embed.export.config import ModelConfig
+from moe_embed.workers.bundle.config import ModelConfig
 
 FP32 = 4
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     first_bundle = next(iter(configs.values()))[1]
     tok = Tokenizer(first_bundle / "tokenizer.json")
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     ctx = wl.Context(cfg=Bundle.load(first_bundle, verify=False).config, tok=tok, plan=plan,
                      w1=inputs.w1_set(tok, plan.w1_texts), short=inputs.short_set(tok),

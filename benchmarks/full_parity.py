@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_embed.export.bundle import Bundle, BundleError
 from moe_embed.export.checkpoint import load_checkpoint
 from moe_embed.export.reference import ReferenceModel, pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import write_synthetic
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.workers.bundle.format import Bundle, BundleError
 from moe_embed.workers.runtime.runtime import Runtime, pack
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moe_embed.export.bundle import Bundle
+from moe_embed.workers.bundle.format import Bundle
 from moe_embed.workers.runtime.runtime import Runtime, pack
 
 PEERS = ("routed", "all-experts", "torch", "llama.cpp")

@@ -33,9 +33,9 @@ TASKS = ("search_query", "search_document")
 
 
 def cases(bundle: Path) -> list[dict]:
-    from moe_embed.export.bundle import Bundle
     from moe_embed.service.tasks import task_named
     from moe_embed.service.tokenizer import Tokenizer
+    from moe_embed.workers.bundle.format import Bundle
 
     texts = json.loads((HERE.parent / "tests" / "data" / "multilingual.json").read_text())
     tok = Tokenizer.from_bundle(Bundle.load(bundle))
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {model}; flags {' '.join(flags)}; load {load_average()}", flush=True)
     rows = []
     for i, bundle in enumerate(args.bundles):
-        from moe_embed.export.bundle import Bundle
+        from moe_embed.workers.bundle.format import Bundle
 
         m = Bundle.load(bundle).manifest
         label = f"{m.model_id} {m.precision}"

@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from moe_embed.export.recipes import RECIPES, Recipe, _recipe  # noqa: E402
+from moe_embed.workers.bundle.recipes import RECIPES, Recipe, _recipe  # noqa: E402
 
 CANDIDATES: dict[str, tuple[str, Recipe]] = {
     "shipped-int8": ("int8", RECIPES["int8"]),

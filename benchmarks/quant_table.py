@@ -281,8 +281,8 @@ def _export(source: Path, out: Path, precision: str, threads: int) -> dict:
 def bundles(checkpoint: Path, root: Path, threads: int) -> tuple[dict[str, Path], dict]:
     """fp32 from the checkpoint, int8/int4 from the fp32 bundle; reused while they verify and
     carry the shipped recipe."""
-    from moe_embed.export.bundle import Bundle, BundleError
-    from moe_embed.export.recipes import RECIPES
+    from moe_embed.workers.bundle.format import Bundle, BundleError
+    from moe_embed.workers.bundle.recipes import RECIPES
 
     paths, built = {}, {}
     for p in OURS:
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(bytes=size, seconds=time.perf_counter() - t, ours=ours,
                  quality=quality(work / f"{name}.npz", ref, inputs["n_queries"]))
         if ours:
-            from moe_embed.export.bundle import Bundle
+            from moe_embed.workers.bundle.format import Bundle
 
             m = Bundle.load(path, verify=False).manifest
             r["recipe"] = m.recipe.to_dict() if m.recipe else None

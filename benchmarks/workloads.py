@@ -15,9 +15,9 @@ from inputs import TextSet
 from plan import Plan
 from timing import median, percentile, repeat, summary_ms, timed_passes
 
-from moe_embed.export.config import ModelConfig
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.workers.bundle.config import ModelConfig
 from moe_embed.workers.runtime.runtime import pack
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.service.tasks import Task
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.workers.bundle.format import Bundle
 
 
 def check_chunking(tokens: int, overlap: int, max_tokens: int) -> None:

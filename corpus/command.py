@@ -60,9 +60,9 @@ async def _run(job) -> object:
 def _batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moe_embed.export.bundle import BundleError
     from moe_embed.service.errors import InvalidInput
     from moe_embed.service.logging import configure_logging
+    from moe_embed.workers.bundle.format import BundleError
 
     from .job import Job, JobOptions
     from .readers import InputError

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.service.config import (
     ServeConfig,
     available_cores,
@@ -20,6 +19,7 @@ from moe_embed.service.errors import Code, EngineError, InvalidInput
 from moe_embed.service.grpc_api import GRPC_STATUS
 from moe_embed.service.metrics import Metrics
 from moe_embed.service.validation import Limits, resolve_dimensions
+from moe_embed.workers.bundle.format import Bundle
 
 from .embedding import CALL_CHARS, Embedded
 from .retry import RETRYABLE, BackendError, Retryable, with_retries

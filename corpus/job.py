@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from moe_embed.export.bundle import Bundle, sha256_file
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.workers.bundle.format import Bundle, sha256_file
 
 from . import pieces as out_rows
 from .chunking import chunker_for

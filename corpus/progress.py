@@ -6,25 +6,12 @@ file the reader is (bytes, or rows for Parquet), so it needs no row count up fro
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
-import structlog
+from moe_embed.workers.logs import json_logger
 
 JSON_INTERVAL_S = 10.0
-
-
-def _json_logger() -> structlog.typing.FilteringBoundLogger:
-    """JSON lines on stderr, whatever level the process's log configuration filters at
-    (progress is asked for with --progress, not with --log-level)."""
-    return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.JSONRenderer()],
-    ).bind(logger="moe_embed.batch")
 
 
 class JobProgress:
@@ -40,7 +27,7 @@ class JobProgress:
         self.rows = self.output_rows = self.tokens = 0
         self.fraction = start_fraction
         self._last_json = self.t0
-        self.log = _json_logger()
+        self.log = json_logger("moe_embed.batch")
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm

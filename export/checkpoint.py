@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import CheckpointError, ModelConfig, expected_shapes, parse_config
+from ..workers.bundle.config import CheckpointError, ModelConfig, expected_shapes, parse_config
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint"]
 

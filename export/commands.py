@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .bundle import MOE_MODES
-from .progress import Progress, json_logger
-from .recipes import PRECISIONS
+from ..workers.bundle.format import MOE_MODES
+from ..workers.bundle.recipes import PRECISIONS
+from ..workers.logs import json_logger
+from .progress import Progress
 
 SIZES = ("full", "tiny")  # synthetic.SIZES, without importing torch for --help
 

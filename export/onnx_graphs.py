@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .config import ModelConfig
+from ..workers.bundle.config import ModelConfig
 
 OPSET = 20  # LayerNormalization (17) and exact-erf Gelu (20)
 IR_VERSION = 10

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
-import structlog
-
-
-def json_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    """A JSON logger independent of the process-wide structlog configuration."""
-    return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.JSONRenderer()],
-    ).bind(logger=name)
+from ..workers.logs import json_logger
 
 
 class Progress:

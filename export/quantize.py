@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .recipes import (
+from ..workers.bundle.recipes import (
     DYNAMIC_FORMATS,
     EXPERT_ROLES,
     GATHER_ROLES,

@@ -1,13 +1,13 @@
 """Export a checkpoint to a bundle: dense segments + one graph per expert + router weights.
 
 `routed` (the product): len(moe_layers)+1 dense segment graphs, E graphs per MoE layer, and the
-router weights and expert biases as safetensors for the worker's torch router.
-`all-experts` (benchmark peer only): the whole network as one graph that runs every expert.
+router weights and expert biases as safetensors for the worker's torch router. `all-experts`
+(benchmark peer only): the whole network as one graph that runs every expert.
 
-`precision` picks a recipe (export/recipes.py): fp32 writes the graphs as built; int8 and int4
-quantize each graph (export/quantize.py) right after it is built. The source may also be an
-fp32 routed bundle: its graphs are read one by one instead of the checkpoint's tensors, which
-gives the same graphs, so the same quantized bundle.
+`precision` picks a recipe (workers/bundle/recipes.py): fp32 writes the graphs as built; int8 and
+int4 quantize each graph (export/quantize.py) right after it is built. The source may also be an
+fp32 routed bundle: its graphs are read one by one instead of the checkpoint's tensors, which gives
+the same graphs, so the same quantized bundle.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from onnx import numpy_helper
 from safetensors.torch import save_file
 
-from .bundle import (
+from ..workers.bundle.config import ModelConfig
+from ..workers.bundle.format import (
     FORMAT_VERSION,
     MANIFEST,
     MOE_MODES,
@@ -39,12 +40,11 @@ from .bundle import (
     SegmentEntry,
     write_manifest,
 )
+from ..workers.bundle.recipes import Kind, Recipe, TensorStorage, get_recipe
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import ModelConfig
 from .onnx_graphs import OPSET, all_experts_graph, expert_graph, expert_weights, plan_segments
 from .onnx_graphs import segment_graph as build_segment
 from .quantize import quantize_graph, storage_records, tensor_bytes
-from .recipes import Kind, Recipe, TensorStorage, get_recipe
 
 __all__ = ["LAYOUT", "MOE_MODES", "export_bundle", "is_bundle"]
 ProgressFn = Callable[[int, int, str], None]
@@ -188,7 +188,7 @@ def export_bundle(source: str | Checkpoint, out: str | Path, moe_mode: str = "ro
                   revision: str | None = None, progress: ProgressFn | None = None,
                   precision: str = "fp32", recipe: Recipe | None = None) -> Path:
     """Write a complete, hashed bundle for `source` (hub id, local dir, loaded checkpoint, or the
-    directory of an fp32 routed bundle) at `precision` (a recipe of export/recipes.py).
+    directory of an fp32 routed bundle) at `precision` (a recipe of workers/bundle/recipes.py).
 
     Each graph is quantized as it is built and written before the next one is made. The manifest
     records the recipe and, for every initializer of every graph, how it is stored. `recipe`

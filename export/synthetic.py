@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import expected_shapes, parse_config
+from ..workers.bundle.config import expected_shapes, parse_config
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"n_embd": 768, "n_head": 12, "n_inner": 3072, "n_layer": 12},

@@ -7,8 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..export.bundle import BundleError
-from ..export.config import CheckpointError, ConfigError
+from ..workers.bundle.config import CheckpointError, ConfigError
+from ..workers.bundle.format import BundleError
 
 # each module registers its own subcommand with add_parser(subparsers)
 _COMMANDS = (

@@ -7,13 +7,13 @@ machine with no download. Its vectors are NOT meaningful: it exists to run the w
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import os
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from ..export.bundle import Bundle, BundleError
-from ..export.progress import Progress, json_logger
+from ..workers.bundle.format import Bundle, BundleError
+from ..workers.logs import json_logger
 
 DEMO_NAME = "demo-tiny-v2"  # v2: weights mapped from beside each graph (export LAYOUT 2)
 DEMO_SEED = 0
@@ -41,23 +41,13 @@ def ensure_demo_bundle(cache_dir: str | Path | None = None) -> Path:
                  note="tiny synthetic model with the real tokenizer; vectors are not meaningful")
         # in a child process: torch and onnx (export only) never load into the caller, which
         # may be the frontend of a server
-        child = multiprocessing.get_context("spawn").Process(
-            target=_build, args=(cache / DEMO_NAME / "checkpoint", bundle_dir),
-            name="moe-embed-demo-build")
-        child.start()
-        child.join()
-        if child.exitcode != 0:
+        built = subprocess.run(
+            [sys.executable, "-m", "moe_embed.export.demo_build",
+             str(cache / DEMO_NAME / "checkpoint"), str(bundle_dir), str(DEMO_SEED)],
+            check=False)
+        if built.returncode != 0:
             raise BundleError(f"building the demo model in {cache} failed "
-                              f"(exit code {child.exitcode}); see the log above")
+                              f"(exit code {built.returncode}); see the log above")
         log.info("demo.ready", bundle=str(bundle_dir))
     return bundle_dir
 
-
-def _build(ckpt: Path, bundle_dir: Path) -> None:
-    from ..export.split import export_bundle
-    from ..export.synthetic import write_synthetic
-
-    shutil.rmtree(ckpt, ignore_errors=True)
-    write_synthetic(ckpt, "tiny", DEMO_SEED)
-    export_bundle(str(ckpt), bundle_dir, progress=Progress("demo", "demo.export.progress"))
-    shutil.rmtree(ckpt, ignore_errors=True)

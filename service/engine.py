@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from ..export.bundle import Bundle
+from ..workers.bundle.format import Bundle
 from . import errors
 from .batching import BatchQueue, Job
 from .config import ServeConfig

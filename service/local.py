@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.bundle import Bundle
+from ..workers.bundle.format import Bundle
 from ..workers.runtime.runtime import Runtime, pack
 from .tokenizer import Tokenizer
 from .validation import Input, Limits, validate_embed

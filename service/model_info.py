@@ -7,7 +7,7 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 
-from ..export.bundle import Bundle
+from ..workers.bundle.format import Bundle
 
 
 @functools.cache

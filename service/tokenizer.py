@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..export.bundle import Bundle
+from ..workers.bundle.format import Bundle
 from ..workers.runtime.errors import BundleError
 from . import compact_tokenizer
 from .compact_tokenizer import CompactTokenizer

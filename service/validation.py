@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..export.bundle import Bundle
+from ..workers.bundle.format import Bundle
 from .errors import InvalidInput
 from .tasks import Task, task_named
 

@@ -14,6 +14,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+def json_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """JSON lines on stderr at info level, whatever the process-wide structlog configuration
+    filters at: for progress and one-off events that are asked for by a command, not a level."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.JSONRenderer()],
+    ).bind(logger=name)
+
+
 def configure_json_logging(level: str = "info", **static: object) -> None:
     """JSON lines on stderr: timestamp, level, event, bound context (e.g. request_id) and any
     `static` fields (e.g. worker=0) on every line."""

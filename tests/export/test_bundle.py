@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from moe_embed.export.bundle import FORMAT_VERSION, Bundle, BundleError, Manifest
+from moe_embed.workers.bundle.format import FORMAT_VERSION, Bundle, BundleError, Manifest
 from moe_embed.workers.runtime.runtime import Runtime
 
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_embed.export.checkpoint import CheckpointError, load_checkpoint
-from moe_embed.export.config import ConfigError, parse_config
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import upstream_config
+from moe_embed.workers.bundle.config import ConfigError, parse_config
 
 REFUSALS = [
     ("prenorm", True),

@@ -16,7 +16,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moe_embed.export.config import expected_shapes, parse_config
 from moe_embed.export.onnx_graphs import (
     expert_graph,
     expert_weights,
@@ -38,6 +37,7 @@ from moe_embed.export.quantize import (
     storage_records,
 )
 from moe_embed.export.synthetic import upstream_config
+from moe_embed.workers.bundle.config import expected_shapes, parse_config
 
 # Small but every role present: 4 layers (MoE 1 and 3), H=128 so 32/64-blocks are whole and a
 # 128-block table is one block per row; a 1000-row vocabulary keeps the table quick.

@@ -19,7 +19,6 @@ import pytest
 import requests
 from support.service import ServerThread, free_port, vectors
 
-from moe_embed.export.bundle import Bundle, BundleError, Manifest
 from moe_embed.export.commands import PRECISIONS
 from moe_embed.export.quantize import RECIPES, Recipe, RecipeError
 from moe_embed.export.reference import pad_batch
@@ -27,6 +26,7 @@ from moe_embed.export.split import export_bundle
 from moe_embed.service.local import LocalEmbedder
 from moe_embed.service.tasks import task_named
 from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.workers.bundle.format import Bundle, BundleError, Manifest
 from moe_embed.workers.runtime.runtime import Runtime
 
 MIN_COS = {"fp32": 0.99999, "int8": 0.995, "int4": 0.98}

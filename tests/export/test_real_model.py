@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.export.split import export_bundle
 from moe_embed.service.local import LocalEmbedder
+from moe_embed.workers.bundle.format import Bundle
 
 REAL = os.environ.get("MOE_EMBED_REAL_MODEL")
 pytestmark = pytest.mark.skipif(not REAL, reason="set MOE_EMBED_REAL_MODEL to a checkpoint")

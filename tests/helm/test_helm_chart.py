@@ -51,10 +51,10 @@ from support.helm_chart import (
 from support.helm_image import dockerfile_named_stages, dockerfile_stages, dockerignored, last
 from support.tls import Pki
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.service import config as serve_config
 from moe_embed.service.metrics import Metrics
 from moe_embed.v1 import embedder_pb2, embedder_pb2_grpc
+from moe_embed.workers.bundle.format import Bundle
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DASHBOARD = CHART / "dashboards" / "moe-embed.json"

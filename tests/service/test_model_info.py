@@ -29,7 +29,7 @@ def test_every_name_counts_and_the_first_is_reported() -> None:
 def test_the_bundles_model_id_is_the_default(tiny_bundle) -> None:
     from datetime import datetime
 
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     bundle = Bundle.load(tiny_bundle, verify=False)
     m = ModelInfo.of(bundle)

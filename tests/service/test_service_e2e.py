@@ -54,7 +54,7 @@ def _request(texts, task="search_query", dims=0, **kw) -> pb.EmbedRequest:
 
 
 def test_info_describes_the_bundle(stub, tiny_bundle) -> None:
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     b = Bundle.load(tiny_bundle, verify=False)
     m = b.manifest
@@ -220,7 +220,7 @@ def test_bad_input_is_invalid_argument_naming_field_and_index(server, stub, case
                                                               tiny_bundle) -> None:
     from tokenizers import Tokenizer
 
-    from moe_embed.export.bundle import Bundle
+    from moe_embed.workers.bundle.format import Bundle
 
     _, fields, message, (field, index) = case
     sent_before = scrape(server.server.metrics_port)["moe_embed_batch_size_inputs_count"]

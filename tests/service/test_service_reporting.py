@@ -15,12 +15,12 @@ import pytest
 import requests
 from support.service import TASKS, ServerThread, free_port, scrape, wait_for
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.service.grpc_api import response_bytes as grpc_bytes
 from moe_embed.service.http.app import response_bytes as http_bytes
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.workers.bundle.format import Bundle
 
 NAMES = ("nomic-ai/nomic-embed-text-v2-moe", "local-alias")
 MAX_MESSAGE = 64 * 1024

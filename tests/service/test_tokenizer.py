@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from moe_embed.export.bundle import Bundle
 from moe_embed.service.errors import InvalidInput
 from moe_embed.service.tasks import TASKS, task_named
 from moe_embed.service.tokenizer import PIECE_CHARS, Tokenizer
+from moe_embed.workers.bundle.format import Bundle
 
 NONE = task_named("none")
 

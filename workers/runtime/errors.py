@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ...export.bundle import BundleError
+from ..bundle.format import BundleError
 
 __all__ = ["BundleError", "MalformedBatch"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ...export.bundle import Bundle
+from ..bundle.format import Bundle
 from .chunks import CHUNK_TOKENS, EXPERT_ROWS, Chunk, chunks, row_pieces
 from .errors import MalformedBatch
 from .pooling import finish_rows, mean_pool

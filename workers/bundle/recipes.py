@@ -1,9 +1,9 @@
 """Recipes and storage formats of quantized bundles: pure data, no ONNX import.
 
-The frontend reads manifests (export/bundle.py) without importing onnx or torch, and a manifest
-records the recipe a bundle was made with and how each tensor is stored; so the recipe types, the
-shipped recipes and the storage record live here, and export/quantize.py (which rewrites graphs
-with ONNX Runtime's tools) imports them. See export/quantize.py for what each format means.
+The frontend reads manifests (workers/bundle/format.py) without importing onnx or torch, and a
+manifest records the recipe a bundle was made with and how each tensor is stored; so the recipe
+types, the shipped recipes and the storage record live here, and export/quantize.py (which rewrites
+graphs with ONNX Runtime's tools) imports them. See export/quantize.py for what each format means.
 """
 
 from __future__ import annotations
