@@ -5,7 +5,11 @@ the in-process reference embeds the same texts in batches of the same size with 
 threads. Reports tokens/s, the service / in-process ratio and p50/p99 latency.
 
     .venv/bin/python benchmarks/service_sweep.py [--bundle DIR] [--tokens 1024,2048,4096,8192]
-                                                 [--clients 1,8,32] [--seconds 20] [--tracing]
+        [--clients 1,8,32] [--seconds 10] [--rounds 3] [--tracing] [--cli NAME=PATH ...]
+
+Each round measures the in-process reference and then the service at each level, so both see
+the same machine (shared machines drift by 15% within minutes); the table is the median of the
+rounds' ratios.
 
 Default bundle: the full-size synthetic bundle of the benchmark cache (built on first use).
 """
@@ -24,7 +28,7 @@ from statistics import median
 import grpc
 from machine import cpu_isa, load_average
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from service_client import Server, closed_loop, request
+from service_client import CLI, Server, closed_loop, request
 
 from moe_embed.service.local import LocalEmbedder
 
@@ -50,10 +54,8 @@ def _sink() -> tuple[grpc.Server, int]:
     return server, port
 
 
-def in_process(bundle: Path, texts: list[str], batch: int, threads: int,
-               seconds: float) -> float:
+def in_process(embedder: LocalEmbedder, texts: list[str], batch: int, seconds: float) -> float:
     """Tokens/s of the in-process embedder on `texts` in batches of `batch`."""
-    embedder = LocalEmbedder(bundle, threads)
     embedder.embed(texts[:batch], "search_query")  # warm
     tokens, start, i = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -63,27 +65,29 @@ def in_process(bundle: Path, texts: list[str], batch: int, threads: int,
     return tokens / (time.perf_counter() - start)
 
 
-def one_server(bundle: Path, flags: tuple[str, ...], texts: list[str], clients: list[int],
-               seconds: float, log_dir: Path) -> dict:
-    srv = Server(bundle, 1, 2, log_dir / f"serve{len(list(log_dir.iterdir()))}.log",
-                 flags=flags)
-    try:
-        srv.wait_serving()
-        reqs = [request(t, "search_query") for t in texts]
-        out = {}
-        for c in clients:
-            r = closed_loop(srv.target, c, reqs, [None] * len(reqs), min(5.0, seconds / 4),
-                            seconds)
-            lat = sorted(r.latencies_s)
-            out[str(c)] = {"tokens_per_s": r.tokens / r.wall_s,
-                           "requests_per_s": r.requests / r.wall_s,
-                           "p50_ms": median(lat) * 1e3 if lat else None,
-                           "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
-            print(f"    {c:>2} clients: {out[str(c)]['tokens_per_s']:7.1f} tok/s "
-                  f"p50 {out[str(c)]['p50_ms']:.1f} ms", flush=True)
-        return out
-    finally:
-        srv.stop()
+def service(srv: Server, texts: list[str], clients: int, seconds: float) -> dict:
+    reqs = [request(t, "search_query") for t in texts]
+    r = closed_loop(srv.target, clients, reqs, [None] * len(reqs), min(3.0, seconds / 4),
+                    seconds)
+    lat = sorted(r.latencies_s)
+    return {"tokens_per_s": r.tokens / r.wall_s, "requests_per_s": r.requests / r.wall_s,
+            "p50_ms": median(lat) * 1e3 if lat else None,
+            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
+
+
+def configs(args: argparse.Namespace, sink_port: int) -> list[tuple[str, Path, tuple[str, ...]]]:
+    """(name, CLI, serve flags) for every CLI x --max-batch-tokens x tracing off/on."""
+    clis = [c.split("=", 1) for c in args.cli] or [["", str(CLI)]]
+    out = []
+    for label, cli in clis:
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            for tracing in ([False, True] if args.tracing else [False]):
+                name = f"{label + ' ' if label else ''}{tokens}{' traced' if tracing else ''}"
+                flags = ("--max-batch-tokens", str(tokens), "--http-port", "0",
+                         *(("--otlp-endpoint", f"http://127.0.0.1:{sink_port}")
+                           if tracing else ()))
+                out.append((name, Path(cli), flags))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path)
     p.add_argument("--tokens", default="1024,2048,4096,8192")
     p.add_argument("--clients", default="1,8,32")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="each round measures in process, then the service, at every level")
     p.add_argument("--tracing", action="store_true", help="also run each size with tracing on")
+    p.add_argument("--cli", action="append", default=[], metavar="NAME=PATH",
+                   help="compare moe-embed CLIs (e.g. two checkouts) side by side")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sweep.json")
     args = p.parse_args(argv)
     if args.bundle is None:
@@ -103,35 +111,46 @@ def main(argv: list[str] | None = None) -> int:
     texts = json.loads(TEXTS.read_text())
     kind, flags = cpu_isa()
     report = {"cpu": kind, "isa": flags, "load_before": load_average(), "bundle":
-              str(args.bundle), "in_process": {}, "service": {}}
+              str(args.bundle), "rounds": args.rounds, "seconds": args.seconds, "service": {}}
     print(f"CPU {kind} ({' '.join(flags)}); load {report['load_before']}", flush=True)
-    for c in clients:
-        report["in_process"][str(c)] = in_process(args.bundle, texts, c, 2, args.seconds)
-        print(f"  in process, batches of {c:>2}: {report['in_process'][str(c)]:7.1f} tok/s",
-              flush=True)
+    embedder = LocalEmbedder(args.bundle, 2)
     sink, port = _sink()
     with tempfile.TemporaryDirectory() as logs:
-        for tokens in [int(t) for t in args.tokens.split(",")]:
-            for tracing in ([False, True] if args.tracing else [False]):
-                name = f"{tokens}{' traced' if tracing else ''}"
-                flags = ("--max-batch-tokens", str(tokens), "--http-port", "0",
-                         *(("--otlp-endpoint", f"http://127.0.0.1:{port}") if tracing else ()))
-                print(f"  service, --max-batch-tokens {name}", flush=True)
-                levels = one_server(args.bundle, flags, texts, clients, args.seconds,
-                                    Path(logs))
-                for c, v in levels.items():
-                    v["ratio"] = v["tokens_per_s"] / report["in_process"][c]
-                report["service"][name] = levels
+        for name, cli, serve_flags in configs(args, port):
+            print(f"  service {name}", flush=True)
+            srv = Server(args.bundle, 1, 2, Path(logs) / f"{len(report['service'])}.log",
+                         cli=cli, flags=serve_flags)
+            rounds: dict[str, list] = {str(c): [] for c in clients}
+            try:
+                srv.wait_serving()
+                for _ in range(args.rounds):
+                    for c in clients:
+                        ref = in_process(embedder, texts, c, args.seconds)
+                        got = service(srv, texts, c, args.seconds)
+                        got |= {"in_process_tokens_per_s": ref,
+                                "ratio": got["tokens_per_s"] / ref}
+                        rounds[str(c)].append(got)
+                        print(f"    {c:>2} clients: {got['tokens_per_s']:6.1f} tok/s vs "
+                              f"{ref:6.1f} in process = {got['ratio']:.2f}x, "
+                              f"p50 {got['p50_ms']:.0f} ms", flush=True)
+            finally:
+                srv.stop()
+            report["service"][name] = {
+                c: {"rounds": rs, "ratio": median(r["ratio"] for r in rs),
+                    "p50_ms": median(r["p50_ms"] for r in rs),
+                    "p99_ms": median(r["p99_ms"] for r in rs)} for c, rs in rounds.items()}
     sink.stop(0)
     report["spans_exported"] = _Sink.spans
     report["load_after"] = load_average()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"\n{'config':>14} " + " ".join(f"{c:>16}" for c in clients))
+    print(f"\nmedian of {args.rounds} rounds, service / in process (batches of the same size), "
+          "and p50")
+    print(f"{'config':>22} " + " ".join(f"{c:>16}" for c in clients))
     for name, levels in report["service"].items():
         cells = [f"{levels[str(c)]['ratio']:5.2f}x p50 {levels[str(c)]['p50_ms']:5.0f}"
                  for c in clients]
-        print(f"{name:>14} " + " ".join(f"{x:>16}" for x in cells))
+        print(f"{name:>22} " + " ".join(f"{x:>16}" for x in cells))
     return 0
 
 

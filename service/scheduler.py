@@ -127,9 +127,11 @@ class Scheduler:
                 # a newcomer may be light, and light callers may take an express slot
                 await _first(self.pool.changes.wait(), self._wake.wait(), timeout=until_deadline)
                 continue
-            delay = self.max_wait_s - (now - oldest)
             express = policy.is_express(light, len(self.queue.callers_waiting()), worker.busy,
                                         policy.heavy_in_flight(self._in_flight))
+            ends_in = None if express or self.s_per_token is None else \
+                worker.running_ends_in(self.s_per_token, now)
+            delay = policy.ahead_wait(now - oldest, self.max_wait_s, ends_in)
             if worker.busy and delay > 0 and not self.queue.full(
                     policy.EXPRESS_TOKENS if express else None):
                 timeout = delay if until_deadline is None else min(delay, until_deadline)

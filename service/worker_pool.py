@@ -102,10 +102,19 @@ class Worker:
         self.slots = 0  # acquired: batches running or about to be sent
         self.tokens = 0  # real tokens of the batches it holds
         self.in_flight: dict[int, asyncio.Future] = {}
+        self.batch_tokens: dict[int, int] = {}  # tokens of each batch held, oldest first
+        self.running_since = 0.0  # when its oldest batch held started running (monotonic)
 
     @property
     def busy(self) -> bool:
         return self.slots > 0
+
+    def running_ends_in(self, s_per_token: float, now: float) -> float:
+        """Seconds until the batch it runs now is expected to end (0 when it holds none)."""
+        if not self.batch_tokens:
+            return 0.0
+        first = next(iter(self.batch_tokens.values()))
+        return max(0.0, self.running_since + first * s_per_token - now)
 
     @property
     def exitcode(self) -> int | None:
@@ -365,7 +374,10 @@ class WorkerPool:
             raise WorkerDied(f"worker {worker.index} is dead")
         assert self._loop is not None
         future = self._loop.create_future()
+        if not worker.in_flight:
+            worker.running_since = time.monotonic()
         worker.in_flight[batch.batch_id] = future
+        worker.batch_tokens[batch.batch_id] = tokens
         worker.tokens += tokens
         try:
             try:
@@ -383,6 +395,7 @@ class WorkerPool:
                                  "and was killed") from None
         finally:
             worker.in_flight.pop(batch.batch_id, None)
+            worker.batch_tokens.pop(batch.batch_id, None)
             worker.tokens -= tokens
 
     def kill(self, worker: Worker) -> None:
@@ -410,6 +423,7 @@ class WorkerPool:
             self._ready(worker, msg)
         elif isinstance(msg, protocol.Result | protocol.Failed):
             future = worker.in_flight.get(msg.batch_id)
+            worker.running_since = time.monotonic()  # the next batch it holds starts now
             if future is not None and not future.done():
                 if isinstance(msg, protocol.Result):
                     future.set_result(msg)

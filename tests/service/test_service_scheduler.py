@@ -17,7 +17,8 @@ from moe_embed.service.batching import BatchQueue, Job
 from moe_embed.service.errors import Code, EngineError
 from moe_embed.service.metrics import Metrics
 from moe_embed.service.scheduler import Scheduler
-from moe_embed.service.worker_pool import WorkerPool
+from moe_embed.service.worker_pool import Worker, WorkerPool
+from moe_embed.workers.process import policy
 from moe_embed.workers.process.policy import next_to_step
 
 
@@ -107,6 +108,35 @@ def test_busy_worker_gets_a_batch_after_max_wait(tiny_bundle) -> None:
             os.kill(pid, signal.SIGCONT)
             await asyncio.wait_for(asyncio.gather(first.future, b.future, c.future), 10)
     asyncio.run(main())
+
+
+def test_a_busy_workers_next_batch_gathers_until_the_running_one_should_end(tiny_bundle) -> None:
+    """Many small callers: what arrives while a batch runs joins one next batch, sent just
+    before the running batch is expected to end, not a batch cut after the max wait."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.002) as sched:
+            sched.s_per_token = 0.3  # the first batch (10 tokens) is expected to run 3 s
+            pid = await held_by_stopped_worker(sched, job([10], caller="a"))
+            started = time.monotonic()
+            b, c = job([6], caller="b"), job([7], caller="c")
+            sched.submit(b)
+            await asyncio.sleep(0.2)
+            sched.submit(c)
+            await asyncio.sleep(0.3)
+            assert sent(sched) == (1, 1)  # far past the max wait: still gathering
+            await until(lambda: sent(sched) == (2, 3), 10)  # then both go as one batch
+            assert time.monotonic() - started >= 3.0 - policy.AHEAD_LEAD_S - 0.5
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(b.future, c.future), 10)
+    asyncio.run(main())
+
+
+def test_the_running_batchs_end_is_estimated_from_its_own_tokens() -> None:
+    w = Worker(0, None, None, None)
+    assert w.running_ends_in(0.01, 100.0) == 0.0  # holds nothing
+    w.running_since, w.batch_tokens = 100.0, {7: 50, 8: 400}
+    assert w.running_ends_in(0.01, 100.1) == pytest.approx(0.4)  # the oldest's 50 tokens
+    assert w.running_ends_in(0.01, 101.0) == 0.0  # overdue: never negative
 
 
 def test_cancelled_request_never_reaches_a_worker(tiny_bundle) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from moe_embed.workers.process import policy
 from moe_embed.workers.process.policy import (
     EXPRESS_SLOTS,
@@ -105,3 +107,16 @@ def test_the_thresholds_keep_their_stated_relations() -> None:
 
     assert EXPRESS_TOKENS == CHUNK_TOKENS
     assert HEAVY_TOKENS == EXPRESS_TOKENS * OVERTAKE_RATIO
+
+
+def test_a_batch_sent_ahead_waits_for_the_max_wait_and_for_the_running_batchs_end() -> None:
+    lead = policy.AHEAD_LEAD_S
+    # no estimate yet: the max wait alone
+    assert policy.ahead_wait(0.0005, 0.002, None) == pytest.approx(0.0015)
+    # the running batch ends in 0.5 s: it waits until the lead before that end
+    assert policy.ahead_wait(0.0005, 0.002, 0.5) == pytest.approx(0.5 - lead)
+    # the running batch is about to end: the max wait still holds
+    assert policy.ahead_wait(0.0, 0.002, lead) == pytest.approx(0.002)
+    # past both: send it now
+    assert policy.ahead_wait(0.003, 0.002, lead) <= 0
+    assert policy.ahead_wait(0.003, 0.002, lead + 0.001) == pytest.approx(0.001)

@@ -7,7 +7,9 @@ batches it holds to advance next. It lives here, below both, so no module import
 
 The rules, in one picture:
 - Batches are cut by real tokens (MAX_BATCH_TOKENS); a busy worker's second slot takes a batch
-  once one is full or the oldest input has waited MAX_WAIT_MS.
+  once one is full, or once the oldest input has waited MAX_WAIT_MS and the worker's running
+  batch is expected to end within AHEAD_LEAD_S (`ahead_wait`): what arrives while a batch
+  runs joins the next one instead of being cut into small batches (many small clients).
 - A caller is *light* while its tokens waiting and in flight together are at most
   EXPRESS_TOKENS (many one-text requests on one connection; not one client's burst). Light
   callers' inputs never ride in a heavy caller's batch: while heavy work is in flight or waits,
@@ -34,6 +36,10 @@ MAX_BATCH_TOKENS = 8192
 MAX_WAIT_MS = 2.0
 # Batches a worker holds: one running, one waiting in its pipe (no idle gap between batches).
 MAX_IN_FLIGHT = 2
+# A batch sent ahead leaves this long before the running batch is expected to end: its pipe
+# transfer and unpacking take ~1 ms, and the estimate (the last batches' time per token) errs.
+# Sent too late costs the worker that gap once; its end wakes the dispatcher anyway.
+AHEAD_LEAD_S = 0.005
 # An express batch: a light caller's work (a chunk's worth: the runtime's dense segments take
 # 512 real tokens a call), and the slots kept for it beside heavy work.
 EXPRESS_TOKENS = 512
@@ -96,6 +102,16 @@ def slots(worker_tokens: int, express: bool) -> int:
     """The batches a worker holding `worker_tokens` may hold, for an express batch or not."""
     heavy = express and worker_tokens >= HEAVY_TOKENS
     return MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0)
+
+
+def ahead_wait(oldest_age_s: float, max_wait_s: float, running_ends_in_s: float | None) -> float:
+    """Seconds a non-express batch for a busy worker still waits (<= 0: send it now): until the
+    oldest input has waited max_wait_s and, where the running batch's end can be estimated,
+    until AHEAD_LEAD_S before it."""
+    wait = max_wait_s - oldest_age_s
+    if running_ends_in_s is not None:
+        wait = max(wait, running_ends_in_s - AHEAD_LEAD_S)
+    return wait
 
 
 def ahead_parts(workers: int) -> int:
