@@ -1,11 +1,13 @@
-"""Many small clients against the in-process embedder, side by side in one run: W4 (closed-loop
-clients, one short text per request, each on its own channel) at 1, 8 and 32 clients, for each
---max-batch-tokens of a sweep and with tracing on (exporting to a local OTLP sink) and off;
-the in-process reference embeds the same texts in batches of the same size with the same
-threads. Reports tokens/s, the service / in-process ratio and p50/p99 latency.
+"""The service against the in-process embedder, side by side in one run: W4 (closed-loop
+clients, one short text per request, each on its own channel) at 1 (W1), 8 and 32 clients, W3
+(one client, 256 texts a request) and W5 (one bidi stream, 32 requests in flight), for each
+--max-batch-tokens of a sweep, with tracing on (exporting to a local OTLP sink) and off, and
+for one or more CLIs (two checkouts: before and after a change); the in-process reference
+embeds the same texts in batches of the same size with the same threads. Reports tokens/s,
+the service / in-process ratio and p50/p99 latency.
 
     .venv/bin/python benchmarks/service_sweep.py [--bundle DIR] [--tokens 1024,2048,4096,8192]
-        [--clients 1,8,32] [--seconds 10] [--rounds 3] [--tracing] [--cli NAME=PATH ...]
+        [--clients 1,8,32,1x256,s32] [--seconds 10] [--rounds 3] [--tracing] [--cli NAME=PATH ...]
 
 Each round measures the in-process reference and then the service at each level, so both see
 the same machine (shared machines drift by 15% within minutes); the table is the median of the
@@ -28,9 +30,10 @@ from statistics import median
 import grpc
 from machine import cpu_isa, load_average
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from service_client import CLI, Server, closed_loop, request
+from service_client import CLI, TASKS, Server, closed_loop, request, stream
 
 from moe_embed.service.local import LocalEmbedder
+from moe_embed.v1 import embedder_pb2 as pb
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 
@@ -65,14 +68,38 @@ def in_process(embedder: LocalEmbedder, texts: list[str], batch: int, seconds: f
     return tokens / (time.perf_counter() - start)
 
 
-def service(srv: Server, texts: list[str], clients: int, seconds: float) -> dict:
+def level(spec: str) -> tuple[int, int]:
+    """'32': 32 clients of one text per request (W4, W1 at 1); '1x256': one client sending 256
+    texts per request (W3 through the service); 's32': one bidi stream holding 32 one-text
+    requests in flight (W5), as (32, 1)."""
+    clients, _, per = spec.lstrip("s").partition("x")
+    return int(clients), int(per or 1)
+
+
+def service(srv: Server, texts: list[str], clients: int, seconds: float, per: int = 1) -> dict:
     reqs = [request(t, "search_query") for t in texts]
+    if clients == 0:
+        raise ValueError("clients")
+    if per > 1:
+        reqs = [pb.EmbedRequest(inputs=[texts[(i + k) % len(texts)] for k in range(per)],
+                                task=TASKS["search_query"]) for i in range(0, len(texts), per)]
     r = closed_loop(srv.target, clients, reqs, [None] * len(reqs), min(3.0, seconds / 4),
                     seconds)
     lat = sorted(r.latencies_s)
     return {"tokens_per_s": r.tokens / r.wall_s, "requests_per_s": r.requests / r.wall_s,
             "p50_ms": median(lat) * 1e3 if lat else None,
             "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
+
+
+def w5(srv: Server, texts: list[str], window: int, seconds: float) -> dict:
+    """One EmbedStream with `window` one-text requests in flight, about `seconds` long."""
+    reqs = [request(t, "search_query") for t in texts]
+    stream(srv.target, 2 * window, window, reqs, [None] * len(reqs))  # warm
+    n = 64 * window
+    r = stream(srv.target, n, window, reqs, [None] * len(reqs))
+    lat = sorted(r.latencies_s)
+    return {"tokens_per_s": r.tokens / r.wall_s, "requests_per_s": r.requests / r.wall_s,
+            "p50_ms": median(lat) * 1e3, "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3}
 
 
 def configs(args: argparse.Namespace, sink_port: int) -> list[tuple[str, Path, tuple[str, ...]]]:
@@ -94,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path)
     p.add_argument("--tokens", default="1024,2048,4096,8192")
-    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--clients", default="1,8,32,1x256,s32",
+                   help="levels: C clients of one text each, CxN: C clients of N texts each, "
+                   "sW: one stream with W one-text requests in flight")
     p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     p.add_argument("--rounds", type=int, default=3,
                    help="each round measures in process, then the service, at every level")
@@ -107,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from artifacts import default_cache, ensure
 
         args.bundle = ensure(default_cache()).routed.path
-    clients = [int(c) for c in args.clients.split(",")]
+    clients = args.clients.split(",")
     texts = json.loads(TEXTS.read_text())
     kind, flags = cpu_isa()
     report = {"cpu": kind, "isa": flags, "load_before": load_average(), "bundle":
@@ -125,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
                 srv.wait_serving()
                 for _ in range(args.rounds):
                     for c in clients:
-                        ref = in_process(embedder, texts, c, args.seconds)
-                        got = service(srv, texts, c, args.seconds)
+                        n, per = level(c)
+                        ref = in_process(embedder, texts, n * per, args.seconds)
+                        got = (w5(srv, texts, n, args.seconds) if c.startswith("s") else
+                               service(srv, texts, n, args.seconds, per))
                         got |= {"in_process_tokens_per_s": ref,
                                 "ratio": got["tokens_per_s"] / ref}
                         rounds[str(c)].append(got)
-                        print(f"    {c:>2} clients: {got['tokens_per_s']:6.1f} tok/s vs "
+                        print(f"    {c:>5} clients: {got['tokens_per_s']:6.1f} tok/s vs "
                               f"{ref:6.1f} in process = {got['ratio']:.2f}x, "
                               f"p50 {got['p50_ms']:.0f} ms", flush=True)
             finally:

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_embed.service.errors import InvalidInput
-from moe_embed.service.tasks import Task
-from moe_embed.service.tokenizer import Tokenizer
 
-from .pieces import Piece, Result, was_truncated
+from .pieces import Piece, Result
 
 CALL_CHARS = 24_000  # ~6k tokens of typical text per call: a full batch for one worker
 
@@ -31,6 +29,7 @@ class Embedded:
 
     vectors: Sequence[np.ndarray]
     tokens: Sequence[int]
+    truncated: Sequence[bool]  # as the model reports it: cut to its max tokens
 
 
 Call = Callable[[list[str]], Embedded]
@@ -67,14 +66,14 @@ def _message(exc: InvalidInput) -> str:
 
 
 class _Outcomes:
-    """Per-text answers as they arrive: (vector, tokens) or an error message."""
+    """Per-text answers as they arrive: (vector, tokens, truncated) or an error message."""
 
     def __init__(self, n: int) -> None:
-        self.items: list[tuple[np.ndarray, int] | str | None] = [None] * n
+        self.items: list[tuple[np.ndarray, int, bool] | str | None] = [None] * n
 
     def put(self, pending: list[int], got: Embedded) -> None:
-        for i, v, t in zip(pending, got.vectors, got.tokens, strict=True):
-            self.items[i] = (v, int(t))
+        for i, v, t, cut in zip(pending, got.vectors, got.tokens, got.truncated, strict=True):
+            self.items[i] = (v, int(t), bool(cut))
 
 
 def embed_sync(call: Call, texts: Sequence[str], max_inputs: int) -> list:
@@ -114,18 +113,15 @@ async def embed_async(call: AsyncCall, texts: Sequence[str], max_inputs: int,
     return out.items
 
 
-def results(pieces: Sequence[Piece], todo: Sequence[int], outcomes: Sequence,
-            counter: Tokenizer, task: Task) -> list[Result]:
+def results(pieces: Sequence[Piece], todo: Sequence[int], outcomes: Sequence) -> list[Result]:
     """A Result per piece: the record's error, the backend's refusal, or its vector."""
     out = [Result(error=p.record.error) for p in pieces]
     for i, got in zip(todo, outcomes, strict=True):
         if isinstance(got, str):
             out[i] = Result(error=got)
         else:
-            vector, tokens = got
-            text = pieces[i].text
-            assert text is not None
-            out[i] = Result(vector, tokens, was_truncated(counter, task, text, tokens))
+            vector, tokens, truncated = got
+            out[i] = Result(vector, tokens, truncated)
     return out
 
 

@@ -77,8 +77,7 @@ class EngineBackend:
             if status in RETRYABLE:
                 raise Retryable(self.name, status, exc.message) from exc
             raise BackendError(self.name, status, exc.message) from exc
-        # outcome.truncated (when the engine has it) is derived in pieces.was_truncated for now
-        return Embedded(outcome.vectors, outcome.token_counts)
+        return Embedded(outcome.vectors, outcome.token_counts, outcome.truncated)
 
     async def close(self) -> None:
         if self.engine is not None:

@@ -160,7 +160,7 @@ class Job:
         outcomes = await embedding
 
         def finish() -> tuple[int, int]:
-            res = results(pieces, todo, outcomes, self.counter, self.task)
+            res = results(pieces, todo, outcomes)
             table = out_rows.table(pieces, res, dims, self.chunker is not None)
             writer.commit(table, first_row, len(records))
             return table.num_rows, sum(r.tokens or 0 for r in res)

@@ -14,10 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from moe_embed.service.errors import InvalidInput
-from moe_embed.service.tasks import Task
-from moe_embed.service.tokenizer import Tokenizer
-
 from .chunking import Chunker
 from .records import Record
 
@@ -55,21 +51,6 @@ def split(records: Sequence[Record], chunker: Chunker | None) -> list[Piece]:
             continue
         out.extend(Piece(r, i, a, b) for i, (a, b) in enumerate(chunker.spans(r.text)))
     return out
-
-
-def was_truncated(counter: Tokenizer, task: Task, text: str, tokens: int) -> bool:
-    """Whether the model saw only the first max_tokens of `text` (it saw `tokens` ids).
-
-    Derived here because the engine and the EmbedResponse do not report it yet: when the
-    engine's `outcome.truncated` and the response's `truncated` field land, the backends pass
-    those through and this goes. Bounded work: the tokenizer stops a little past max_tokens."""
-    if tokens < counter.max_tokens:
-        return False
-    try:
-        counter.encode([text], task, truncate=False)
-    except InvalidInput:
-        return True
-    return False
 
 
 def schema(dimensions: int, chunked: bool) -> pa.Schema:

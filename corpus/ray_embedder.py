@@ -75,7 +75,7 @@ class RayEmbedder:
     def _call(self, texts: list[str]) -> Embedded:
         got = self.embedder.embed(texts, self.task.name, self.dimensions,
                                   normalize=self.normalize)
-        return Embedded(list(got.vectors), got.tokens)
+        return Embedded(list(got.vectors), got.tokens, got.truncated)
 
     def __call__(self, batch: Any) -> pa.Table:
         texts = _column(batch, self.text_field)
@@ -93,5 +93,5 @@ class RayEmbedder:
         pieces = split(records, self.chunker)
         todo, todo_texts = texts_of(pieces)
         outcomes = embed_sync(self._call, todo_texts, MAX_INPUTS)
-        res = results(pieces, todo, outcomes, self.counter, self.task)
+        res = results(pieces, todo, outcomes)
         return table(pieces, res, self.dimensions, self.chunker is not None)

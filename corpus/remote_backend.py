@@ -216,8 +216,12 @@ class RemoteBackend:
             if code == grpc.StatusCode.INVALID_ARGUMENT and e.HasField("index"):
                 raise InvalidInput(e.field or "inputs", e.message, e.index)
             raise _failure(stream.target, code, e.message)
+        if len(resp.truncated) != len(texts):  # a server from before the field
+            raise _failure(stream.target, grpc.StatusCode.FAILED_PRECONDITION,
+                           "the server does not report truncation (EmbedResponse.truncated); "
+                           "upgrade it")
         return Embedded([np.array(v.values, dtype=np.float32) for v in resp.embeddings],
-                        list(resp.token_counts))
+                        list(resp.token_counts), list(resp.truncated))
 
     async def close(self) -> None:
         for s in self.streams:

@@ -292,13 +292,12 @@ class WorkerPool:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop every worker (Stop, then SIGKILL after timeout_s)."""
         self._closing = True
+        loop = asyncio.get_running_loop()
         for w in self.workers:
             if w is not None:
-                try:
-                    w.requests.send_bytes(protocol.Stop().encode())
-                except OSError:
-                    pass
-        loop = asyncio.get_running_loop()
+                # from a thread: a stopped or stuck worker's full pipe would block the loop;
+                # the kill below ends such a write with an error
+                loop.run_in_executor(None, self._send_stop, w)
         for w in self.workers:
             if w is None:
                 continue
@@ -316,6 +315,13 @@ class WorkerPool:
             if loader.process.poll() is None:
                 loader.process.kill()
                 await loop.run_in_executor(None, loader.reap, timeout_s)
+
+    @staticmethod
+    def _send_stop(worker: Worker) -> None:
+        try:
+            worker.requests.send_bytes(protocol.Stop().encode())
+        except (OSError, ValueError):  # dead, or its pipe already closed
+            pass
 
     # -- the awaitable ---------------------------------------------------------------------
     def _best(self, express: bool = False) -> Worker | None:

@@ -3,6 +3,8 @@ with the in-process job; a refused key; and retries while the server is not up y
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -15,10 +17,11 @@ from corpus_support import (
     start_batch,
     write_jsonl,
 )
-from support.service import ServerThread, free_port
+from support.service import ServerThread, free_port, wait_for
 from support.tls import HOST, Pki, locked_server
 
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.v1 import embedder_pb2 as pb
 
 TASK = "search_query"
 KEY = "sk-corpus-0123456789"
@@ -129,6 +132,46 @@ def test_unavailable_is_retried_until_the_server_is_up(corpus, tiny_bundle, tmp_
     rows = sum(1 for line in corpus.read_text().splitlines() if line.strip())
     assert read_output(tmp_path / "out").num_rows == rows
     assert '"code": "UNAVAILABLE"' in log.read_text()
+
+
+def test_resource_exhausted_is_retried_until_the_queue_has_room(corpus, tiny_bundle,
+                                                              tmp_path) -> None:
+    """A full queue (made: the only worker stopped, 64 inputs waiting in a queue of 64) refuses
+    the job's calls with RESOURCE_EXHAUSTED; the job backs off and retries, and once the worker
+    goes on it finishes with every row."""
+    srv = ServerThread(tiny_bundle, max_queue=64, max_batch_tokens=512).start()
+    pid = srv.pool.pids()[0]
+    proc = None
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        stub = srv.stub()
+        long_text = "hello " * 200  # ~400 tokens: one input a batch
+        task = pb.TASK_SEARCH_QUERY
+        held = stub.Embed.future(pb.EmbedRequest(inputs=[long_text] * 2, task=task),
+                                 timeout=300)
+        wait_for(lambda: srv.on_loop(lambda: len(srv.pool.workers[0].in_flight)) == 2, 30,
+                 "the first request's two batches to reach the stopped worker")
+        filler = stub.Embed.future(pb.EmbedRequest(inputs=[long_text] * 64, task=task),
+                                   timeout=300)
+        wait_for(lambda: srv.on_loop(lambda: srv.scheduler.queue.waiting) == 64, 30,
+                 "the queue to be full")
+        log = tmp_path / "batch.log"
+        proc = start_batch(str(corpus), "--bundle", str(tiny_bundle), "--task", TASK,
+                           "--quiet", "--out", str(tmp_path / "out"), "--server",
+                           f"{HOST}:{srv.server.port}", log=log)
+        wait_for(lambda: '"code": "RESOURCE_EXHAUSTED"' in log.read_text()
+                 or proc.poll() is not None, 60, "the job to be refused")
+        assert proc.poll() is None and '"batch.retry"' in log.read_text(), log.read_text()
+        os.kill(pid, signal.SIGCONT)
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+        assert len(held.result().embeddings) == 2 and len(filler.result().embeddings) == 64
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        srv.stop()
+    rows = sum(1 for line in corpus.read_text().splitlines() if line.strip())
+    assert read_output(tmp_path / "out").num_rows == rows
 
 
 def test_tls_flags_must_pair(corpus, tiny_bundle, tmp_path) -> None:

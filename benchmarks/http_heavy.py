@@ -1,0 +1,140 @@
+"""Script, not a test: a one-text call's latency while 20 HTTP clients embed 256 texts each at
+full dimension, against the same call on the idle server, side by side in one run.
+
+    .venv/bin/python benchmarks/http_heavy.py [--bundle DIR] [--heavy 20] [--inputs 256]
+                                              [--seconds 30] [--out FILE]
+
+What it guards: the frontend's own work per request (validation, tokenizing, building a 256 x 768
+float response as JSON) must not stall its event loop, or every other caller waits behind it.
+Target (issue 24): the one-text call's p99 under load <= 3x its unloaded p99. Default bundle: the
+demo model (tiny compute, so what is measured is the frontend; on the full-size model a light
+call also waits for a heavy batch's current session call in the worker, which the soak bounds).
+The heavy clients and the light one run in processes of their own (their parsing must not share
+a GIL with the measured calls); the heavy ones read each response whole without decoding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import cpu_isa, load_average
+
+from moe_embed.service.demo import ensure_demo_bundle
+from moe_embed.testing.service import ServeProcess
+
+TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
+    conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")
+    return data
+
+
+def _heavy(port: int, body: bytes, stop_at: float, done: multiprocessing.Queue) -> None:
+    """One heavy client: back-to-back requests until `stop_at` (wall clock)."""
+    conn, n = http.client.HTTPConnection("127.0.0.1", port, timeout=600), 0
+    while time.time() < stop_at:
+        _post(conn, body)
+        n += 1
+    done.put(n)
+
+
+def _light(port: int, body: bytes, seconds: float, out: multiprocessing.Queue) -> None:
+    """The light client: one-text calls back to back for `seconds`; their latencies in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    for _ in range(20):  # warm
+        _post(conn, body)
+    lat, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        _post(conn, body)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    out.put(lat)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _light_run(port: int, body: bytes, seconds: float) -> list[float]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_light, args=(port, body, seconds, out))
+    proc.start()
+    lat = out.get(timeout=seconds + 600)
+    proc.join()
+    return lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--heavy", type=int, default=20, help="concurrent heavy clients")
+    p.add_argument("--inputs", type=int, default=256, help="texts per heavy request")
+    p.add_argument("--seconds", type=float, default=30.0, help="measured seconds, each phase")
+    p.add_argument("--out", type=Path,
+                   default=Path(__file__).parent / "results" / "http_heavy.json")
+    args = p.parse_args(argv)
+    bundle = args.bundle or ensure_demo_bundle()
+    texts = json.loads(TEXTS.read_text())
+    kind, flags = cpu_isa()
+    print(f"CPU {kind} ({' '.join(flags)}); load {load_average()['uptime']}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp, \
+            ServeProcess(Path(bundle), Path(tmp) / "serve.log", "--log-level", "warning") as srv:
+        srv.wait_serving(600)
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=60)
+        conn.request("GET", "/v1/models")
+        model = json.loads(conn.getresponse().read())["data"][0]["id"]
+        light = json.dumps({"model": model, "input": texts[0]}).encode()
+        heavy = json.dumps({"model": model, "input": [texts[i % len(texts)]
+                                                      for i in range(args.inputs)]}).encode()
+        vectors = len(json.loads(_post(conn, heavy))["data"])
+        assert vectors == args.inputs, vectors
+        unloaded = _light_run(srv.http_port, light, args.seconds)
+        ctx = multiprocessing.get_context("spawn")
+        done = ctx.Queue()
+        stop_at = time.time() + args.seconds + 10  # the heavy load outlasts the light run
+        heavies = [ctx.Process(target=_heavy, args=(srv.http_port, heavy, stop_at, done))
+                   for _ in range(args.heavy)]
+        for h in heavies:
+            h.start()
+        time.sleep(5)  # every heavy client has a request in flight
+        loaded = _light_run(srv.http_port, light, args.seconds)
+        heavy_done = sum(done.get(timeout=900) for _ in heavies)
+        for h in heavies:
+            h.join()
+        stopped = srv.stop()
+    report = {"cpu": kind, "isa": flags, "bundle": str(bundle), "heavy_clients": args.heavy,
+              "inputs_per_heavy_request": args.inputs, "heavy_requests_done": heavy_done,
+              "unloaded_ms": {"p50": _pct(unloaded, 0.5), "p99": _pct(unloaded, 0.99),
+                              "n": len(unloaded)},
+              "loaded_ms": {"p50": _pct(loaded, 0.5), "p99": _pct(loaded, 0.99),
+                            "n": len(loaded)},
+              "server_exit": stopped, "load_after": load_average()}
+    ratio = report["loaded_ms"]["p99"] / report["unloaded_ms"]["p99"]
+    report["p99_ratio"] = ratio
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    u, lo = report["unloaded_ms"], report["loaded_ms"]
+    print(f"one-text call over HTTP: unloaded p50 {u['p50']:.1f} p99 {u['p99']:.1f} ms (n "
+          f"{u['n']}); beside {args.heavy} x {args.inputs}-input requests p50 {lo['p50']:.1f} "
+          f"p99 {lo['p99']:.1f} ms (n {lo['n']}); {heavy_done} heavy requests done")
+    ok = ratio <= 3.0
+    print(f"{'PASS' if ok else 'FAIL'}  loaded p99 <= 3x unloaded p99: {ratio:.2f}x")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
