@@ -24,9 +24,10 @@ from statistics import median
 import grpc
 from machine import cpu_isa, load_average
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from service_client import Server, closed_loop, request
+from service_client import closed_loop, request
 
 from moe_embed.service.local import LocalEmbedder
+from moe_embed.testing.service import ServeProcess
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 
@@ -65,8 +66,9 @@ def in_process(bundle: Path, texts: list[str], batch: int, threads: int,
 
 def one_server(bundle: Path, flags: tuple[str, ...], texts: list[str], clients: list[int],
                seconds: float, log_dir: Path) -> dict:
-    srv = Server(bundle, 1, 2, log_dir / f"serve{len(list(log_dir.iterdir()))}.log",
-                 flags=flags)
+    srv = ServeProcess(bundle, log_dir / f"serve{len(list(log_dir.iterdir()))}.log",
+                       "--workers", "1", "--threads-per-worker", "2", "--log-level", "warning",
+                       "--metrics-port", "0", *flags, strip_thread_env=True)
     try:
         srv.wait_serving()
         reqs = [request(t, "search_query") for t in texts]

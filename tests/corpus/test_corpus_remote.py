@@ -15,10 +15,10 @@ from corpus_support import (
     start_batch,
     write_jsonl,
 )
-from support.service import ServerThread, free_port
-from support.tls import HOST, Pki, locked_server
 
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import ServerThread, free_port
+from moe_embed.testing.tls import HOST, Pki, locked_server
 
 TASK = "search_query"
 KEY = "sk-corpus-0123456789"
