@@ -24,6 +24,8 @@ COPY export ./export
 COPY workers ./workers
 COPY service ./service
 COPY corpus ./corpus
+# moe_embed.testing (tests/support): a package of pyproject.toml's, so `pip install .` needs it
+COPY tests/support ./tests/support
 RUN pip install .
 
 # ---- server: the virtualenv only, as a non-root user ----

@@ -39,6 +39,8 @@ from peers import OrtPeer
 
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing import procfs
+from moe_embed.testing.service import ServeProcess
 
 BIN = Path(sys.executable).parent
 TASK = "search_document"
@@ -98,33 +100,12 @@ def w3(bundle: Path, ids: list[list[int]], threads: int) -> dict:
 
 
 def serve_and_run(bundle: Path, src: Path, out: Path, threads: int) -> dict:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port = _free_port()
-    serve = subprocess.Popen([str(BIN / "moe-embed"), "serve", "--bundle", str(bundle),
-                              "--port", str(port), "--metrics-port", str(_free_port()),
-                              "--http-port", str(_free_port()), "--workers", "1",
-                              "--threads-per-worker", str(threads), "--log-level", "warning"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        end = time.monotonic() + 300
-        while True:
-            try:
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                    if health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > end or serve.poll() is not None:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.2)
+    log_path = out.with_name(f"{out.name}.serve.log")
+    with ServeProcess(bundle, log_path, "--workers", "1", "--threads-per-worker", str(threads),
+                      "--log-level", "warning", cli=BIN / "moe-embed") as serve:
+        serve.wait_serving(300)
         return run_job([str(src), "--out", str(out), "--bundle", str(bundle), "--task", TASK,
-                        "--server", f"127.0.0.1:{port}"])
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
+                        "--server", serve.target])
 
 
 def ray_run(bundle: Path, src_parquet: Path, out: Path, threads: int) -> dict:
@@ -201,12 +182,12 @@ def rss(bundle: Path, work: Path) -> dict:
         peak = 0.0
         while proc.poll() is None:
             try:
-                peak = max(peak, machine.peak_rss_mb(proc.pid))
+                peak = max(peak, procfs.peak_rss_mb(proc.pid))
                 done = json.loads((dest / "_manifest.json").read_text())["shards"]
             except (OSError, ValueError, KeyError):
                 done = []
             if stop_rows and sum(s["rows"] for s in done) >= stop_rows:
-                peak = max(peak, machine.peak_rss_mb(proc.pid))
+                peak = max(peak, procfs.peak_rss_mb(proc.pid))
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
                 break
@@ -214,14 +195,6 @@ def rss(bundle: Path, work: Path) -> dict:
         out[name] = {"peak_rss_mb": peak}
     out["ratio"] = out["1M_stopped_at_20k"]["peak_rss_mb"] / out["10k"]["peak_rss_mb"]
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -29,9 +29,9 @@ from pathlib import Path
 import grpc
 import matplotlib
 import promql_eval
-from service_client import Server, free_port
 
 from moe_embed.service.demo import ensure_demo_bundle
+from moe_embed.testing.service import ServeProcess
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -82,16 +82,15 @@ def worker_pids(log_path: Path) -> list[int]:
 
 
 def run_load(bundle: Path, log_path: Path) -> tuple[promql_eval.Scrapes, list, float]:
-    metrics_port = free_port()
-    server = Server(bundle, 2, 1, log_path,
-                    flags=("--metrics-port", str(metrics_port), "--log-level", "info"))
+    server = ServeProcess(bundle, log_path, "--workers", "2", "--threads-per-worker", "1",
+                          "--log-level", "info", strip_thread_env=True)
     scrapes = promql_eval.Scrapes()
     times: list[float] = []
     marks: list[tuple[float, str]] = []
     done = threading.Event()
 
     def scrape() -> None:
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         while not done.is_set():
             t = time.monotonic()
             with urllib.request.urlopen(url, timeout=5) as response:
@@ -100,7 +99,7 @@ def run_load(bundle: Path, log_path: Path) -> tuple[promql_eval.Scrapes, list, f
             done.wait(max(0.0, 1.0 - (time.monotonic() - t)))
 
     try:
-        server.wait_serving()
+        server.wait_serving(600)
         t0 = time.monotonic()
         scraper = threading.Thread(target=scrape, daemon=True)
         scraper.start()

@@ -26,52 +26,39 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from moe_embed.testing import procfs
+from moe_embed.testing.service import ServeProcess
 
 
 def smaps(pid: int) -> dict[str, float]:
     """PSS, RSS and shared-clean MB of one process (0 if it is gone)."""
-    out = {"pss": 0.0, "rss": 0.0, "shared_clean": 0.0, "private": 0.0}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            kb = int(rest.split()[0]) if rest.split() and rest.split()[0].isdigit() else 0
-            if key == "Pss":
-                out["pss"] = kb / 1024
-            elif key == "Rss":
-                out["rss"] = kb / 1024
-            elif key == "Shared_Clean":
-                out["shared_clean"] = kb / 1024
-            elif key in ("Private_Clean", "Private_Dirty"):
-                out["private"] += kb / 1024
-    except OSError:
-        pass
-    return out
+    kb = procfs.smaps_rollup_kb(pid)
+    return {"pss": kb.get("Pss", 0) / 1024, "rss": kb.get("Rss", 0) / 1024,
+            "shared_clean": kb.get("Shared_Clean", 0) / 1024,
+            "private": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
 
 
 def measure(cli: Path, bundle: Path, flags: tuple[str, ...], workers: int, threads: int, ctx,
             quick: bool) -> dict:
-    import service_client as svc
     import workloads as wl
-    from machine import descendants
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        server = svc.Server(bundle, workers, threads, Path(tmp) / "serve.log", cli=cli,
-                            flags=flags)
+        server = ServeProcess(bundle, Path(tmp) / "serve.log", "--workers", str(workers),
+                              "--threads-per-worker", str(threads), "--log-level", "warning",
+                              "--metrics-port", "0", *flags, cli=cli, strip_thread_env=True)
         try:
-            server.wait_serving()
+            server.wait_serving(600)
             start_s = time.perf_counter() - t0
             time.sleep(2.0)
             front = smaps(server.proc.pid)
-            kids = [smaps(p) for p in descendants(server.proc.pid)]
+            kids = [smaps(p) for p in procfs.descendants(server.proc.pid)]
             # workers (and the loader they are forked from), not the resource tracker
             worker_mem = [k for k in kids if k["rss"] > 100]
             w1 = wl.w1_service(ctx, server.target)
             w3 = wl.w3_service(ctx, server.target, "service")
             loaded = smaps(server.proc.pid)["pss"] + sum(
-                smaps(p)["pss"] for p in descendants(server.proc.pid))
+                smaps(p)["pss"] for p in procfs.descendants(server.proc.pid))
         finally:
             server.stop()
     return {

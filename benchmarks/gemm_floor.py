@@ -26,9 +26,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
 GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 

@@ -30,15 +30,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from slow_clients import closed_by_server, id_flood_body, open_slow, post_raw
+from verdicts import finish
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from slow_clients import closed_by_server, id_flood_body, open_slow, post_raw  # noqa: E402
-from support.service import ServeProcess  # noqa: E402
-from verdicts import finish  # noqa: E402
-
-from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
-from moe_embed.v1 import embedder_pb2 as pb  # noqa: E402
-from moe_embed.v1 import embedder_pb2_grpc as pb_grpc  # noqa: E402
+from moe_embed.service.demo import ensure_demo_bundle
+from moe_embed.testing.procfs import rss_mb, thread_count
+from moe_embed.testing.service import ServeProcess
+from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
 DESCRIPTORS = 1024
 SLOW = 500
@@ -52,17 +51,6 @@ IDLE_METRICS = 200
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def timed_loop(call, stop: threading.Event) -> list[float]:
@@ -197,7 +185,7 @@ def id_floods(srv: ServeProcess) -> dict:
 
 def idle_metrics(srv: ServeProcess) -> dict:
     pid = srv.proc.pid
-    before = threads(pid)
+    before = thread_count(pid)
     socks = [open_slow(srv.metrics_port, "half-header") for _ in range(IDLE_METRICS)]
     time.sleep(2)
     try:  # a scrape still gets in beside them
@@ -205,7 +193,7 @@ def idle_metrics(srv: ServeProcess) -> dict:
             f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=30).read()
     except OSError:
         scraped = False
-    during = threads(pid)
+    during = thread_count(pid)
     for s in socks:
         s.close()
     return {"sockets": IDLE_METRICS, "threads_before": before, "threads_during": during,

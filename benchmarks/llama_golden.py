@@ -26,14 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from llama_peer import LLAMA_CPP_PYTHON_VERSION
+from llama_peer.ggufs import make_ggufs
+from llama_peer.peer import MIN_COS, LlamaPeer, Reference, tokenizer_agreement
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from llama_peer import LLAMA_CPP_PYTHON_VERSION  # noqa: E402
-from llama_peer.ggufs import make_ggufs  # noqa: E402
-from llama_peer.peer import MIN_COS, LlamaPeer, Reference, tokenizer_agreement  # noqa: E402
 
 DEFAULT_OUT = ROOT / "tests" / "data" / "llama_golden.json"
 TASK = "search_document"

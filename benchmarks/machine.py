@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_embed.testing import procfs
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("moe-embed", "torch", "onnxruntime", "onnx", "numpy", "grpcio", "tokenizers",
             "protobuf", "matplotlib", "psutil")
@@ -23,32 +26,6 @@ def load_average() -> dict:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return {"1m": one, "5m": five, "15m": fifteen, "uptime": uptime,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """VmHWM: the most resident memory the process has had."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024
-    return 0.0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (workers forked by the loader are the frontend's
-    grandchildren)."""
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            kids = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for kid in map(int, kids):
-            out += [kid, *descendants(kid)]
-    return out
 
 
 def _git(*args: str) -> str:
@@ -66,13 +43,8 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_v
 def cpu_isa() -> tuple[str, list[str]]:
     """The CPU's model name and which of the instruction sets that matter here it has (every
     report names them: kernels' speed differs between AVX2-only and AVX-512/VNNI machines)."""
-    model, flags = "", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    return model, [f for f in ISA_FLAGS if f in flags]
+    flags = procfs.cpu_flags()
+    return procfs.cpu_model(), [f for f in ISA_FLAGS if f in flags]
 
 
 def info() -> dict:
@@ -80,13 +52,8 @@ def info() -> dict:
     import psutil
 
     cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = procfs.cpu_model()
     versions = {}
     for p in PACKAGES:
         try:

@@ -19,9 +19,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
 
 class Timed:
     """A session or callable whose calls are timed into `bucket`."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 TASKS = ("search_query", "search_document")
 
@@ -77,8 +75,9 @@ def in_process(bundle: Path, cs: list[dict], partitions: int, seed: int
 def through_service(bundle: Path, cs: list[dict], alone: list[np.ndarray], seed: int,
                     log_dir: Path) -> dict:
     from service_client import TASKS as PB_TASKS
-    from service_client import Server, unary_stub
+    from service_client import unary_stub
 
+    from moe_embed.testing.service import ServeProcess
     from moe_embed.v1 import embedder_pb2 as pb
 
     rng = np.random.default_rng(seed)
@@ -89,9 +88,11 @@ def through_service(bundle: Path, cs: list[dict], alone: list[np.ndarray], seed:
             order = rng.permutation(mine)
             cuts = np.cumsum(rng.integers(1, 6, size=len(order)))
             reqs += [(task, [int(i) for i in m]) for m in np.split(order, cuts[cuts < len(order)])]
-    server = Server(bundle, workers=2, threads=1, log_path=log_dir / f"{bundle.name}.serve.log")
+    server = ServeProcess(bundle, log_dir / f"{bundle.name}.serve.log", "--workers", "2",
+                          "--threads-per-worker", "1", "--log-level", "warning",
+                          "--metrics-port", "0", strip_thread_env=True)
     try:
-        server.wait_serving()
+        server.wait_serving(600)
         channel, stub = unary_stub(server.target)
 
         def call(req: tuple[str, list[int]]) -> list[np.ndarray]:

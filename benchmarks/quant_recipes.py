@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from moe_embed.workers.bundle.recipes import RECIPES, Recipe, _recipe
 
-from moe_embed.workers.bundle.recipes import RECIPES, Recipe, _recipe  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 CANDIDATES: dict[str, tuple[str, Recipe]] = {
     "shipped-int8": ("int8", RECIPES["int8"]),

@@ -45,9 +45,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_embed.testing import procfs
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
 
 OURS = ("fp32", "int8", "int4")
 GGUF = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
@@ -91,20 +92,6 @@ def cpu() -> dict:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024
-    return 0.0
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return float(line.split()[1]) / 1024
-    return 0.0
 
 
 def dir_bytes(path: Path) -> int:
@@ -153,7 +140,7 @@ def _child_variant(job: dict) -> int:
         def embed(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
             return peer.embed(ids), None
     load_s = time.perf_counter() - t0
-    rss_loaded = rss_mib()
+    rss_loaded = procfs.rss_mb()
     out: dict[str, Any] = {"variant": job["variant"], "load_s": load_s,
                            "rss_after_load_mib": rss_loaded, "load_average": load_average()}
 
@@ -178,7 +165,7 @@ def _child_variant(job: dict) -> int:
     tokens = sum(len(x) for b in w3 for x in b)
     out["W3"] = {"texts": sum(len(b) for b in w3), "batches": len(w3), "tokens": tokens,
                  "samples_s": times, "tokens_per_s": tokens / median(times)}
-    out["peak_rss_after_w3_mib"] = peak_rss_mib()
+    out["peak_rss_after_w3_mib"] = procfs.peak_rss_mb()
 
     # quality inputs: multilingual one text per call, the corpus in W3-style batches
     vecs, routes = {}, {}
@@ -200,7 +187,7 @@ def _child_variant(job: dict) -> int:
     vecs["corpus"] = cv
     if croutes[0] is not None:
         routes["corpus"] = np.concatenate(croutes)
-    out["peak_rss_end_mib"] = peak_rss_mib()
+    out["peak_rss_end_mib"] = procfs.peak_rss_mb()
     np.savez(job["out_npz"], **{f"vec_{k}": v for k, v in vecs.items()},
              **{f"route_{k}": r for k, r in routes.items()})
     Path(job["out_json"]).write_text(json.dumps(out))
@@ -265,11 +252,11 @@ def run_child(job: dict, work: Path, threads: int) -> dict | None:
 def _export(source: Path, out: Path, precision: str, threads: int) -> dict:
     """`moe-embed export SOURCE --precision P` in a child process: its time and peak RSS."""
     code = ("import json, sys, time; from moe_embed.export.split import export_bundle; "
+            "from moe_embed.testing.procfs import peak_rss_mb; "
             "t = time.perf_counter(); "
             "export_bundle(sys.argv[1], sys.argv[2], precision=sys.argv[3]); "
             "s = time.perf_counter() - t; "
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-            "print(json.dumps({'seconds': s, 'peak_rss_mib': int(hwm) / 1024}))")
+            "print(json.dumps({'seconds': s, 'peak_rss_mib': peak_rss_mb()}))")
     r = subprocess.run([sys.executable, "-c", code, str(source), str(out), precision],
                        capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})

@@ -20,10 +20,11 @@ import peers
 import report
 import workloads as wl
 from plan import FULL, QUICK
-from service_client import Server
 from targets import evaluate
 
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing import procfs
+from moe_embed.testing.service import ServeProcess
 
 LOAD_WARN = 0.5
 
@@ -125,9 +126,12 @@ def _service(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder, out
         name = f"{workers}x{threads}"
         log(f"starting moe-embed serve: {workers} worker(s) x {threads} thread(s)")
         (out / "logs").mkdir(exist_ok=True)
-        server = Server(art.routed.path, workers, threads, out / "logs" / f"serve-{name}.log")
+        server = ServeProcess(art.routed.path, out / "logs" / f"serve-{name}.log",
+                              "--workers", str(workers), "--threads-per-worker", str(threads),
+                              "--log-level", "warning", "--metrics-port", "0",
+                              strip_thread_env=True)
         try:
-            ready = server.wait_serving()
+            ready = server.wait_serving(600).ready_s
             rec.results.setdefault("service_start", {})[name] = {"ready_s": ready,
                                                                  "memory": server.memory()}
             _service_workloads(tag, name, todo, server, ctx, rec,
@@ -140,7 +144,7 @@ def _service(args, ctx: wl.Context, art: artifacts.Artifacts, rec: Recorder, out
             rec.results.setdefault("service_exit", {})[name] = server.stop()
 
 
-def _service_workloads(tag: str, name: str, todo: list[str], server: Server, ctx: wl.Context,
+def _service_workloads(tag: str, name: str, todo: list[str], server: ServeProcess, ctx: wl.Context,
                        rec: Recorder, open_routed: Callable[[], Any]) -> None:
     target = server.target
     if tag == "2x":
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace, default_out: Path) -> int:
     load_end = machine.load_average()
     results["meta"].update(load_end=load_end, wall_s=time.perf_counter() - t0,
                            finished=load_end["at"],
-                           harness_peak_rss_mb=machine.peak_rss_mb())
+                           harness_peak_rss_mb=procfs.peak_rss_mb())
     results["routing"] = {w: {str(i): e for i, e in calls.items()}
                           for w, calls in ctx.routing.items()}  # expert_tokens per call
     results["targets"] = [{**dataclasses.asdict(t), "verdict": t.verdict}

@@ -1,113 +1,26 @@
-"""The service as a user runs it: `moe-embed serve` in its own process, real gRPC clients.
-
-`Server` starts the CLI on a loopback port, waits for grpc.health SERVING, reads every
-process's RSS (frontend and worker processes), and drains it with SIGTERM. The client helpers
-are closed-loop unary callers, a burst of concurrent requests and a windowed bidi stream.
+"""Clients of the service as a user runs it (`moe-embed serve` in its own process, started by
+moe_embed.testing.service.ServeProcess): closed-loop unary callers, a burst of concurrent
+requests and a windowed bidi stream, every response checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
-import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from machine import peak_rss_mb
 
+from moe_embed.service.wire import PROTO_OF_TASK
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
-TASKS = {"none": pb.TASK_NONE, "search_query": pb.TASK_SEARCH_QUERY,
-         "search_document": pb.TASK_SEARCH_DOCUMENT}
-CLI = Path(sys.executable).with_name("moe-embed")
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TASKS = PROTO_OF_TASK  # API name -> proto enum (the one map, beside the gRPC adapter)
 
 
 def request(text: str, task: str, rid: str = "") -> pb.EmbedRequest:
     return pb.EmbedRequest(id=rid, inputs=[text], task=TASKS[task])
-
-
-class Server:
-    """`moe-embed serve --bundle DIR` on 127.0.0.1 with W workers x T threads."""
-
-    def __init__(self, bundle: Path, workers: int, threads: int, log_path: Path,
-                 cli: Path = CLI, flags: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.workers, self.threads = workers, threads
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-        cmd = [str(cli), "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", "0", "--workers", str(workers),
-               "--threads-per-worker", str(threads), "--log-level", "warning", *flags]
-        self._log = open(log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_serving(self, timeout_s: float = 600.0) -> float:
-        t0 = time.perf_counter()
-        with grpc.insecure_channel(self.target) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n"
-                                       + self.log_tail())
-                try:
-                    st = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                    if st == health_pb2.HealthCheckResponse.SERVING:
-                        return time.perf_counter() - t0
-                except grpc.RpcError:
-                    pass
-                if time.perf_counter() - t0 > timeout_s:
-                    raise TimeoutError(f"server not SERVING after {timeout_s}s:\n"
-                                       + self.log_tail())
-                time.sleep(0.25)
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_bytes()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def memory(self) -> list[dict]:
-        """RSS and peak RSS (VmHWM) of the frontend and each of its child processes."""
-        root = psutil.Process(self.proc.pid)
-        out = []
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                cmd = " ".join(p.cmdline())
-                role = ("frontend" if p.pid == root.pid else
-                        "resource_tracker" if "resource_tracker" in cmd else "worker")
-                out.append({"pid": p.pid, "role": role, "rss_mb": p.memory_info().rss / 2**20,
-                            "peak_rss_mb": peak_rss_mb(p.pid)})
-            except psutil.Error:
-                continue
-        return out
-
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 def _check(resp: pb.EmbedResponse, expect_tokens: int | None) -> int:

@@ -30,9 +30,10 @@ from statistics import median
 import grpc
 from machine import cpu_isa, load_average
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from service_client import CLI, TASKS, Server, closed_loop, request, stream
+from service_client import TASKS, closed_loop, request, stream
 
 from moe_embed.service.local import LocalEmbedder
+from moe_embed.testing.service import CLI, ServeProcess
 from moe_embed.v1 import embedder_pb2 as pb
 
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
@@ -76,7 +77,7 @@ def level(spec: str) -> tuple[int, int]:
     return int(clients), int(per or 1)
 
 
-def service(srv: Server, texts: list[str], clients: int, seconds: float, per: int = 1) -> dict:
+def service(srv: ServeProcess, texts: list[str], clients: int, seconds: float, per: int = 1) -> dict:
     reqs = [request(t, "search_query") for t in texts]
     if clients == 0:
         raise ValueError("clients")
@@ -91,7 +92,7 @@ def service(srv: Server, texts: list[str], clients: int, seconds: float, per: in
             "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
 
 
-def w5(srv: Server, texts: list[str], window: int, seconds: float) -> dict:
+def w5(srv: ServeProcess, texts: list[str], window: int, seconds: float) -> dict:
     """One EmbedStream with `window` one-text requests in flight, about `seconds` long."""
     reqs = [request(t, "search_query") for t in texts]
     stream(srv.target, 2 * window, window, reqs, [None] * len(reqs))  # warm
@@ -147,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as logs:
         for name, cli, serve_flags in configs(args, port):
             print(f"  service {name}", flush=True)
-            srv = Server(args.bundle, 1, 2, Path(logs) / f"{len(report['service'])}.log",
-                         cli=cli, flags=serve_flags)
+            srv = ServeProcess(args.bundle, Path(logs) / f"{len(report['service'])}.log",
+                               "--workers", "1", "--threads-per-worker", "2",
+                               "--log-level", "warning", "--metrics-port", "0", *serve_flags,
+                               cli=cli, strip_thread_env=True)
             rounds: dict[str, list] = {str(c): [] for c in clients}
             try:
-                srv.wait_serving()
+                srv.wait_serving(600)
                 for _ in range(args.rounds):
                     for c in clients:
                         n, per = level(c)

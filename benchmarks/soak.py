@@ -46,9 +46,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from slow_clients import (  # noqa: E402
+from slow_clients import (
     SLOW_KINDS,
     closed_by_server,
     hang_up,
@@ -56,13 +54,14 @@ from slow_clients import (  # noqa: E402
     open_slow,
     post_raw,
 )
-from support.service import ServeProcess  # noqa: E402
-from verdicts import finish  # noqa: E402
+from verdicts import finish
 
-from moe_embed.service.demo import ensure_demo_bundle  # noqa: E402
-from moe_embed.service.local import LocalEmbedder  # noqa: E402
-from moe_embed.v1 import embedder_pb2 as pb  # noqa: E402
-from moe_embed.v1 import embedder_pb2_grpc as pb_grpc  # noqa: E402
+from moe_embed.service.demo import ensure_demo_bundle
+from moe_embed.service.local import LocalEmbedder
+from moe_embed.testing import procfs
+from moe_embed.testing.service import ServeProcess
+from moe_embed.v1 import embedder_pb2 as pb
+from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
 TEXTS = json.loads((Path(__file__).resolve().parents[1] / "tests/data/multilingual.json")
                    .read_text())
@@ -184,21 +183,10 @@ class Soak:
     def sample_rss(self) -> None:
         """Frontend RSS; the workers' (and their loader's) total PSS, which counts the weights
         they share once."""
-        def field(path: str, key: str) -> float:
-            try:
-                for line in Path(path).read_text().splitlines():
-                    if line.startswith(key):
-                        return int(line.split()[1]) / 1024
-            except OSError:
-                pass
-            return 0.0
-        from machine import descendants
-
         pid = self.srv.proc.pid
-        self.rss["frontend"].append(field(f"/proc/{pid}/status", "VmRSS:"))
-        self.threads.append(len(os.listdir(f"/proc/{pid}/task")))
-        self.rss["workers"].append(sum(field(f"/proc/{p}/smaps_rollup", "Pss:")
-                                       for p in descendants(pid)))
+        self.rss["frontend"].append(procfs.rss_mb(pid))
+        self.threads.append(procfs.thread_count(pid))
+        self.rss["workers"].append(sum(procfs.pss_mb(p) for p in procfs.descendants(pid)))
 
     # -- the clients -------------------------------------------------------------------------
     def heavy(self, k: int, rate_inputs_s: float) -> None:
@@ -568,8 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
     bundle = args.bundle or ensure_demo_bundle()
-    cpu = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                  if f in ("avx2", "avx512f", "avx512_vnni", "amx_int8")})
+    cpu = sorted(procfs.cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "amx_int8"})
     with tempfile.TemporaryDirectory() as tmp:
         soak = Soak(bundle, Path(tmp) / "serve.log", args.overload)
         with soak.srv:

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"moe_embed.service": "service", "moe_embed.workers": "workers",
-            "moe_embed.export": "export", "moe_embed.batch": "corpus"}
+            "moe_embed.export": "export", "moe_embed.batch": "corpus",
+            "moe_embed.testing": "tests/support"}
 
 
 def _modules() -> dict[str, Path]:
@@ -78,6 +79,13 @@ def test_the_graph_is_read():
 ])
 def test_a_layer_never_imports_one_above_or_beside_it(lower, upper):
     assert _importers_of(upper, lower) == []
+
+
+@pytest.mark.parametrize("product", ["moe_embed.service", "moe_embed.workers",
+                                     "moe_embed.export", "moe_embed.batch"])
+def test_the_product_never_imports_the_test_helpers(product):
+    """moe_embed.testing drives the product from outside (tests, benchmarks), never from in it."""
+    assert _importers_of("moe_embed.testing", product) == []
 
 
 def test_the_adapters_never_import_each_other():

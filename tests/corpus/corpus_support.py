@@ -110,21 +110,6 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
             if p.name.startswith("part-")}
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (its workers and their loader)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
 def signal_all(pids: list[int], sig: int) -> None:
     for p in pids:
         try:

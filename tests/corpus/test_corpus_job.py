@@ -14,7 +14,6 @@ import pytest
 from corpus_support import (
     committed,
     corpus_rows,
-    descendants,
     read_output,
     run_batch,
     shard_bytes,
@@ -25,10 +24,11 @@ from corpus_support import (
     write_jsonl,
     write_parquet,
 )
-from support.service import IN_PROCESS_THREADS
 
 from moe_embed.batch.shards import OutputError, ShardWriter
 from moe_embed.service.local import LocalEmbedder
+from moe_embed.testing.procfs import descendants
+from moe_embed.testing.service import IN_PROCESS_THREADS
 
 TASK = "search_document"
 FLAGS = ("--task", TASK, "--workers", "1", "--threads", "1")

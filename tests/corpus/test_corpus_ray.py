@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from corpus_support import corpus_rows, read_output, run_batch, write_parquet
-from support.service import IN_PROCESS_THREADS
 
 from moe_embed.batch import RayEmbedder
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import IN_PROCESS_THREADS
 
 TASK = "clustering"
 

@@ -17,10 +17,10 @@ from corpus_support import (
     start_batch,
     write_jsonl,
 )
-from support.service import ServerThread, free_port, wait_for
-from support.tls import HOST, Pki, locked_server
 
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import ServerThread, free_port, wait_for
+from moe_embed.testing.tls import HOST, Pki, locked_server
 from moe_embed.v1 import embedder_pb2 as pb
 
 TASK = "search_query"

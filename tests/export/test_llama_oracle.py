@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.service import IN_PROCESS_THREADS
 
 from moe_embed.export.split import export_bundle
 from moe_embed.export.synthetic import write_synthetic
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import IN_PROCESS_THREADS
 from moe_embed.workers.runtime.runtime import Runtime, pack
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "llama_golden.json"

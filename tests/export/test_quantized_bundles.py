@@ -17,7 +17,6 @@ import shutil
 import numpy as np
 import pytest
 import requests
-from support.service import ServerThread, free_port, vectors
 
 from moe_embed.export.commands import PRECISIONS
 from moe_embed.export.quantize import RECIPES, Recipe, RecipeError
@@ -25,6 +24,7 @@ from moe_embed.export.reference import pad_batch
 from moe_embed.export.split import export_bundle
 from moe_embed.service.local import LocalEmbedder
 from moe_embed.service.tasks import task_named
+from moe_embed.testing.service import ServerThread, free_port, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.bundle.format import Bundle, BundleError, Manifest
 from moe_embed.workers.runtime.runtime import Runtime

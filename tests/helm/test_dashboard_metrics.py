@@ -23,9 +23,9 @@ import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.helm_chart import CHART, NAMESPACE, RELEASE, default_values, render
-from support.service import ServeProcess, wait_for
 
+from moe_embed.testing.helm_chart import CHART, NAMESPACE, RELEASE, default_values, render
+from moe_embed.testing.service import ServeProcess, wait_for
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -205,7 +205,7 @@ def test_keda_default_query_reads_an_exported_gauge(exported: Exported, helm: Pa
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    from support.helm_chart import MISSING_HELM, helm_path
+    from moe_embed.testing.helm_chart import MISSING_HELM, helm_path
 
     path = helm_path()
     if not (path.is_file() and os.access(path, os.X_OK)):

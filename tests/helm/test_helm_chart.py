@@ -20,7 +20,6 @@ import subprocess
 import time
 import tomllib
 import urllib.request
-from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
 
@@ -33,7 +32,10 @@ import yaml
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import all_versions
-from support.helm_chart import (
+
+from moe_embed.service import config as serve_config
+from moe_embed.service.metrics import Metrics
+from moe_embed.testing.helm_chart import (
     CHART,
     MISSING_HELM,
     NAMESPACE,
@@ -48,11 +50,13 @@ from support.helm_chart import (
     render,
     run_helm,
 )
-from support.helm_image import dockerfile_named_stages, dockerfile_stages, dockerignored, last
-from support.tls import Pki
-
-from moe_embed.service import config as serve_config
-from moe_embed.service.metrics import Metrics
+from moe_embed.testing.helm_image import (
+    dockerfile_named_stages,
+    dockerfile_stages,
+    dockerignored,
+    last,
+)
+from moe_embed.testing.tls import Pki
 from moe_embed.v1 import embedder_pb2, embedder_pb2_grpc
 from moe_embed.workers.bundle.format import Bundle
 
@@ -1130,16 +1134,14 @@ def test_image_copies_every_package_source_and_dockerignore_keeps_them() -> None
         if ins == "COPY" and not rest.startswith("--from")
     ]
     sources = [s.rstrip("/") for args in copied for s in args]
-    ignored = [
-        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
-        if p.strip() and not p.startswith("#")
-    ]
     needed = ["pyproject.toml", PYPROJECT["project"]["readme"],
               *PYPROJECT["tool"]["setuptools"]["package-dir"].values()]
     for path in needed:
         assert any(path == s or path.startswith(s + "/") for s in sources), f"{path} not copied"
-        assert not any(fnmatch(path, p) or path.startswith(p + "/") for p in ignored), (
-            f"{path} is excluded by .dockerignore")
+        assert not dockerignored(path), f"{path} is excluded by .dockerignore"
+    # moe_embed.testing's folder is let back in (`!tests/support`), not the tests or caches
+    assert dockerignored("tests/service/test_cli.py")
+    assert dockerignored("tests/support/__pycache__/service.cpython-311.pyc")
 
 
 def test_bundled_target_bakes_in_the_bundle_that_model_source_image_serves(

@@ -15,7 +15,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support.helm_image import dockerfile_stages
+
+from moe_embed.testing.helm_image import dockerfile_stages
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

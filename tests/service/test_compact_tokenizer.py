@@ -194,10 +194,10 @@ def test_other_models_run_as_hfs_own_tokenizer(tmp_path, kind):
 
 _RSS_PROBE = """
 import gc, json, sys
+from moe_embed.testing import procfs
 def rss_mb():
     gc.collect()
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+    return procfs.rss_mb("self")
 from moe_embed.service.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 before = rss_mb()

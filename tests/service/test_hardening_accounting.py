@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.service import ServeProcess, wait_for
-from support.tls import Pki
 
+from moe_embed.testing.service import ServeProcess, wait_for
+from moe_embed.testing.tls import Pki
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 

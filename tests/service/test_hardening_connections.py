@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.service import ServeProcess, scrape, wait_for
+
+from moe_embed.testing import procfs
+from moe_embed.testing.service import ServeProcess, scrape, wait_for
 
 SHORT_S = 2  # the timeouts of the `short` server
 CLOSE_WAIT_S = 90  # generous: a closed socket is seen long before this on any machine
@@ -53,10 +55,6 @@ def _get(sock: socket.socket, path: str) -> bytes:
     while len(body) < length:
         body += sock.recv(65536)
     return head
-
-
-def _threads(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -164,13 +162,13 @@ def test_idle_metrics_connections_cost_no_threads(bounded) -> None:
     each. A complete scrape after them proves they were all accepted (accepts are in order)."""
     pid = bounded.proc.pid
     scrape(bounded.metrics_port)
-    before = _threads(pid)
+    before = procfs.thread_count(pid)
     idle = [_connect(bounded.metrics_port) for _ in range(40)]
     try:
         for sock in idle:
             sock.sendall(b"GET /met")
         assert "moe_embed_queue_depth" in scrape(bounded.metrics_port)
-        assert _threads(pid) <= before + 2  # not one per connection
+        assert procfs.thread_count(pid) <= before + 2  # not one per connection
     finally:
         for sock in idle:
             sock.close()
@@ -184,7 +182,7 @@ def test_running_out_of_descriptors_costs_one_json_line(tiny_bundle, tmp_path) -
     with ServeProcess(tiny_bundle, log, "--workers", "1") as srv:
         srv.wait_serving()
         pid = srv.proc.pid
-        used = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+        used = procfs.fd_count(pid)
         old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 8, old[1]))
         socks = []

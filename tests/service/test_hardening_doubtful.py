@@ -10,9 +10,9 @@ import socket
 
 import pytest
 import requests
-from support.service import ServerThread, free_port
 
 from moe_embed.service.security import ApiKeys, SecurityError
+from moe_embed.testing.service import ServerThread, free_port
 
 
 @pytest.fixture(scope="module")

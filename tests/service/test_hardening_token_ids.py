@@ -10,9 +10,9 @@ import socket
 import orjson
 import pytest
 import requests
-from support.service import ServerThread, free_port
 
 from moe_embed.service.http.json_scan import TooManyValues, ValueCounter
+from moe_embed.testing.service import ServerThread, free_port
 
 MAX_INPUTS = 4
 MAX_TOKENS = 512  # the tiny bundle's

@@ -23,7 +23,9 @@ import openai
 import pytest
 import requests
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support.service import (
+
+from moe_embed.service.tasks import task_named
+from moe_embed.testing.service import (
     TASKS,
     Expected,
     ServeProcess,
@@ -33,8 +35,6 @@ from support.service import (
     vectors,
     wait_for,
 )
-
-from moe_embed.service.tasks import task_named
 from moe_embed.v1 import embedder_pb2 as pb
 
 TOL = 1e-6

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from support.service import ServerThread, free_port
+
+from moe_embed.testing.service import ServerThread, free_port
 
 EXAMPLES = 100  # per operation and mode; the whole module runs in well under a minute
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "task", "truncate",

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from support.service import ServeProcess, vectors
 
+from moe_embed.testing.service import ServeProcess, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 

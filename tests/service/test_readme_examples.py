@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.service import ServerThread, free_port
+
+from moe_embed.testing.service import ServerThread, free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -5,9 +5,6 @@ the `openai` client; rotation by SIGHUP and by a file change, without a restart.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,12 +13,19 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support.service import SERVING, ServeProcess, ServerThread, free_port, vectors, wait_for
-from support.tls import HOST, Pki, locked_server, served_certificate, write_keys
 
 from moe_embed.service.client import EmbedClient, RemoteError
 from moe_embed.service.config import ServeConfig
 from moe_embed.service.security import ApiKeys, Security, SecurityError
+from moe_embed.testing.service import (
+    SERVING,
+    ServeProcess,
+    ServerThread,
+    free_port,
+    vectors,
+    wait_for,
+)
+from moe_embed.testing.tls import HOST, Pki, locked_server, served_certificate, write_keys
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -272,14 +276,11 @@ def test_a_changed_client_ca_is_picked_up_from_the_files(tiny_bundle, tmp_path) 
 
 def test_a_missing_key_file_stops_serve_naming_it(tiny_bundle, tmp_path) -> None:
     missing = tmp_path / "no-such-keys"
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("moe-embed")), "serve", "--bundle",
-         str(tiny_bundle), "--port", "0", "--http-port", "0", "--metrics-port", "0",
-         "--api-key-file", str(missing)],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2
-    assert str(missing) in proc.stdout + proc.stderr
-    assert '"event": "start_failed"' in proc.stdout + proc.stderr
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", "--api-key-file", str(missing)) as srv:
+        assert srv.proc.wait(60) == 2
+    output = srv.log_path.read_text()  # stdout and stderr
+    assert str(missing) in output
+    assert '"event": "start_failed"' in output
 
 
 @pytest.mark.parametrize("case", ["empty", "comments-only", "cert-key-mismatch", "missing-ca",

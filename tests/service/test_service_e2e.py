@@ -15,7 +15,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support.service import (
+
+from moe_embed.service.tasks import task_named
+from moe_embed.service.wire import bad_request
+from moe_embed.testing.service import (
     TASKS,
     Expected,
     ServerThread,
@@ -24,9 +27,6 @@ from support.service import (
     vectors,
     wait_for,
 )
-
-from moe_embed.service.tasks import task_named
-from moe_embed.service.wire import bad_request
 from moe_embed.v1 import embedder_pb2 as pb
 
 ATOL = 1e-5

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.service import (
+
+from moe_embed.service.grpc_api import STREAM_WINDOW
+from moe_embed.testing.service import (
     NOT_SERVING,
     SERVING,
     ServeProcess,
@@ -27,8 +29,6 @@ from support.service import (
     health_status,
     wait_for,
 )
-
-from moe_embed.service.grpc_api import STREAM_WINDOW
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 

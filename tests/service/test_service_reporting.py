@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from support.service import TASKS, ServerThread, free_port, scrape, wait_for
 
 from moe_embed.service.grpc_api import response_bytes as grpc_bytes
 from moe_embed.service.http.app import response_bytes as http_bytes
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import TASKS, ServerThread, free_port, scrape, wait_for
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.bundle.format import Bundle
 

@@ -13,7 +13,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.service import (
+
+from moe_embed.service.server import FINAL_GRACE_S, LAME_DUCK_S
+from moe_embed.testing import procfs
+from moe_embed.testing.service import (
     NOT_SERVING,
     SERVING,
     TASKS,
@@ -24,8 +27,6 @@ from support.service import (
     vectors,
     wait_for,
 )
-
-from moe_embed.service.server import FINAL_GRACE_S, LAME_DUCK_S
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -171,14 +172,9 @@ def test_batch_that_kills_two_workers_fails_with_internal(two_workers) -> None:
 
 
 def _smaps_kb(pid: int, key: str) -> int:
-    for line in open(f"/proc/{pid}/smaps_rollup"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key} for {pid}")
-
-
-def _parent(pid: int) -> int:
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    kb = procfs.smaps_rollup_kb(pid)
+    assert key in kb, f"no {key} for {pid}"
+    return kb[key]
 
 
 def test_one_thread_workers_share_the_loaders_weights(two_workers, tiny_bundle) -> None:
@@ -188,11 +184,11 @@ def test_one_thread_workers_share_the_loaders_weights(two_workers, tiny_bundle) 
     for k in range(8):
         stub.Embed(_request([f"text number {k} " * (k + 1)] * 4))
     loader = srv.pool.loader_pid()
-    assert len(os.listdir(f"/proc/{loader}/task")) == 1  # a fork copies only the calling thread
+    assert procfs.thread_count(loader) == 1  # a fork copies only the calling thread
     weights_kb = sum(f.stat().st_size for f in tiny_bundle.rglob("*")
                      if f.suffix in (".onnx", ".data", ".safetensors")) // 1024
     for pid in srv.pool.pids():
-        assert _parent(pid) == loader != os.getpid()
+        assert procfs.parent_pid(pid) == loader != os.getpid()
         # a worker that loaded its own runtime holds every weight privately
         private = _smaps_kb(pid, "Private_Dirty")
         assert private < weights_kb / 2, (pid, private, weights_kb)
@@ -212,7 +208,7 @@ def test_a_dead_loader_is_replaced_when_a_worker_needs_it(two_workers) -> None:
              "the worker to be forked from a new loader")
     assert srv.pool.loader_pid() not in (None, old_loader)
     assert srv.pool.pids()[1] == survivor
-    assert _parent(srv.pool.pids()[0]) == srv.pool.loader_pid()
+    assert procfs.parent_pid(srv.pool.pids()[0]) == srv.pool.loader_pid()
     assert len(srv.stub().Embed(_request(["alive again"])).embeddings) == 1
 
 

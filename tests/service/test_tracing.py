@@ -11,8 +11,8 @@ import grpc
 import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from support.service import TASKS, ServerThread, free_port
 
+from moe_embed.testing.service import TASKS, ServerThread, free_port
 from moe_embed.v1 import embedder_pb2 as pb
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -1,4 +1,5 @@
-"""Helpers for the service tests: a real server on a loopback port in a background thread,
+"""Helpers for the service tests and benchmarks: a real server on a loopback port in a
+background thread (`ServerThread`) or as `moe-embed serve` in its own process (`ServeProcess`),
 gRPC stubs, the in-process embedder the service must agree with, and a Prometheus scraper.
 
 Nothing here stands in for our code: the server is `EmbedServer` with real worker processes,
@@ -32,10 +33,14 @@ from moe_embed.service.logging import configure_logging
 from moe_embed.service.server import EmbedServer
 from moe_embed.service.tasks import task_named
 from moe_embed.service.wire import PROTO_OF_TASK
+from moe_embed.testing import procfs
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.v1 import embedder_pb2_grpc as pb_grpc
 
 IN_PROCESS_THREADS = 2  # the ORT pool is process-wide: every test module must agree on it
+CLI = Path(sys.executable).with_name("moe-embed")
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PORT_FLAGS = ("--port", "--metrics-port", "--http-port")  # ServeProcess's order of its ports
 TASKS = PROTO_OF_TASK  # API name -> proto enum
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -172,18 +177,31 @@ class Expected:
 
 
 class ServeProcess:
-    """`moe-embed serve` as its own process on loopback ports, its JSON log in a file."""
+    """`moe-embed serve` as its own process on loopback ports, its JSON log in a file.
 
-    def __init__(self, bundle: Path, log_path: Path, *args: str, **env: str) -> None:
-        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+    `args` are serve flags, passed through (workers, threads, limits...). The gRPC, metrics and
+    HTTP ports are free loopback ports, except one that `args` sets itself (`--http-port 0`
+    turns HTTP off): no flag is given twice. `cli` picks the executable (another checkout's, to
+    compare); `strip_thread_env` drops OMP/OpenBLAS/MKL thread counts from the inherited
+    environment, so the server's own settings decide; `env` adds variables.
+    """
+
+    def __init__(self, bundle: Path, log_path: Path, *args: str, cli: Path = CLI,
+                 strip_thread_env: bool = False, **env: str) -> None:
+        ports = {flag: _flag_value(args, flag) for flag in PORT_FLAGS}
+        ours = {flag: str(free_port()) for flag, given in ports.items() if given is None}
+        self.port, self.metrics_port, self.http_port = (
+            int(ports[flag] or ours[flag]) for flag in PORT_FLAGS)
         self.log_path = log_path
+        inherited = {k: v for k, v in os.environ.items()
+                     if not (strip_thread_env and k in THREAD_ENV)}
         with open(log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("moe-embed")), "serve",
-                 "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(self.port),
-                 "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
-                 *args],
-                env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
+                [str(cli), "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+                 *(word for flag, port in ours.items() for word in (flag, port)), *args],
+                env={**inherited, **env}, stdout=log_file, stderr=subprocess.STDOUT)
+        self._launched = time.perf_counter()
+        self.ready_s: float | None = None  # seconds from launch to SERVING (wait_serving)
         self.target = f"127.0.0.1:{self.port}"
         self.health_target = self.target  # where health answers in plaintext
 
@@ -192,11 +210,25 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_serving(self, timeout: float = 120) -> ServeProcess:
-        wait_for(lambda: health_status(self.health_target) == SERVING
-                 or self.proc.poll() is not None,
-                 timeout, "the server to serve", interval=0.1)
-        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        """Wait for grpc.health SERVING (and record `ready_s`); fail with the log's tail if the
+        server exits or takes longer than `timeout` seconds."""
+        try:
+            wait_for(lambda: health_status(self.health_target) == SERVING
+                     or self.proc.poll() is not None,
+                     timeout, "the server to serve", interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{self.log_tail()}") from None
+        assert self.proc.poll() is None, \
+            f"the server exited with {self.proc.returncode}; log:\n{self.log_tail()}"
+        self.ready_s = time.perf_counter() - self._launched
         return self
+
+    def log_tail(self, n: int = 3000) -> str:
+        """The last `n` characters of the server's log ("" if there is none)."""
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
 
     def events(self, name: str) -> list[dict]:
         out = []
@@ -220,18 +252,36 @@ class ServeProcess:
 
     def peak_rss_mb(self) -> float:
         """The frontend process's peak resident memory (VmHWM)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmHWM")
+        kb = procfs.status_kb(self.proc.pid, "VmHWM")
+        if kb is None:
+            raise AssertionError("no VmHWM")
+        return kb / 1024
 
-    def stop(self) -> None:
+    def memory(self) -> list[dict]:
+        """RSS and peak RSS (VmHWM) in MB of the frontend and of each process below it, with
+        its role: frontend, resource_tracker (multiprocessing's) or worker (the loader too)."""
+        out = []
+        for pid in [self.proc.pid, *procfs.descendants(self.proc.pid)]:
+            try:
+                command = procfs.cmdline(pid)
+            except OSError:  # gone meanwhile
+                continue
+            role = ("frontend" if pid == self.proc.pid else
+                    "resource_tracker" if "resource_tracker" in command else "worker")
+            out.append({"pid": pid, "role": role, "rss_mb": procfs.rss_mb(pid),
+                        "peak_rss_mb": procfs.peak_rss_mb(pid)})
+        return out
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (a drain), SIGKILL after `timeout` seconds; the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
 
     def __enter__(self) -> ServeProcess:
         return self
@@ -241,3 +291,14 @@ class ServeProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self.stop()
+
+
+def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value `args` give `flag` (`--flag V` or `--flag=V`; the last one, as argparse)."""
+    value = None
+    for i, word in enumerate(args):
+        if word == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif word.startswith(f"{flag}="):
+            value = word.partition("=")[2]
+    return value

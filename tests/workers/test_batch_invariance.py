@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support.service import ServerThread, vectors
 
 from moe_embed.export.commands import PRECISIONS
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
+from moe_embed.testing.service import ServerThread, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.bundle.format import Bundle
 from moe_embed.workers.runtime.runtime import Runtime, pack
