@@ -61,7 +61,8 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
 
 # the quantizer's source as this process imported it: a cached bundle is reused only if the code
 # that would export it again is the same
-CODE = "".join((HERE.parent / "export" / f).read_text() for f in ("quantize.py", "recipes.py"))
+CODE = "".join((HERE.parent / f).read_text()
+               for f in ("export/quantize.py", "workers/bundle/recipes.py"))
 
 
 def log(msg: str) -> None:
