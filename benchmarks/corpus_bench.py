@@ -1,7 +1,7 @@
 """Corpus jobs (`moe-embed batch`, RayEmbedder) against the in-process W3 loop, side by side.
 
     .venv/bin/python benchmarks/corpus_bench.py [--bundle DIR] [--docs 2000] [--out DIR]
-        [--skip ray,server,kill,rss]
+        [--skip ray,server,kill,rss] [--peers CHECKPOINT] [--int8-bundle DIR]
 
 One run measures, on the same corpus (multilingual documents of log-uniform lengths, some over
 512 tokens, built from tests/data/multilingual.json), every figure the issue's targets name:
@@ -15,6 +15,8 @@ One run measures, on the same corpus (multilingual documents of log-uniform leng
   and over the whole command (start-up included);
 - kill -9 at a random point of an in-process job, `--resume`, compare the shards' bytes with
   the uninterrupted run's; the time lost to the kill;
+- with --peers, PyTorch eager (length-sorted batches) and llama.cpp F32 (one by one and
+  batched) on the same ids; with --int8-bundle, the in-process job on the int8 bundle;
 - the job process's peak RSS on a 10,000-row input and on a 1,000,000-row input stopped after
   20,000 rows (short texts).
 The machine's CPU, instruction sets and load average are recorded with the figures.
@@ -197,6 +199,39 @@ def rss(bundle: Path, work: Path) -> dict:
     return out
 
 
+def peers(checkpoint: Path, ids: list[list[int]], threads: int) -> dict:
+    """The peers on the same ids: PyTorch eager in W3's length-sorted batches (as
+    sentence-transformers sorts), and llama.cpp F32 one text at a time and batched (where
+    `make llama-peer` has installed it)."""
+    from peers import LlamaCppPeer, TorchPeer, llama_available
+
+    tokens = sum(len(x) for x in ids)
+    batches = [[ids[i] for i in b] for b in token_budget_batches(ids, BATCH_TOKENS)]
+    out: dict = {}
+
+    def timed(name: str, run, calls: list[list[list[int]]]) -> None:
+        run(calls[0][:2])  # warm-up
+        t0 = time.perf_counter()
+        for c in calls:
+            run(c)
+        s = time.perf_counter() - t0
+        out[name] = {"seconds": s, "tokens_per_s": tokens / s}
+        log(f"{name}: {tokens / s:.0f} tok/s")
+
+    torch_peer = TorchPeer(str(checkpoint), threads)
+    timed("torch_eager_length_sorted", torch_peer.run, batches)
+    torch_peer.close()
+    why_not = llama_available()
+    if why_not is not None:
+        out["llama_cpp_f32"] = {"skipped": why_not}
+        return out
+    llama = LlamaCppPeer(str(checkpoint), threads)
+    timed("llama_cpp_f32_one_by_one", llama.run, [[x] for x in ids])
+    timed("llama_cpp_f32_batched", llama.run, batches)
+    llama.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +240,11 @@ def main() -> int:
     ap.add_argument("--out", help="where to write corpus_bench.json (default: print only)")
     ap.add_argument("--skip", default="", help="comma list of: server, ray, kill, rss")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peers", type=Path, metavar="CHECKPOINT",
+                    help="also time PyTorch eager and llama.cpp F32 on this checkpoint (the one "
+                    "--bundle was exported from)")
+    ap.add_argument("--int8-bundle", type=Path,
+                    help="also run the in-process job on this int8 bundle (of the same model)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.bundle:
@@ -258,6 +298,13 @@ def main() -> int:
         if "rss" not in skip:
             res["rss"] = rss(bundle, work)
             log(f"RSS: {res['rss']}")
+        if args.int8_bundle:
+            res["batch_in_process_int8"] = run_job([str(src), "--out", str(work / "int8"),
+                                                    "--bundle", str(args.int8_bundle),
+                                                    "--task", TASK])
+            log(f"batch in process, int8: {res['batch_in_process_int8']}")
+    if args.peers:
+        res["peers"] = peers(args.peers, ids, threads)
     # W3 again after the jobs: the other figures fall between the two under a changing load
     res["w3_in_process_after"] = w3(bundle, ids, threads)
     log(f"W3 in process, again: {res['w3_in_process_after']['tokens_per_s']:.0f} tok/s")
@@ -267,6 +314,18 @@ def main() -> int:
                                "wall": res[k]["tokens_per_s_wall"] / base}
                            for k in ("batch_in_process", "batch_one_server", "ray_one_actor")
                            if k in res}
+    if args.peers:
+        job = res["batch_in_process"]["tokens_per_s_job"]
+        ps = res["peers"]
+        llama = max((ps[k]["tokens_per_s"] for k in ps if k.startswith("llama_cpp_f32_")
+                     and "tokens_per_s" in ps[k]), default=None)
+        torch_tps = ps["torch_eager_length_sorted"]["tokens_per_s"]
+        res["ratios_to_peers"] = {
+            "batch_fp32_vs_llama_cpp_f32_best": job / llama if llama else None,
+            "batch_fp32_vs_torch_eager": job / torch_tps,
+            "batch_int8_vs_torch_eager": (res["batch_in_process_int8"]["tokens_per_s_job"]
+                                          / torch_tps if "batch_in_process_int8" in res
+                                          else None)}
     res["load_after"] = machine.load_average()
     print(json.dumps(res, indent=1))
     if args.out:

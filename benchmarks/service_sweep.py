@@ -86,7 +86,9 @@ def service(srv: ServeProcess, texts: list[str], clients: int, seconds: float,
     r = closed_loop(srv.target, clients, reqs, [None] * len(reqs), min(3.0, seconds / 4),
                     seconds)
     lat = sorted(r.latencies_s)
-    return {"tokens_per_s": r.tokens / r.wall_s, "requests_per_s": r.requests / r.wall_s,
+    # one client of long requests: by their own time (few complete inside the window)
+    busy = sum(lat) if clients == 1 and per > 1 else r.wall_s
+    return {"tokens_per_s": r.tokens / busy, "requests_per_s": r.requests / r.wall_s,
             "p50_ms": median(lat) * 1e3 if lat else None,
             "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
 
@@ -95,7 +97,7 @@ def w5(srv: ServeProcess, texts: list[str], window: int, seconds: float) -> dict
     """One EmbedStream with `window` one-text requests in flight, about `seconds` long."""
     reqs = [request(t, "search_query") for t in texts]
     stream(srv.target, 2 * window, window, reqs, [None] * len(reqs))  # warm
-    n = 64 * window
+    n = 16 * window
     r = stream(srv.target, n, window, reqs, [None] * len(reqs))
     lat = sorted(r.latencies_s)
     return {"tokens_per_s": r.tokens / r.wall_s, "requests_per_s": r.requests / r.wall_s,
@@ -130,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracing", action="store_true", help="also run each size with tracing on")
     p.add_argument("--cli", action="append", default=[], metavar="NAME=PATH",
                    help="compare moe-embed CLIs (e.g. two checkouts) side by side")
+    p.add_argument("--paired", action="store_true",
+                   help="start every config's server at once and measure them in turn at each "
+                   "level of each round (side by side within seconds: for A/B comparisons)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sweep.json")
     args = p.parse_args(argv)
     if args.bundle is None:
@@ -144,34 +149,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU {kind} ({' '.join(flags)}); load {report['load_before']}", flush=True)
     embedder = LocalEmbedder(args.bundle, 2)
     sink, port = _sink()
+    plan = configs(args, port) if args.paired else None
     with tempfile.TemporaryDirectory() as logs:
-        for name, cli, serve_flags in configs(args, port):
-            print(f"  service {name}", flush=True)
-            srv = ServeProcess(args.bundle, Path(logs) / f"{len(report['service'])}.log",
-                               "--workers", "1", "--threads-per-worker", "2",
-                               "--log-level", "warning", "--metrics-port", "0", *serve_flags,
-                               cli=cli, strip_thread_env=True)
-            rounds: dict[str, list] = {str(c): [] for c in clients}
+        groups = [plan] if plan else [[c] for c in configs(args, port)]
+        for group in groups:  # --paired: every config's server up at once, measured in turn
+            servers = {}
             try:
-                srv.wait_serving(600)
+                for name, cli, serve_flags in group:
+                    servers[name] = ServeProcess(
+                        args.bundle, Path(logs) / f"{len(report['service'])}-{name}.log",
+                        "--workers", "1", "--threads-per-worker", "2", "--log-level",
+                        "warning", "--metrics-port", "0", *serve_flags, cli=cli,
+                        strip_thread_env=True)
+                for srv in servers.values():
+                    srv.wait_serving(600)
+                rounds = {name: {c: [] for c in clients} for name in servers}
                 for _ in range(args.rounds):
                     for c in clients:
                         n, per = level(c)
                         ref = in_process(embedder, texts, n * per, args.seconds)
-                        got = (w5(srv, texts, n, args.seconds) if c.startswith("s") else
-                               service(srv, texts, n, args.seconds, per))
-                        got |= {"in_process_tokens_per_s": ref,
-                                "ratio": got["tokens_per_s"] / ref}
-                        rounds[str(c)].append(got)
-                        print(f"    {c:>5} clients: {got['tokens_per_s']:6.1f} tok/s vs "
-                              f"{ref:6.1f} in process = {got['ratio']:.2f}x, "
-                              f"p50 {got['p50_ms']:.0f} ms", flush=True)
+                        for name, srv in servers.items():
+                            got = (w5(srv, texts, n, args.seconds) if c.startswith("s") else
+                                   service(srv, texts, n, args.seconds, per))
+                            got |= {"in_process_tokens_per_s": ref,
+                                    "ratio": got["tokens_per_s"] / ref}
+                            rounds[name][c].append(got)
+                            print(f"    {name:>14} {c:>5} clients: {got['tokens_per_s']:6.1f} "
+                                  f"tok/s vs {ref:6.1f} in process = {got['ratio']:.2f}x, "
+                                  f"p50 {got['p50_ms']:.0f} ms", flush=True)
             finally:
-                srv.stop()
-            report["service"][name] = {
-                c: {"rounds": rs, "ratio": median(r["ratio"] for r in rs),
-                    "p50_ms": median(r["p50_ms"] for r in rs),
-                    "p99_ms": median(r["p99_ms"] for r in rs)} for c, rs in rounds.items()}
+                for srv in servers.values():
+                    srv.stop()
+            for name, levels in rounds.items():
+                report["service"][name] = {
+                    c: {"rounds": rs, "ratio": median(r["ratio"] for r in rs),
+                        "p50_ms": median(r["p50_ms"] for r in rs),
+                        "p99_ms": median(r["p99_ms"] for r in rs)} for c, rs in levels.items()}
     sink.stop(0)
     report["spans_exported"] = _Sink.spans
     report["load_after"] = load_average()
