@@ -33,6 +33,7 @@ from .validation import Input, Limits, ValidRequest, validate_embed
 from .worker_pool import WorkerPool
 
 INLINE_TOKENIZE_CHARS = 4096  # larger requests are tokenized in the tokenizing thread
+INLINE_IDS = 4096  # requests with more token ids are validated in the tokenizing thread
 
 log = structlog.get_logger("moe_embed.engine")
 
@@ -52,6 +53,11 @@ class EmbedOutcome:
 
 def _chars(inputs: Sequence[Input]) -> int:
     return sum(len(x) for x in inputs if isinstance(x, str))
+
+
+def _ids(inputs: Sequence[Input]) -> int:
+    """Token ids in a request (lists of ids are inputs of the HTTP API)."""
+    return sum(len(x) for x in inputs if isinstance(x, list))
 
 
 class Engine:
@@ -174,7 +180,7 @@ class Engine:
         start = time.monotonic()
         self._admitting()
         try:
-            req = validate_embed(inputs, task, dimensions, self.limits, truncate, normalize)
+            req = await self._validate(inputs, task, dimensions, truncate, normalize)
             if response_size is not None:
                 self._check_response_size(len(inputs), req.dimensions, response_size)
             self.scheduler.check_room(caller, len(inputs))  # a full queue costs no tokenizing
@@ -209,6 +215,15 @@ class Engine:
         return EmbedOutcome(job.vectors, [len(x) for x in ids], truncated, req.dimensions,
                             job.queue_ms, job.compute_ms, (time.monotonic() - start) * 1e3)
 
+    async def _validate(self, inputs: Sequence[Input], task: str | int | None, dimensions: int,
+                        truncate: bool, normalize: bool = True) -> ValidRequest:
+        """validate_embed, in the tokenizing thread for a request of many token ids: checking
+        each id is work proportional to the body, which never runs on the event loop."""
+        args = (inputs, task, dimensions, self.limits, truncate, normalize)
+        if _ids(inputs) > INLINE_IDS:
+            return await self._off_loop(validate_embed, *args)
+        return validate_embed(*args)
+
     def _check_response_size(self, n: int, dimensions: int, size_of: ResponseSize) -> None:
         size = size_of(n, dimensions)
         if size > self.config.max_message_bytes:
@@ -222,7 +237,7 @@ class Engine:
         """The ids and pieces the model would see."""
         tokenizer = self._tokenizer()
         try:
-            req = validate_embed(inputs, task, 0, self.limits, truncate)
+            req = await self._validate(inputs, task, 0, truncate)
             if _chars(inputs) > INLINE_TOKENIZE_CHARS:
                 return await self._off_loop(tokenizer.tokenize, req.inputs, req.task, truncate)
             return tokenizer.tokenize(req.inputs, req.task, truncate)

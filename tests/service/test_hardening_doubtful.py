@@ -27,7 +27,7 @@ def _post(server, body: bytes, content_type: str = "application/json") -> reques
                          headers={"Content-Type": content_type})
 
 
-@pytest.mark.parametrize("ids", [b"[1, NaN]", b"[1, Infinity]", b"[1, 2.5]"])
+@pytest.mark.parametrize("ids", [b"[1, NaN]", b"[1, Infinity]", b"[1, 2.5]", b"[[1, true]]"])
 def test_a_non_integer_among_token_ids_names_that_input(server, ids) -> None:
     resp = _post(server, b'{"input": ' + ids + b"}")
     assert resp.status_code == 400, resp.text

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import pytest
@@ -139,3 +142,35 @@ def test_more_strings_than_inputs_allow_is_refused_naming_input(server) -> None:
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == "input"
     assert f"more than {MAX_INPUTS + FIELD_ALLOWANCE} strings" in resp.json()["error"]["message"]
+
+
+def test_many_token_ids_are_checked_off_the_event_loop(tiny_bundle) -> None:
+    """The tokenizing thread is held (made: a task that waits on an event): a request of a few
+    bad ids is refused at once, on the event loop; one of many bad ids waits for the thread,
+    so checking it never holds up the loop, and is refused once the thread is free."""
+    server = ServerThread(tiny_bundle, http_port=free_port()).start()
+    engine = server.server.engine
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    try:
+        engine._tokenizing.submit(hold)
+        assert held.wait(10)
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                many = pool.submit(_post, server,
+                                   {"input": [[5] * MAX_TOKENS] * 8 + [[7] * 500 + [-1]]})
+                few = _post(server, {"input": [[5, -1]]})
+                assert few.status_code == 400 and "-1" in few.json()["error"]["message"]
+                time.sleep(0.5)  # long enough for an inline check to have answered
+                assert not many.done()
+            finally:
+                release.set()
+            refused = many.result(30)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "input[8]"
+    finally:
+        server.stop()
