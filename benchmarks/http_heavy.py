@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from machine import cpu_isa, load_average
 from moe_embed.service.demo import ensure_demo_bundle
 from moe_embed.testing.service import ServeProcess
 
+HEAVY_NICE = 10
 TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "multilingual.json"
 
 
@@ -42,7 +44,10 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
 
 
 def _heavy(port: int, body: bytes, stop_at: float, done: multiprocessing.Queue) -> None:
-    """One heavy client: back-to-back requests until `stop_at` (wall clock)."""
+    """One heavy client: back-to-back requests until `stop_at` (wall clock), at nice
+    HEAVY_NICE: on a small machine 20 client processes would otherwise take the server's cores,
+    which in production they do not share (the soak's flood runs so too)."""
+    os.nice(HEAVY_NICE)
     conn, n = http.client.HTTPConnection("127.0.0.1", port, timeout=600), 0
     while time.time() < stop_at:
         _post(conn, body)

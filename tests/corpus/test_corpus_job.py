@@ -120,30 +120,49 @@ def test_csv_and_parquet_give_the_jsonl_output(jsonl_job, rows, tiny_bundle, tmp
         assert got.equals(want), src.suffix
 
 
-def test_sigkill_then_resume_gives_the_same_bytes(jsonl_job, rows, tiny_bundle,
-                                                  tmp_path) -> None:
-    """Killed (-9) once 2 shards are committed, the next ones in flight: its workers are
-    stopped (SIGSTOP) first, so the job cannot have finished when the kill lands."""
-    src, out = jsonl_job
-    resumed, log = tmp_path / "out", tmp_path / "log"
-    args = (str(src), "--out", str(resumed), "--bundle", str(tiny_bundle), "--shard-rows", "4",
-            "--quiet", *FLAGS)
+def _killed(args: tuple[str, ...], out: Path, log: Path, rows: list[dict]) -> None:
+    """Run the job and kill it (-9) once 2 shards are committed, the next ones in flight: its
+    workers are stopped (SIGSTOP) first, so the job cannot have finished when the kill lands."""
     proc = start_batch(*args, log=log)
     workers: list[int] = []
     try:
-        wait_committed(resumed, 2, proc, log)
+        wait_committed(out, 2, proc, log)
         workers = descendants(proc.pid)
         signal_all(workers, signal.SIGSTOP)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         signal_all(workers, signal.SIGCONT)  # orphans: they exit when their pipes close
-    assert 2 <= committed(resumed) < len(_shard_sizes(rows))
+    assert 2 <= committed(out) < len(_shard_sizes(rows))
+
+
+def test_sigkill_then_resume_gives_the_same_bytes(jsonl_job, rows, tiny_bundle,
+                                                  tmp_path) -> None:
+    src, out = jsonl_job
+    resumed, log = tmp_path / "out", tmp_path / "log"
+    args = (str(src), "--out", str(resumed), "--bundle", str(tiny_bundle), "--shard-rows", "4",
+            "--quiet", *FLAGS)
+    _killed(args, resumed, log, rows)
     run_batch(*args, "--resume")
     assert shard_bytes(resumed) == shard_bytes(out)
     assert not [p for p in resumed.iterdir() if p.name.startswith(".")]
     again = run_batch(*args, "--resume")  # complete: nothing to do, nothing rewritten
     assert shard_bytes(resumed) == shard_bytes(out) and again.returncode == 0
+
+
+def test_an_int8_job_killed_and_resumed_gives_the_uninterrupted_bytes(jsonl_job, rows,
+                                                                      tiny_bundles,
+                                                                      tmp_path) -> None:
+    """int8 vectors do not depend on their batch-mates (row-wise quantized activations), so a
+    resumed int8 job, whose rows share worker batches differently, is bit-identical too."""
+    src, _ = jsonl_job
+    common = (str(src), "--bundle", str(tiny_bundles["int8"]), "--shard-rows", "4", "--quiet",
+              *FLAGS)
+    run_batch(*common, "--out", str(tmp_path / "whole"))
+    args = (*common, "--out", str(tmp_path / "resumed"))
+    _killed(args, tmp_path / "resumed", tmp_path / "log", rows)
+    run_batch(*args, "--resume")
+    assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "whole")
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(jsonl_job, rows, tiny_bundle, tmp_path) -> None:
