@@ -31,6 +31,10 @@ from .worker_pool import BatchFailed, NoWorkerCanServe, Worker, WorkerDied, Work
 MAX_ATTEMPTS = 2  # workers a batch may be sent to
 STUCK_FACTOR = 20.0  # a batch may run this many times its expected time past the floor
 RATE_SMOOTHING = 0.2  # weight of the newest batch in the seconds-per-token estimate
+# Before any batch has finished there is no estimate: a first batch may take this long a token
+# past the floor (the full-size fp32 model runs ~1.2 ms a token on 2 busy cores; 4x that), so
+# a first batch of 6,000 tokens on a slow machine is not taken for stuck after the floor alone.
+FIRST_S_PER_TOKEN = 0.005
 
 log = structlog.get_logger("moe_embed.scheduler")
 
@@ -152,8 +156,9 @@ class Scheduler:
     # -- one coroutine per batch ----------------------------------------------------------
     def limit_s(self, batch: Batch) -> float:
         """How long a batch may run before its worker is taken for stuck."""
-        expected = 0.0 if self.s_per_token is None else batch.tokens * self.s_per_token
-        return self.batch_timeout_s + STUCK_FACTOR * expected
+        if self.s_per_token is None:
+            return self.batch_timeout_s + batch.tokens * FIRST_S_PER_TOKEN
+        return self.batch_timeout_s + STUCK_FACTOR * batch.tokens * self.s_per_token
 
     def _light_callers(self) -> set[Hashable]:
         """Callers with inputs waiting that are light (policy.light_callers)."""

@@ -16,7 +16,7 @@ import pytest
 from moe_embed.service.batching import BatchQueue, Job
 from moe_embed.service.errors import Code, EngineError
 from moe_embed.service.metrics import Metrics
-from moe_embed.service.scheduler import Scheduler
+from moe_embed.service.scheduler import FIRST_S_PER_TOKEN, STUCK_FACTOR, Scheduler
 from moe_embed.service.worker_pool import Worker, WorkerPool
 from moe_embed.workers.process import policy
 from moe_embed.workers.process.policy import next_to_step
@@ -137,6 +137,18 @@ def test_the_running_batchs_end_is_estimated_from_its_own_tokens() -> None:
     w.running_since, w.batch_tokens = 100.0, {7: 50, 8: 400}
     assert w.running_ends_in(0.01, 100.1) == pytest.approx(0.4)  # the oldest's 50 tokens
     assert w.running_ends_in(0.01, 101.0) == 0.0  # overdue: never negative
+
+
+def test_the_stuck_limit_grows_with_the_batchs_tokens() -> None:
+    """A batch is taken for stuck past the floor plus 20x its expected time (its tokens times
+    the recent time per token); before any batch has finished, plus a generous prior a token."""
+    sched = Scheduler(BatchQueue(8192, 1000), None, Metrics(), 0.002, 10.0)
+    big, small = SimpleNamespace(tokens=6000), SimpleNamespace(tokens=100)
+    assert sched.limit_s(big) == pytest.approx(10.0 + 6000 * FIRST_S_PER_TOKEN)  # 40 s
+    assert sched.limit_s(small) == pytest.approx(10.0 + 100 * FIRST_S_PER_TOKEN)
+    sched.s_per_token = 0.004  # the big batch is expected to take 24 s
+    assert sched.limit_s(big) == pytest.approx(10.0 + STUCK_FACTOR * 6000 * 0.004)
+    assert sched.limit_s(small) == pytest.approx(10.0 + STUCK_FACTOR * 100 * 0.004)
 
 
 def test_cancelled_request_never_reaches_a_worker(tiny_bundle) -> None:
