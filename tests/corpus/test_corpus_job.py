@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,13 @@ def test_ctrl_c_stops_cleanly_and_resumes(jsonl_job, rows, tiny_bundle, tmp_path
     signal_all(workers, signal.SIGSTOP)  # the job cannot finish before Ctrl-C lands
     try:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130, log.read_text()[-3000:]
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the job did not stop within 60 s of Ctrl-C; its log:\n"
+                                 + log.read_text()[-6000:]) from None
+        assert code == 130, log.read_text()[-3000:]
     finally:
         signal_all(workers, signal.SIGCONT)
     assert 1 <= committed(resumed) < len(_shard_sizes(rows))
