@@ -46,15 +46,19 @@ def _backend(args: argparse.Namespace, bundle: str):
 
 
 async def _run(job) -> object:
-    """The job, cancelled cleanly by SIGTERM (Ctrl-C: asyncio.run cancels it)."""
+    """The job, cancelled cleanly by SIGTERM or Ctrl-C (SIGINT). Both are handled here, not left
+    to asyncio.run: a process started in the background by a shell without job control inherits
+    SIGINT ignored, and Python then installs no handler of its own for it."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
     try:
         return await job.run()
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _batch(args: argparse.Namespace) -> int:
