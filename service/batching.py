@@ -5,7 +5,9 @@ Every request's tokenized inputs, unary and stream alike, wait in one bounded qu
 caller (a connection's unary calls, or one stream) so that callers share it fairly:
 - admission: a caller that already has inputs waiting may hold at most max_queue / (k + 1)
   of them, k being the callers with inputs waiting (itself included), so there is always room
-  for one more caller; a caller with nothing waiting is admitted while the queue has room;
+  for one more caller; a caller with nothing waiting is admitted while the queue has room.
+  Room is taken before tokenizing (`reserve`): inputs being tokenized count as waiting, so a
+  flood is refused at the door instead of piling up, deserialized, before the tokenizer;
 - batches: the oldest waiting input always goes first (nothing starves), then callers take
   turns, one input each, while the batch's real tokens fit `max_batch_tokens`. A heavy caller
   fills what light callers leave, and a light caller's input rides in the next batch.
@@ -130,6 +132,8 @@ class BatchQueue:
         self.waiting = 0  # inputs in the queue
         self.queued_tokens = 0  # their real tokens
         self.dropped = 0  # inputs dropped before reaching a worker, since the start
+        self.tokenizing = 0  # inputs given room (`reserve`) and not yet queued
+        self._tokenizing: Counter[Hashable] = Counter()  # the same, per caller
         self._callers: OrderedDict[Hashable, deque[Item]] = OrderedDict()  # in turn order
         self._tokens: Counter[Hashable] = Counter()  # real tokens waiting, per caller
         self._ids = itertools.count(1)
@@ -137,22 +141,41 @@ class BatchQueue:
         self._deadlines: list[tuple[float, int, Job]] = []  # min-heap of waiting requests
 
     # -- admission ------------------------------------------------------------------------
+    def _holds(self, caller: Hashable) -> int:
+        """Inputs `caller` has waiting or being tokenized."""
+        return len(self._callers.get(caller, ())) + self._tokenizing.get(caller, 0)
+
     def share(self, caller: Hashable) -> int:
         """The most inputs `caller` may have waiting: room is always left for one more."""
-        k = len(self._callers) + (caller not in self._callers)
+        holders = len(self._callers) + sum(c not in self._callers for c in self._tokenizing)
+        k = holders + (not self._holds(caller))
         return self.max_queue // (k + 1)
 
     def check(self, caller: Hashable, n: int) -> None:
         """RESOURCE_EXHAUSTED unless `n` more inputs from `caller` fit."""
-        held = len(self._callers.get(caller, ()))
-        if self.waiting + n > self.max_queue:
-            raise errors.queue_full(f"{self.waiting} inputs waiting + {n} asked > "
-                                    f"max_queue {self.max_queue}")
+        held = self._holds(caller)
+        if self.waiting + self.tokenizing + n > self.max_queue:
+            raise errors.queue_full(f"{self.waiting} inputs waiting + {self.tokenizing} being "
+                                    f"tokenized + {n} asked > max_queue {self.max_queue}")
         if held and held + n > self.share(caller):
             raise errors.queue_full(
-                f"this caller has {held} inputs waiting + {n} asked > its fair share "
-                f"{self.share(caller)} of max_queue {self.max_queue} "
+                f"this caller has {held} inputs waiting or being tokenized + {n} asked > its "
+                f"fair share {self.share(caller)} of max_queue {self.max_queue} "
                 f"({len(self._callers) - 1} other callers waiting)")
+
+    def reserve(self, caller: Hashable, n: int) -> None:
+        """Room for `n` inputs of `caller` while they are tokenized (RESOURCE_EXHAUSTED at once
+        if they would not be admitted); `release` it just before `admit`."""
+        self.check(caller, n)
+        self.tokenizing += n
+        self._tokenizing[caller] += n
+
+    def release(self, caller: Hashable, n: int) -> None:
+        """Give back the room `reserve` took."""
+        self.tokenizing -= n
+        self._tokenizing[caller] -= n
+        if self._tokenizing[caller] <= 0:
+            del self._tokenizing[caller]
 
     def admit(self, job: Job) -> None:
         """Queue every input of `job`, or raise RESOURCE_EXHAUSTED at once."""

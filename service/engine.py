@@ -183,9 +183,14 @@ class Engine:
             req = await self._validate(inputs, task, dimensions, truncate, normalize)
             if response_size is not None:
                 self._check_response_size(len(inputs), req.dimensions, response_size)
-            self.scheduler.check_room(caller, len(inputs))  # a full queue costs no tokenizing
-            with self.tracing.span("tokenize", inputs=len(inputs)):
-                ids, truncated = await self._encode(req)
+            # room is held while tokenizing: a full queue costs no tokenizing, and no backlog
+            # of requests forms before the tokenizer (a flood's memory)
+            self.scheduler.reserve(caller, len(inputs))
+            try:
+                with self.tracing.span("tokenize", inputs=len(inputs)):
+                    ids, truncated = await self._encode(req)
+            finally:
+                self.scheduler.release(caller, len(inputs))
         except Exception as exc:
             raise errors.engine_error(exc) from exc
         self._admitting()  # the drain may have begun while tokenizing

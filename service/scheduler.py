@@ -79,10 +79,14 @@ class Scheduler:
         await asyncio.gather(*[t for t in [self._loop_task, *self._batches] if t is not None],
                              return_exceptions=True)
 
-    def check_room(self, caller: Hashable, n: int) -> None:
-        """RESOURCE_EXHAUSTED now if `n` inputs from `caller` would not be admitted (before
-        any tokenizing is spent on them)."""
-        self.queue.check(caller, n)
+    def reserve(self, caller: Hashable, n: int) -> None:
+        """Room in the queue for `n` inputs from `caller` while they are tokenized:
+        RESOURCE_EXHAUSTED now if they would not be admitted, before any tokenizing is spent
+        on them. `release` it (in a `finally`) right before `submit`."""
+        self.queue.reserve(caller, n)
+
+    def release(self, caller: Hashable, n: int) -> None:
+        self.queue.release(caller, n)
 
     def submit(self, job: Job) -> None:
         """Queue a request's inputs (RESOURCE_EXHAUSTED at once if it does not fit)."""

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from . import heap
 from .config import ServeConfig
 from .engine import Engine
 from .grpc_api import SERVICE_NAME, EmbedderServicer, add_servicer, server_options
@@ -288,6 +289,16 @@ async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    heap.fix_mmap_threshold()  # before the tokenizer loads: its large blocks go back too
+    trimming = asyncio.create_task(heap.Trimmer().run(), name="heap-trim")
+    try:
+        return await _serve(config, bundle_path, loop, stop)
+    finally:
+        trimming.cancel()
+
+
+async def _serve(config: ServeConfig, bundle_path: str | Path, loop: asyncio.AbstractEventLoop,
+                 stop: asyncio.Event) -> int:
     server = EmbedServer(config, bundle_path)
     loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     starting = asyncio.create_task(server.start())

@@ -102,6 +102,30 @@ def test_one_caller_cannot_take_the_whole_queue(loop) -> None:
     assert q.waiting == 10
 
 
+def test_inputs_being_tokenized_hold_their_room(loop) -> None:
+    """Room is taken before tokenizing: inputs being tokenized count against max_queue and the
+    caller's share, so a flood is refused before its requests pile up at the tokenizer; the
+    room comes back on release, and admitting then takes exactly what was released."""
+    q = BatchQueue(8192, max_queue=12)
+    q.reserve("heavy", 6)  # its share while alone (12 // 2)
+    assert q.tokenizing == 6 and q.waiting == 0
+    with pytest.raises(EngineError, match="fair share 6 of max_queue 12"):
+        q.reserve("heavy", 1)  # what it is tokenizing counts as held
+    q.reserve("light", 4)  # a newcomer still gets in: 2 holders, share 12 // 3
+    with pytest.raises(EngineError, match=r"6 inputs waiting or being tokenized \+ 1 asked"):
+        q.check("heavy", 1)
+    with pytest.raises(EngineError, match=r"0 inputs waiting \+ 10 being tokenized \+ 3 asked"):
+        q.check("third", 3)  # the total: 10 held + 3 > 12
+    q.check("third", 2)  # the limit itself fits
+    q.release("heavy", 6)
+    q.admit(_job(loop, [3] * 6, "heavy"))  # released, then admitted: the same room
+    assert q.tokenizing == 4 and q.waiting == 6
+    q.release("light", 4)
+    assert q.tokenizing == 0 and q.share("light") == 12 // 3
+    q.admit(_job(loop, [3] * 4, "light"))
+    assert q.waiting == 10
+
+
 def test_cancelled_request_is_dropped_and_counted(loop) -> None:
     q = BatchQueue(8192, max_queue=100)
     keep, cancel = _job(loop, [4, 5], "a"), _job(loop, [6, 7, 8], "a")

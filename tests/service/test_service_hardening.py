@@ -85,6 +85,46 @@ def test_tokenizing_huge_inputs_does_not_block_other_calls(served) -> None:
     assert len(latencies) >= 10 and max(latencies) < 0.1, latencies
 
 
+def test_requests_waiting_for_the_tokenizer_hold_queue_room(tiny_bundle) -> None:
+    """Room in the queue is taken before tokenizing. The tokenizing thread is held (made: a
+    task that waits on an event): two callers' large requests wait for it, holding max_queue
+    between them, and a third caller is refused RESOURCE_EXHAUSTED at once, naming what is
+    being tokenized. Once the thread is free both waiting requests are answered and the room
+    is given back. (Before, requests passed the room check while the queue itself was empty,
+    and a flood's requests piled up, deserialized, before the tokenizer: ~60 MB in the soak.)"""
+    srv = ServerThread(tiny_bundle, max_queue=8).start()
+    engine = srv.server.engine
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    def stub() -> pb_grpc.EmbedderStub:  # a connection of its own: a caller of its own
+        return pb_grpc.EmbedderStub(grpc.insecure_channel(
+            srv.target, options=[("grpc.use_local_subchannel_pool", 1)]))
+
+    large = ["word " * 1000] * 4  # over the inline limit: tokenized in the (held) thread
+    try:
+        engine._tokenizing.submit(hold)
+        assert held.wait(10)
+        waiting = [stub().Embed.future(_embed(large), timeout=60) for _ in range(2)]
+        wait_for(lambda: srv.on_loop(lambda: srv.scheduler.queue.tokenizing) == 8, 10,
+                 "both requests waiting for the tokenizer")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub().Embed(_embed(["one more"]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "8 being tokenized + 1 asked > max_queue 8" in refused.value.details()
+        assert not any(f.done() for f in waiting)
+        release.set()
+        assert [list(f.result(60).token_counts) for f in waiting] == [[512] * 4] * 2
+        assert srv.on_loop(lambda: srv.scheduler.queue.tokenizing) == 0
+        assert len(stub().Embed(_embed(["one more"]), timeout=30).embeddings) == 1
+    finally:
+        release.set()
+        srv.stop()
+
+
 def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
     """The segmentation holds the GIL: every thread tokenizing at once would delay the event
     loop's turns (a flood of large requests made light calls wait ~600 ms at p99 with a pool
