@@ -460,9 +460,12 @@ class Soak:
                                     zip(*self.light_split, strict=True), strict=True)
             } if self.light_split else None,
             "recovery_s": recovery,
+            "heap_trims": m.get("moe_embed_heap_trims_total"),
             "rss_mb": {"frontend": {"idle": idle["frontend_mb"],
                                     "peak": max(self.rss["frontend"]),
-                                    "end": self.rss["frontend"][-1]},
+                                    "end": self.rss["frontend"][-1],
+                                    # every 10th sample: where in the run the peaks were
+                                    "series": [round(x) for x in self.rss["frontend"][::10]]},
                        "workers": {"idle": idle["workers_mb"],
                                    "peak": max(self.rss["workers"]),
                                    "end": self.rss["workers"][-1]}},

@@ -27,7 +27,7 @@ from .config import ServeConfig
 from .metrics import Metrics
 from .model_info import ModelInfo
 from .scheduler import Scheduler
-from .tokenizer import Tokenizer
+from .tokenizer import T, Tokenizer, pair
 from .tracing import Tracing, now_ns
 from .validation import Input, Limits, ValidRequest, validate_embed
 from .worker_pool import WorkerPool
@@ -238,14 +238,17 @@ class Engine:
                 "send fewer inputs per request or ask for fewer dimensions")
 
     async def tokenize(self, inputs: Sequence[str], task: str | int | None,
-                       truncate: bool = True) -> list[tuple[list[int], list[str]]]:
-        """The ids and pieces the model would see."""
+                       truncate: bool = True, each: Callable[[list[int], list[str]], T]
+                       = pair) -> list[T]:
+        """The ids and pieces the model would see, input by input through `each` (in the
+        tokenizing thread for a large request: an adapter builds its response there)."""
         tokenizer = self._tokenizer()
         try:
             req = await self._validate(inputs, task, 0, truncate)
             if _chars(inputs) > INLINE_TOKENIZE_CHARS:
-                return await self._off_loop(tokenizer.tokenize, req.inputs, req.task, truncate)
-            return tokenizer.tokenize(req.inputs, req.task, truncate)
+                return await self._off_loop(tokenizer.tokenize, req.inputs, req.task, truncate,
+                                            each)
+            return tokenizer.tokenize(req.inputs, req.task, truncate, each)
         except Exception as exc:
             raise errors.engine_error(exc) from exc
 

@@ -38,6 +38,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed
 KEEPALIVE_TIMEOUT_MS = 20_000  # an unanswered keepalive ping closes the connection
 MIN_CLIENT_PING_MS = 10_000  # clients pinging more often are told off (GOAWAY)
 STREAM_WINDOW = 512  # requests per stream not yet answered; past it the stream is read no further
+# bytes the answers of a stream's window may take; past them the stream is read no further
+# (512 answers of 256 full-size vectors, never read by their client, would be ~400 MB)
+STREAM_ANSWER_BYTES = 4 << 20
 # the gRPC status of each engine failure, in this one table
 GRPC_STATUS: dict[Code, grpc.StatusCode] = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -152,6 +155,36 @@ def _cancel_code(context: grpc.aio.ServicerContext) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
+class StreamWindow:
+    """What one stream may hold before it is read no further: `requests` requests not yet
+    answered and written, whose answers may take up to `answer_bytes` (each request's counted
+    from its inputs and dimensions when it is read; one request is always let in). A client
+    that stops reading stops the server from reading, computing and buffering more."""
+
+    def __init__(self, requests: int, answer_bytes: int) -> None:
+        self.free = requests
+        self.held = 0  # bytes of the answers of the requests in the window
+        self.answer_bytes = answer_bytes
+        self._changed = asyncio.Event()
+
+    def _room(self, size: int) -> bool:
+        return self.free > 0 and (self.held == 0 or self.held + size <= self.answer_bytes)
+
+    async def acquire(self, size: int) -> None:
+        """Wait for room for one more request whose answer takes `size` bytes."""
+        while not self._room(size):
+            self._changed.clear()
+            await self._changed.wait()
+        self.free -= 1
+        self.held += size
+
+    def release(self, size: int) -> None:
+        """A request's answer was written: its room comes back."""
+        self.free += 1
+        self.held -= size
+        self._changed.set()
+
+
 class EmbedderServicer(pb_grpc.EmbedderServicer):
     """Protobuf in, engine call, protobuf out; failures become statuses via GRPC_STATUS."""
 
@@ -186,6 +219,13 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             else:
                 del self._open[peer]
 
+    def _answer_bytes(self, request: pb.EmbedRequest | Malformed) -> int:
+        """The most an answer to `request` can take (an error's when it is malformed)."""
+        if isinstance(request, Malformed):
+            return response_bytes(0, 0)
+        most = self.engine.bundle.manifest.dimensions.max  # more is refused, with a short error
+        return response_bytes(len(request.inputs), min(request.dimensions or most, most))
+
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """The fairness unit: the API key with keys on (checked by ApiKeyInterceptor), else
         the client connection."""
@@ -200,8 +240,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                      caller: str) -> pb.EmbedResponse:
         if isinstance(request, Malformed):
             raise request.engine_error()
-        out = await self.engine.embed(
-            request.inputs, task_name(request.task), request.dimensions,
+        out = await self.engine.embed(  # the texts decoded once (each access decodes anew)
+            list(request.inputs), task_name(request.task), request.dimensions,
             truncate=request.truncate if request.HasField("truncate") else True,
             normalize=request.normalize if request.HasField("normalize") else True,
             timeout_s=timeout_s, caller=caller, response_size=response_bytes)
@@ -241,9 +281,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest | Malformed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
-        """Requests are read while fewer than STREAM_WINDOW are unanswered: a slot is given
-        back when its response has been written, so a client that stops reading stops the
-        server from reading (and from buffering) more."""
+        """Requests are read while the stream's window is open (StreamWindow): a request's
+        room comes back when its response has been written, so a client that stops reading
+        stops the server from reading (and from buffering) more."""
         with self._counted(context):
             async with contextlib.aclosing(self._stream(request_iterator, context)) as stream:
                 async for resp in stream:
@@ -254,11 +294,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._begin(context)
         caller = f"{self._caller(context)}/stream-{next(_streams)}"
         out: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = StreamWindow(STREAM_WINDOW, STREAM_ANSWER_BYTES)
         tasks: set[asyncio.Task] = set()
         counts = {"requests": 0, "errors": 0}
 
-        async def one(request: pb.EmbedRequest | Malformed) -> None:
+        async def one(request: pb.EmbedRequest | Malformed, size: int) -> None:
             start = time.perf_counter()
             request_id = "" if isinstance(request, Malformed) else request.id
             code = "OK"
@@ -275,14 +315,15 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 resp = error_response(request_id, err)
             finally:
                 self.metrics.observe_request("EmbedStream", code, time.perf_counter() - start)
-            out.put_nowait(resp)
+            out.put_nowait((resp, size))
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await window.acquire()
+                    size = self._answer_bytes(request)
+                    await window.acquire(size)
                     counts["requests"] += 1
-                    task = asyncio.create_task(one(request))
+                    task = asyncio.create_task(one(request, size))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
@@ -293,8 +334,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await out.get()) is not _DONE:
-                yield item
-                window.release()  # written: the client has taken it
+                resp, size = item
+                yield resp
+                window.release(size)  # written: the client has taken it
             await reader
             log.info("stream_closed", requests=counts["requests"], errors=counts["errors"])
         finally:
@@ -315,10 +357,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         try:
             if isinstance(request, Malformed):
                 raise request.engine_error()
-            pairs = await self.engine.tokenize(request.inputs, task_name(request.task))
-            resp = pb.TokenizeResponse(tokens=[pb.Tokens(ids=ids, pieces=pieces)
-                                               for ids, pieces in pairs])
-            self._check_size(resp, len(pairs))
+            resp = pb.TokenizeResponse()
+            await self.engine.tokenize(  # the response is filled input by input, as they come
+                list(request.inputs), task_name(request.task),
+                each=lambda ids, pieces: resp.tokens.add(ids=ids, pieces=pieces))
+            self._check_size(resp, len(resp.tokens))
             return resp
         except EngineError as exc:
             code = exc.code.status

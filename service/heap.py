@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+from collections.abc import Callable
 from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
@@ -53,11 +54,12 @@ def rss_bytes() -> int:
 class Trimmer:
     """Hands free heap pages back when RSS has grown by `growth` bytes since the last trim."""
 
-    def __init__(self, interval_s: float = TRIM_INTERVAL_S,
-                 growth: int = TRIM_GROWTH_BYTES) -> None:
+    def __init__(self, interval_s: float = TRIM_INTERVAL_S, growth: int = TRIM_GROWTH_BYTES,
+                 on_trim: Callable[[], Any] | None = None) -> None:
         self.libc = _glibc()
         self.interval_s = interval_s
         self.growth = growth
+        self.on_trim = on_trim  # called after each trim (the server counts them in a metric)
         self.mark = rss_bytes()  # RSS after the last trim
         self.trims = 0
 
@@ -70,6 +72,8 @@ class Trimmer:
         await asyncio.to_thread(self.libc.malloc_trim, 0)  # ctypes lets the GIL go
         self.trims += 1
         self.mark = rss_bytes()
+        if self.on_trim is not None:
+            self.on_trim()
         return True
 
     async def run(self) -> None:

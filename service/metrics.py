@@ -90,6 +90,9 @@ class Metrics:
             "moe_embed_grpc_stream_limit_reached", "Times a gRPC connection had "
             "--max-concurrent-streams calls open: calls it opens past that are refused by "
             "gRPC (UNAVAILABLE) before the server sees them", registry=r)
+        self.heap_trims = Counter(
+            "moe_embed_heap_trims", "Times the frontend gave free heap pages back to the "
+            "kernel (malloc_trim, once RSS has grown 8 MB since the last)", registry=r)
         self._expert_children: dict[tuple[int, int], Counter] = {}
         self._request_children: dict[tuple[str, str], tuple[Counter, Counter | None]] = {}
         self._latency_children: dict[str, Histogram] = {}

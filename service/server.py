@@ -290,16 +290,17 @@ async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     heap.fix_mmap_threshold()  # before the tokenizer loads: its large blocks go back too
-    trimming = asyncio.create_task(heap.Trimmer().run(), name="heap-trim")
+    server = EmbedServer(config, bundle_path)
+    trimmer = heap.Trimmer(on_trim=server.metrics.heap_trims.inc)
+    trimming = asyncio.create_task(trimmer.run(), name="heap-trim")
     try:
-        return await _serve(config, bundle_path, loop, stop)
+        return await _serve(server, loop, stop)
     finally:
         trimming.cancel()
 
 
-async def _serve(config: ServeConfig, bundle_path: str | Path, loop: asyncio.AbstractEventLoop,
+async def _serve(server: EmbedServer, loop: asyncio.AbstractEventLoop,
                  stop: asyncio.Event) -> int:
-    server = EmbedServer(config, bundle_path)
     loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())

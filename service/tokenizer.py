@@ -12,8 +12,9 @@ the last id kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -29,6 +30,12 @@ from .validation import Input
 MARGIN = 64  # tokens tokenized past the truncation point
 PIECE_CHARS = 1 << 14  # raw characters normalized at a time when cutting a long text
 CUT_SEARCH = 1 << 12  # characters searched past PIECE_CHARS for a grapheme-safe cut
+T = TypeVar("T")
+
+
+def pair(ids: list[int], pieces: list[str]) -> tuple[list[int], list[str]]:
+    """`Tokenizer.tokenize`'s default: an input's ids and pieces as they are."""
+    return ids, pieces
 
 
 def _grapheme_cut(text: str, pos: int) -> int:
@@ -131,9 +138,11 @@ class Tokenizer:
         """The ids of the whole text, without any bound or truncation."""
         return self._encode_all([text])[0]
 
-    def tokenize(self, inputs: Sequence[Input], task: Task,
-                 truncate: bool = True) -> list[tuple[list[int], list[str]]]:
-        """Ids and their pieces, as the model will see them."""
-        return [(ids.tolist(), [self._tok.id_to_token(int(t)) or "" for t in ids])
+    def tokenize(self, inputs: Sequence[Input], task: Task, truncate: bool = True,
+                 each: Callable[[list[int], list[str]], T] = pair) -> list[T]:
+        """Ids and their pieces, as the model will see them, given input by input to `each`
+        (which may copy them into a response: 256 inputs' lists of ids and pieces, ~130k
+        Python objects, then never exist at once)."""
+        return [each(ids.tolist(), [self._tok.id_to_token(t) or "" for t in ids.tolist()])
                 for ids in self.encode(inputs, task, truncate)]
 

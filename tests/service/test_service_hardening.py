@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from moe_embed.service.grpc_api import STREAM_WINDOW
+from moe_embed.service.grpc_api import STREAM_ANSWER_BYTES, STREAM_WINDOW, response_bytes
 from moe_embed.testing.service import (
     NOT_SERVING,
     SERVING,
@@ -165,6 +165,33 @@ def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
             time.sleep(0.5)
             counts.append(answered() - start)
         assert STREAM_WINDOW <= counts[-1] < STREAM_WINDOW + 200 < sent, counts
+    finally:
+        responses.cancel()
+
+
+def test_a_stream_that_is_never_read_holds_a_bounded_size_of_answers(served) -> None:
+    """The window counts answers' bytes as well as requests: 256-input requests (answers of
+    ~73 KB at the tiny model's 64 dimensions) from a client that never reads are read only
+    while their answers fit STREAM_ANSWER_BYTES (~57 of them), not STREAM_WINDOW (512, ~37 MB;
+    ~400 MB at full size)."""
+    stub = _stub(served, **{"grpc.http2.bdp_probe": 0})
+    fits = STREAM_ANSWER_BYTES // response_bytes(256, 64)
+
+    def answered() -> float:
+        return sum(v for k, v in served.metrics().items()
+                   if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
+
+    start = answered()
+    requests = (_embed(["hi"] * 256, id=str(i)) for i in range(STREAM_WINDOW))
+    responses = stub.EmbedStream(requests, timeout=120)
+    try:
+        counts: list[float] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(counts) < 3 or counts[-1] != counts[-3]):
+            time.sleep(0.5)
+            counts.append(answered() - start)
+        # the transport takes a few answers beyond what the window holds
+        assert fits <= counts[-1] < fits + 24, (fits, counts)
     finally:
         responses.cancel()
 
