@@ -3,6 +3,7 @@ mid-load, and a SIGTERM drain of a real `moe-embed serve` process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -69,19 +70,31 @@ def test_health_transitions_and_flood_past_the_queue_bound(tiny_bundle) -> None:
         assert health_status(srv.target) == SERVING
         assert health_status(srv.target, "moe_embed.v1.Embedder") == SERVING
 
+        # the flood past the bound is created: the worker is stopped, so what the queue and
+        # the worker's slots hold stays there and the rest must be refused; then it goes on
         stub = srv.stub()
         texts = ["a longer text to keep the worker busy for a little while " * 20] * 4
-        with ThreadPoolExecutor(32) as ex:
-            futures = [ex.submit(stub.Embed, _request(texts), timeout=60) for _ in range(64)]
-            codes = []
-            for f in futures:
-                try:
-                    f.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        assert "queue full" in e.details() and "max_queue 8" in e.details()
+        (worker,) = [w.pid for w in srv.pool.workers]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(32) as ex:
+                futures = [ex.submit(stub.Embed, _request(texts), timeout=60)
+                           for _ in range(64)]
+                wait_for(lambda: any(f.done() for f in futures), 30, "a refusal")
+                assert not all(f.done() for f in futures)  # some are held, not refused
+                os.kill(worker, signal.SIGCONT)
+                codes = []
+                for f in futures:
+                    try:
+                        f.result()
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as e:
+                        codes.append(e.code())
+                        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            assert "queue full" in e.details() and "max_queue 8" in e.details()
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # replaced if held past its limit
+                os.kill(worker, signal.SIGCONT)
         assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert len(stub.Embed(_request(["after the flood"])).embeddings) == 1
     finally:
