@@ -38,6 +38,7 @@ from moe_embed.export.quantize import (
 )
 from moe_embed.export.synthetic import upstream_config
 from moe_embed.workers.bundle.config import expected_shapes, parse_config
+from moe_embed.workers.runtime.int8_gemm import saturates, widen_int8_weights
 
 # Small but every role present: 4 layers (MoE 1 and 3), H=128 so 32/64-blocks are whole and a
 # 128-block table is one block per row; a 1000-row vocabulary keeps the table quick.
@@ -107,6 +108,12 @@ _SHARED_POOL = [False]  # set once an earlier test has created ORT's process-wid
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    """`model` run as a worker runs it: on a CPU whose uint8 x int8 kernel saturates, its int8
+    GEMMs get the exact uint8 form first (workers/runtime/int8_gemm.py)."""
+    if saturates():
+        model = copy.deepcopy(model)
+        widen_int8_weights(model)
+
     def session() -> ort.InferenceSession:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

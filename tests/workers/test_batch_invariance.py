@@ -27,7 +27,7 @@ from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.testing.service import ServerThread, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.bundle.format import Bundle
-from moe_embed.workers.runtime.runtime import Runtime, pack
+from moe_embed.workers.runtime.runtime import Runtime, pack, run_expert_rows
 from moe_embed.workers.runtime.sessions import session_options
 
 DIMS = (0, 16, 32, 48)  # the tiny model's Matryoshka range is 16..64
@@ -96,31 +96,35 @@ def test_alone_equals_inside_random_batches(tiny_bundles, cases, precision) -> N
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_expert_rows_ignore_loud_batch_mates(tiny_bundles, precision) -> None:
-    """Each expert graph of the bundle, straight through ONNX Runtime: rows alone vs beside
-    rows 50x louder, and vs one row at a time. A per-call activation scale (one scale for the
+    """Each expert graph of the bundle, run as the runtime runs experts (run_expert_rows):
+    rows alone vs beside rows 50x louder, vs one row at a time, and inside 129 rows (ORT
+    computes a last block of one row apart). A per-call activation scale (one scale for the
     whole input) cannot pass this: the loud rows set it."""
     b = Bundle.load(tiny_bundles[precision])
     rng = np.random.default_rng(3)
     h = b.manifest.config.n_embd
     x = rng.standard_normal((5, h)).astype(np.float32)
     loud = 50 * rng.standard_normal((11, h)).astype(np.float32)
+    many_rows = rng.standard_normal((124, h)).astype(np.float32)  # + 5 = 129 rows
     Runtime(b, threads=2)  # sizes the process's ONNX Runtime pool, which session_options shares
     for files in b.manifest.graphs.experts.values():
         for rel in files[:2]:
             sess = ort.InferenceSession(str(b.file(rel)), session_options(),
                                         providers=["CPUExecutionProvider"])
-            (ref,) = sess.run(None, {"x": x})
-            (mixed,) = sess.run(None, {"x": np.concatenate([loud[:6], x, loud[6:]])})
-            singles = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
+            ref = run_expert_rows(sess, x)
+            mixed = run_expert_rows(sess, np.concatenate([loud[:6], x, loud[6:]]))
+            singles = np.concatenate([run_expert_rows(sess, x[i:i + 1]) for i in range(5)])
+            many = run_expert_rows(sess, np.concatenate([many_rows, x]))[-5:]
             moved = float(np.abs(mixed[6:11] - ref).max())
             assert np.array_equal(mixed[6:11], ref), (precision, rel, moved)
             assert np.array_equal(singles, ref), (precision, rel)
+            assert np.array_equal(many, ref), (precision, rel)
 
 
 _THREADS_SCRIPT = """
 import json, sys
 import numpy as np
-from moe_embed.workers.runtime.runtime import Runtime, pack
+from moe_embed.workers.runtime.runtime import Runtime, pack, run_expert_rows
 cases = json.load(open(sys.argv[2]))
 rt = Runtime(sys.argv[1], threads=int(sys.argv[3]))
 r = rt.embed(*pack([c["ids"] for c in cases]), np.asarray([c["dims"] for c in cases]),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .pooling import finish_rows, mean_pool
 from .router import Router
 from .sessions import create_session, create_sessions, init_thread_pool
 
+ONE_ROW_BLOCK = 128  # rows ORT's GEMMs are split into (see run_expert_rows)
 T = TypeVar("T")
 
 
@@ -216,7 +217,7 @@ class Runtime:
             sess = sessions[a.expert]
             for rows in row_pieces(a.tokens.size, self.expert_rows):
                 tokens = a.tokens[rows]
-                (y,) = sess.run(None, {"x": x[tokens]})
+                y = run_expert_rows(sess, x[tokens])
                 calls[a.expert] += 1
                 out[tokens] += y * a.weights[rows]
                 yield
@@ -235,3 +236,13 @@ class Runtime:
         (hidden,) = self.model.run(None, {"input_ids": input_ids,
                                           "attention_mask": mask.astype(np.int64)})
         return np.ascontiguousarray(hidden[mask])
+
+
+def run_expert_rows(sess: Any, x: np.ndarray) -> np.ndarray:
+    """An expert on `x`'s rows, so that a row's result never depends on how many rows there
+    are. ONNX Runtime splits a GEMM's rows into blocks of ONE_ROW_BLOCK and computes a block of
+    a single row with other kernels (MatMulNBits on AVX2: results ~1e-8..1e-6 apart, at 1, 129,
+    257, ... rows with 2 or more threads); such a call gets its last row once more, dropped."""
+    if len(x) % ONE_ROW_BLOCK == 1:
+        return sess.run(None, {"x": np.concatenate([x, x[-1:]])})[0][:-1]
+    return sess.run(None, {"x": x})[0]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .int8_gemm import graph_source
+
 _GLOBAL_POOL: int | None = None
 _SHARED_ARENA = False
 
@@ -61,8 +63,11 @@ def session_options() -> ort.SessionOptions:
 
 
 def create_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """The graph at `path`, its int8 GEMMs made exact where this CPU's kernel would saturate
+    (int8_gemm)."""
     init_thread_pool(threads)
-    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph_source(Path(path)), session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def create_sessions(paths: Sequence[Path],
