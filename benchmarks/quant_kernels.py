@@ -40,6 +40,7 @@ from onnx import TensorProto, helper
 
 from moe_embed.export.onnx_graphs import IR_VERSION, OPSET, expert_graph
 from moe_embed.export.quantize import RECIPES, Recipe, quantize_graph
+from moe_embed.workers.runtime.int8_gemm import widen_int8_weights
 from moe_embed.workers.runtime.sessions import init_thread_pool, session_options
 
 H, F, V = 768, 3072, 250048
@@ -81,6 +82,9 @@ def linear_graph(name: str, w: np.ndarray, b: np.ndarray, role: str) -> onnx.Mod
     return m
 
 
+U8U8 = "int8-rowwise u8u8"
+
+
 def uniform(name: str, fmt: str, accuracy_level: int = 4) -> Recipe:
     """Every role in `fmt` (the table stays fp32 under the MatMul-only dynamic formats)."""
     formats = {r: fmt for r in RECIPES["fp32"].formats}
@@ -92,6 +96,8 @@ def uniform(name: str, fmt: str, accuracy_level: int = 4) -> Recipe:
 def variants(quick: bool) -> list[tuple[str, Recipe]]:
     out = [("fp32", RECIPES["fp32"]),
            ("int8-rowwise", uniform("rw", "int8-rowwise")),
+           # as a worker loads it on x86 without VNNI (workers/runtime/int8_gemm.py)
+           (U8U8, uniform("rw", "int8-rowwise")),
            ("dyn-int8 per-channel", uniform("dyn-pc", "int8-per-channel")),
            ("dyn-int8 per-tensor", uniform("dyn-pt", "int8-per-tensor"))]
     blocks = (32,) if quick else (32, 64, 128)
@@ -145,6 +151,8 @@ def bench_shape(label: str, model: onnx.ModelProto, kind: str, k_in: int, gelu_i
     sessions, info = {}, {}
     for name, recipe in vs:
         q, storage = quantize_graph(model, recipe, kind)
+        if name == U8U8:
+            widen_int8_weights(q)
         weights = [s for s in storage if s.role]
         numel = sum(int(np.prod(s.shape)) for s in weights)
         sessions[name] = session(q, threads)
