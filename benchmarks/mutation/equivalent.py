@@ -7,5 +7,77 @@ that matches none is reported NOT EXPLAINED: it needs a test that kills it, or a
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# a binary operator put in place of another (cosmic-ray's ReplaceBinaryOperator)
+_BINARY = re.compile(r"\s*(\*\*|//|>>|<<|[|/+\-*&%^])\s*")
+
+
+def _in_annotation(module: str, old: str, new: str) -> bool:
+    """The `|` of a type annotation (`int | None`) replaced by another operator, in a module
+    that imports annotations from __future__: annotations are strings, never evaluated."""
+    if "from __future__ import annotations" not in (REPO / module).read_text():
+        return False
+    typed = re.fullmatch(r"(def \w+\(.*|\w+: .*|.*\) -> .*:)", old)
+    return bool(typed) and " | " in old and _BINARY.sub("|", old) == _BINARY.sub("|", new)
+
+
+def _negative_reshape(module: str, old: str, new: str) -> bool:
+    """reshape(-1) -> reshape(- 2) or reshape(~1): numpy takes any negative size as the one
+    unknown dimension."""
+    return "reshape(-1)" in old and any(
+        old.replace("reshape(-1)", f"reshape({r})") == new for r in ("- 2", "~1"))
+
+
+# Survivors of any module, by the shape of their change: (rule, why)
+ANY_MODULE: list[tuple[Callable[[str, str, str], bool], str]] = [
+    (_in_annotation, "a type annotation: this module imports annotations from __future__, so "
+                     "they are strings that nothing evaluates"),
+    (_negative_reshape, "numpy takes any negative size as the one unknown dimension: -2 "
+                        "flattens like -1"),
+]
+
+_ROWS_2D = "the array is always 2-D ([rows, width]), so axis 1 is its last axis"
+_NORM = "pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)"
+_NUM_EXPERTS = ("num_experts only pads bincount's counts (minlength): bincount grows to the "
+                "largest expert id anyway, and experts with no token are skipped either way")
+
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "workers/runtime/pooling.py": [
+        (_NORM, _NORM.replace("axis=-1", "axis=1"), _ROWS_2D),
+        (_NORM, _NORM.replace("axis=-1", "axis=+1"), _ROWS_2D),
+        ("for row, vec in zip(rows, finish(pooled[rows], key[0], bool(key[1])), strict=True):",
+         "for row, vec in zip(rows, finish(pooled[rows], key[0], bool(key[1])), strict=False):",
+         "finish returns one row per row given, so the two always have the same length"),
+        ("if dimensions < pooled.shape[1]:", "if dimensions != pooled.shape[1]:",
+         "dimensions never exceed the width (the frontend checks them against the bundle's "
+         "range), and at or below it != and < agree"),
+    ],
+    "workers/runtime/router.py": [
+        ("probs = logits.softmax(dim=-1, dtype=torch.float32)",
+         "probs = logits.softmax(dim=+1, dtype=torch.float32)", _ROWS_2D),
+        ("probs = logits.softmax(dim=-1, dtype=torch.float32)",
+         "probs = logits.softmax(dim=1, dtype=torch.float32)", _ROWS_2D),
+        ("top_w, top_e = torch.topk(probs, self.top_k, dim=-1)",
+         "top_w, top_e = torch.topk(probs, self.top_k, dim=+1)", _ROWS_2D),
+        ("top_w, top_e = torch.topk(probs, self.top_k, dim=-1)",
+         "top_w, top_e = torch.topk(probs, self.top_k, dim=1)", _ROWS_2D),
+        ("self.num_experts = weight.shape[0]", "self.num_experts = weight.shape[ 1]",
+         _NUM_EXPERTS),
+        ("self.num_experts = weight.shape[0]", "self.num_experts = weight.shape[ -1]",
+         _NUM_EXPERTS),
+    ],
+    "workers/runtime/chunks.py": [
+        ("return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]",
+         "return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]",
+         "bounds[:-1] and bounds[1:] of one list always have the same length"),
+        ("while start < len(lengths):", "while start != len(lengths):",
+         "start only grows to end, which stops at len(lengths): it never passes it"),
+        ("while end < len(lengths):", "while end != len(lengths):",
+         "end grows by one from start + 1 <= len(lengths): it never passes it"),
+    ],
 }

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from equivalent import EQUIVALENT  # noqa: E402  (beside this script, not a package)
+from equivalent import ANY_MODULE, EQUIVALENT  # noqa: E402  (beside this script, not a package)
 
 RESULTS = HERE / "results"
 REPORT = HERE / "REPORT.md"
@@ -137,6 +137,10 @@ def explanation(module: str, diff: str) -> str | None:
     for e_old, e_new, why in EQUIVALENT.get(module, ()):
         if (e_old,) == old and (e_new,) == new:
             return why
+    if len(old) == len(new) == 1:
+        for rule, why in ANY_MODULE:
+            if rule(module, old[0], new[0]):
+                return why
     return None
 
 
@@ -158,10 +162,12 @@ def report() -> str:
              f"Report written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
              f"CPU: {_cpu()}.", "",
              "Each module is mutated against its own fast tests only. Kill rate = killed / "
-             "mutants; a survivor is listed with the reason no behaviour can observe it "
-             "(benchmarks/mutation/equivalent.py), or NOT EXPLAINED.", "",
-             "| module | tests | mutants | killed | survived (equivalent) | kill rate | "
-             "seconds | run |", "|---|---|---|---|---|---|---|---|"]
+             "mutants; score = killed / (mutants - equivalent), the usual mutation score, "
+             "which leaves out the mutants no test can kill. A survivor is listed with the "
+             "reason no behaviour can observe it (benchmarks/mutation/equivalent.py), or NOT "
+             "EXPLAINED.", "",
+             "| module | tests | mutants | killed | survived (equivalent) | kill rate | score | "
+             "seconds | run |", "|---|---|---|---|---|---|---|---|---|"]
     sections, sums, missing = [], [0, 0, 0], []
     for name in TARGETS:
         path = RESULTS / f"{name}.json"
@@ -172,9 +178,10 @@ def report() -> str:
         why = [(d, explanation(r["module"], d)) for d in r["survivors"]]
         explained = sum(1 for _, w in why if w)
         rate = r["killed"] / r["mutants"] if r["mutants"] else 1.0
+        score = r["killed"] / (r["mutants"] - explained) if r["mutants"] > explained else 1.0
         tests = "<br>".join(f"`{t}`" for t in r["tests"])
         lines.append(f"| `{r['module']}` | {tests} | {r['mutants']} | {r['killed']} | "
-                     f"{len(why)} ({explained}) | {rate:.1%} | {r['seconds']} | "
+                     f"{len(why)} ({explained}) | {rate:.1%} | {score:.1%} | {r['seconds']} | "
                      f"{r['date']} @{r['commit']} |")
         sums[0] += r["mutants"]
         sums[1] += r["killed"]
@@ -183,8 +190,10 @@ def report() -> str:
             sections += [f"`{r['module']}`: {w or '**NOT EXPLAINED**'}", "", "```diff",
                          diff.strip(), "```", ""]
     rate = sums[1] / sums[0] if sums[0] else 1.0
+    score = sums[1] / (sums[0] - sums[2]) if sums[0] > sums[2] else 1.0
     lines += ["", f"Overall: {sums[0]} mutants, {sums[1]} killed ({rate:.1%}), "
-              f"{sums[0] - sums[1]} survived, {sums[2]} of them explained as equivalent."]
+              f"{sums[0] - sums[1]} survived, {sums[2]} of them explained as equivalent "
+              f"(score {score:.1%}); {sums[0] - sums[1] - sums[2]} not explained."]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
     lines += ["", "## Survivors", "", *(sections or ["None."])]

@@ -10,16 +10,20 @@ import pytest
 from moe_embed.workers.runtime.chunks import (
     CHUNK_PADDED,
     CHUNK_TOKENS,
+    EXPERT_ROWS,
     chunks,
     packed_layout,
     row_pieces,
 )
 
 
-def _groups(lengths: list[int], budget: int, padded: int | None = None) -> list[list[int]]:
+def _groups(lengths: list[int], budget: int | None = None,
+            padded: int | None = None) -> list[list[int]]:
     """The lengths of each chunk's sequences, read back from its row range and its mask."""
     out, row = [], 0
-    for part in chunks(np.array(lengths), budget, padded):
+    parts = chunks(np.array(lengths)) if budget is None else \
+        chunks(np.array(lengths), budget, padded)
+    for part in parts:
         mask = part.layout["attention_mask"]
         assert part.rows.start == row  # contiguous, in packed order
         row = part.rows.stop
@@ -112,3 +116,22 @@ def test_row_pieces_at_the_limit_and_one_past_it(n: int, most: int, sizes: list[
     assert [p.stop - p.start for p in pieces] == sizes
     assert pieces[0].start == 0 and pieces[-1].stop == n
     assert all(a.stop == b.start for a, b in zip(pieces[:-1], pieces[1:], strict=True))
+
+
+def test_the_default_budgets_at_their_limit_and_one_past_it() -> None:
+    """A chunk holds at most 512 real tokens (what a dense segment call takes, and an express
+    batch's size), an expert call at most 1024 rows."""
+    assert CHUNK_TOKENS == 512 and EXPERT_ROWS == 1024
+    assert _groups([256, 256]) == [[256, 256]]
+    assert _groups([256, 257]) == [[256], [257]]
+    assert [p.stop - p.start for p in row_pieces(1024, EXPERT_ROWS)] == [1024]
+    assert [p.stop - p.start for p in row_pieces(1025, EXPERT_ROWS)] == [512, 513]
+
+
+def test_hundreds_of_sequences_are_all_chunked() -> None:
+    """Past 256 sequences (where Python's small ints are no longer shared objects) every
+    sequence still lands in exactly one chunk, in order."""
+    lengths = [1 + i % 5 for i in range(700)]
+    groups = _groups(lengths, budget=512, padded=100_000)
+    assert [n for g in groups for n in g] == lengths
+    assert len(_groups([1] * 300, budget=1000, padded=100_000)) == 1
