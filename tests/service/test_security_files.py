@@ -141,6 +141,24 @@ def test_a_forced_reload_reads_files_whose_signature_did_not_change(tmp_path: Pa
     assert security.caller("Bearer sk-bbbb") and not security.caller("Bearer sk-aaaa")
 
 
+def test_a_key_file_rewritten_in_place_at_the_same_length_is_reloaded(tmp_path: Path) -> None:
+    """The same inode and size, a later mtime (an editor's in-place save, a revoked key
+    replaced by one of the same length): the revoked key stops working at the next poll."""
+    path = tmp_path / "keys"
+    path.write_text("sk-revoked\n")
+    security = Security(ServeConfig(api_key_file=str(path)))
+    security.load()
+    st = os.stat(path)
+    with open(path, "r+b") as f:  # in place: the inode stays
+        f.write(b"sk-replace\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (st.st_ino, st.st_size)
+    assert security.reload() is True
+    assert security.caller("Bearer sk-revoked") is None
+    assert security.caller("Bearer sk-replace") == _caller_id("sk-replace")
+
+
 def test_a_failed_reload_keeps_the_old_keys_logs_once_and_retries(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     write_keys(path, "sk-1")
@@ -303,6 +321,26 @@ def test_unusable_tls_files_are_refused_and_the_old_ones_kept(tmp_path: Path,
     assert security.reload() is False  # back to what is in use: nothing changed
 
 
+def test_the_client_ca_rotated_alone_is_taken(tmp_path: Path, pkis: tuple[Pki, Pki]) -> None:
+    """Only the CA file changes (clients move to a new CA, the server keeps its certificate):
+    the next handshake asks for a client certificate of the new CA."""
+    old, new = pkis
+    security, cert, _ = _tls(tmp_path, old, ca=True)
+    security.load()
+    ctx = security.http_ssl_context()
+    assert _handshake(ctx, _client(old, cert=old))[0] == old.server_der
+    ca = Path(security.cfg.tls_client_ca_file)
+    tmp = ca.with_suffix(".new")
+    tmp.write_bytes(new.ca.cert_pem.bytes())
+    os.replace(tmp, ca)
+    assert security.reload() is True and security.reloads == 1
+    assert security.tls.client_ca == new.ca.cert_pem.bytes()
+    assert security.tls.cert == cert.read_bytes()
+    assert _handshake(ctx, _client(old, cert=new))[0] == old.server_der
+    with pytest.raises(ssl.SSLError):
+        _handshake(ctx, _client(old, cert=old))
+
+
 def test_tls_without_a_client_ca_has_none(tmp_path: Path, pkis: tuple[Pki, Pki]) -> None:
     security, cert, key = _tls(tmp_path, pkis[0])
     security.load()
@@ -349,8 +387,8 @@ def test_grpc_takes_the_newest_certificate_at_the_next_handshake(tmp_path: Path,
 
 
 def _handlers(seen: list[bytes]) -> tuple[grpc.GenericRpcHandler, ...]:
-    """One method of each kind on service t.Svc, one on other.Svc and a health check; requests
-    are parsed by a deserializer that refuses anything but b'ok'."""
+    """One method of each kind on service t.Svc, one on other.Svc and health's Check and
+    Watch; requests are parsed by a deserializer that refuses anything but b'ok'."""
 
     def parse(raw: bytes) -> bytes:
         if raw != b"ok":
@@ -377,7 +415,8 @@ def _handlers(seen: list[bytes]) -> tuple[grpc.GenericRpcHandler, ...]:
              "Both": grpc.stream_stream_rpc_method_handler(both, parse, bytes)}
     return grpc.method_handlers_generic_handler("t.Svc", kinds), \
         grpc.method_handlers_generic_handler("other.Svc", {"Unary": kinds["Unary"]}), \
-        grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": kinds["Unary"]})
+        grpc.method_handlers_generic_handler("grpc.health.v1.Health",
+                                             {"Check": kinds["Unary"], "Watch": kinds["Out"]})
 
 
 def test_every_kind_of_call_needs_a_key_but_health(tmp_path: Path) -> None:
@@ -418,6 +457,8 @@ def test_every_kind_of_call_needs_a_key_but_health(tmp_path: Path) -> None:
                     assert count(kind) == 4
                 health = "/grpc.health.v1.Health/Check"
                 assert await ch.unary_unary(health)(b"ok") == b"u:ok"  # no key needed
+                watch = "/grpc.health.v1.Health/Watch"  # README: health never needs a key
+                assert await _first(ch.unary_stream(watch)(b"ok")) == b"s:ok"
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     await ch.unary_unary("/other.Svc/Unary")(b"ok")
                 assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -430,7 +471,7 @@ def test_every_kind_of_call_needs_a_key_but_health(tmp_path: Path) -> None:
 
     with capture_logs() as logs:
         asyncio.run(main())
-    assert len(seen) == 4 + 1  # parsed: the keyed calls and health, nothing refused
+    assert len(seen) == 4 + 2  # parsed: the keyed calls and health, nothing refused
     refused = [e for e in logs if e["event"] == "request_unauthenticated"]
     assert len(refused) == 4 * 4 + 1
     assert {e["method"] for e in refused} == {"Unary", "Out", "In", "Both", "/other.Svc/Unary"}
