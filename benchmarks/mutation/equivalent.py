@@ -80,4 +80,24 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("while end < len(lengths):", "while end != len(lengths):",
          "end grows by one from start + 1 <= len(lengths): it never passes it"),
     ],
+    "workers/process/policy.py": [
+        ("return MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0)",
+         "return MAX_IN_FLIGHT | (EXPRESS_SLOTS if heavy else 0)",
+         "MAX_IN_FLIGHT (2) and EXPRESS_SLOTS (1) share no bit: | adds them (the defaults are "
+         "pinned by test_the_documented_defaults)"),
+        ("return MAX_IN_FLIGHT + (EXPRESS_SLOTS if heavy else 0)",
+         "return MAX_IN_FLIGHT ^ (EXPRESS_SLOTS if heavy else 0)",
+         "MAX_IN_FLIGHT (2) and EXPRESS_SLOTS (1) share no bit: ^ adds them (the defaults are "
+         "pinned by test_the_documented_defaults)"),
+        ("small = [r for r in held[1:] if r.tokens * OVERTAKE_RATIO <= oldest.tokens",
+         "small = [r for r in held[ 0:] if r.tokens * OVERTAKE_RATIO <= oldest.tokens",
+         "the oldest is never 1/OVERTAKE_RATIO of itself: t * 4 <= t only for t = 0, and every "
+         "batch holds tokens (each input has at least <s> and </s>)"),
+        ("return bool(light) and (len(light) < callers_waiting or (worker_busy and "
+         "heavy_in_flight))",
+         "return bool(light) and (len(light) != callers_waiting or (worker_busy and "
+         "heavy_in_flight))",
+         "the light callers are among the callers waiting, so len(light) is never more: != "
+         "and < agree"),
+    ],
 }
