@@ -100,4 +100,28 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "the light callers are among the callers waiting, so len(light) is never more: != "
          "and < agree"),
     ],
+    "workers/bundle/recipes.py": [
+        ("ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8", "ROWWISE_AUX_BYTES = 1 | 4 + 4 + 4 + 8",
+         "1 | 20 = 21: the same constant"),
+        ("ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8", "ROWWISE_AUX_BYTES = 1 ^ 4 + 4 + 4 + 8",
+         "1 ^ 20 = 21: the same constant"),
+        ("ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8", "ROWWISE_AUX_BYTES = 1 + 4 ^ 4 + 4 + 8",
+         "(1 + 4) ^ (4 + 4 + 8) = 5 ^ 16 = 21: the same constant"),
+        ("ROWWISE_AUX_BYTES = 1 + 4 + 4 + 4 + 8", "ROWWISE_AUX_BYTES = 1 + 4 | 4 + 4 + 8",
+         "(1 + 4) | (4 + 4 + 8) = 5 | 16 = 21: the same constant"),
+        ("if block < 16 or block > 256 or block & (block - 1):",
+         "if block < 16 or block > 257 or block & (block - 1):",
+         "257 is no power of two: the same line's next test refuses it"),
+        ("if block < 16 or block > 256 or block & (block - 1):",
+         "if block < 15 or block > 256 or block & (block - 1):",
+         "15 is no power of two: the same line's next test refuses it"),
+        ("if block < 16 or block > 256 or block & (block - 1):",
+         "if block < 16 or block > 256 or block & (block - 2):",
+         "in 16..256, b & (b - 2) is 0 only at powers of two too: b - 2 keeps b's top bit "
+         "unless b is 2^h or 2^h + 1, and an odd b shares bit 0 with b - 2"),
+        ('return all(f == "fp32" for f in (*self.formats.values(), *self.overrides.values()))',
+         'return all(f <= "fp32" for f in (*self.formats.values(), *self.overrides.values()))',
+         "validate() admits no format that sorts before 'fp32' (int8-*, nbits* sort after): "
+         "<= is == on every recipe that passed it"),
+    ],
 }

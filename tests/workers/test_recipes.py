@@ -4,6 +4,9 @@ each storage format worked out by hand from the layout export/quantize.py docume
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from moe_embed.workers.bundle.recipes import (
@@ -135,6 +138,9 @@ def test_an_override_wins_for_its_layer_only() -> None:
 
 def test_identity_means_fp32_everywhere_overrides_included() -> None:
     assert Recipe("r", FP32, {"layers.2.mlp.fc1": "fp32"}).is_identity
+    # as read back from a manifest: strings made by the JSON parser, not the source's literals
+    loaded = json.loads(json.dumps(Recipe("r", FP32, {"layers.2.mlp.fc1": "fp32"}).to_dict()))
+    assert Recipe.from_dict(loaded).is_identity
     assert not Recipe("r", FP32, {"layers.2.mlp.fc1": "nbits4-block32"}).is_identity
     assert not Recipe("r", {**FP32, "expert.w2": "int8-rowwise"}).is_identity
 
@@ -198,10 +204,29 @@ def test_a_tensor_record_round_trips_and_its_optional_fields_default_to_none() -
     ("nbits4-block32", (33, 3), "mlp.fc1", 3 * 32 + 24 + 3 * 1),  # one past: two blocks
     ("nbits4-block32", (70, 3), "mlp.fc1", 3 * 48 + 36 + 3 * 2),  # 3 blocks: 12 bits of zp
     ("nbits4-block16-sym", (70, 3), "expert.w1", 3 * 40 + 60),
+    # the real model's shapes (H=768: 24 blocks of 32 per column): zero points of 24 blocks
+    # take 24 bytes at 8 bits, 12 at 4 bits
+    ("nbits8-block32", (768, 2304), "attn.qkv", 2304 * 768 + 4 * 2304 * 24 + 2304 * 24),
+    ("nbits4-block32", (768, 3072), "expert.w1", 3072 * 384 + 4 * 3072 * 24 + 3072 * 12),
     # the table [V=5, H=40]: blocks along H, rows stored unpadded
     ("nbits4-block32", (5, 40), "word_embeddings", 5 * 20 + 4 * 5 * 2 + 5 * 1),
     ("nbits8-block32-sym", (5, 40), "word_embeddings", 5 * 40 + 4 * 5 * 2),
 ])
 def test_expected_bytes_of_each_format(fmt: str, shape: tuple[int, ...], role: str | None,
                                        size: int) -> None:
-    assert expected_bytes(fmt, shape, role) == size
+    got = expected_bytes(fmt, shape, role)
+    assert got == size and type(got) is int  # bytes, compared with a manifest's integers
+
+
+def test_recipes_formats_and_records_cannot_be_changed_in_place() -> None:
+    """RECIPES is shared by every export in the process, and a manifest's records by its
+    readers: no caller can alter them."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RECIPES["int8"].accuracy_level = 0  # type: ignore[misc]
+    nbits = parse_format("nbits4-block32")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        nbits.bits = 8  # type: ignore[misc]
+    assert hash(nbits) == hash(NBits(4, 32, False))
+    record = TensorStorage("w", (3, 4), "fp32", 48)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.bytes = 0  # type: ignore[misc]
