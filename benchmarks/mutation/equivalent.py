@@ -41,6 +41,12 @@ ANY_MODULE: list[tuple[Callable[[str, str, str], bool], str]] = [
                         "flattens like -1"),
 ]
 
+_FRACTION = ("a dead line: the loop over _REQUIRED_VALUES above already refuses every "
+             "rotary_emb_fraction but 1.0, so this test never sees 0 (or any value it could "
+             "tell apart)")
+_PAD_DEFAULT = ("the default of d.get is never used: this branch runs only when "
+                "'pad_token_id' is in d and not None")
+
 _ROWS_2D = "the array is always 2-D ([rows, width]), so axis 1 is its last axis"
 _NORM = "pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)"
 _NUM_EXPERTS = ("num_experts only pads bincount's counts (minlength): bincount grows to the "
@@ -123,5 +129,18 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          'return all(f <= "fp32" for f in (*self.formats.values(), *self.overrides.values()))',
          "validate() admits no format that sorts before 'fp32' (int8-*, nbits* sort after): "
          "<= is == on every recipe that passed it"),
+    ],
+    "workers/bundle/config.py": [
+        *[('if d.get("rotary_emb_fraction", 1.0) == 0:', new, _FRACTION) for new in (
+            'if d.get("rotary_emb_fraction", 2.0) == 0:',
+            'if d.get("rotary_emb_fraction", 1.0) == -1:',
+            'if d.get("rotary_emb_fraction", 1.0) <= 0:',
+            'if d.get("rotary_emb_fraction", 1.0) < 0:')],
+        *[('pad_token_id=int(d.get("pad_token_id", 1) if d.get("pad_token_id") is not None '
+           'else 1),', f'pad_token_id=int(d.get("pad_token_id", {v}) if d.get("pad_token_id") '
+           'is not None else 1),', _PAD_DEFAULT) for v in (0, 2)],
+        ("if n_embd % n_head or (n_embd // n_head) % 2:",
+         "if n_embd % n_head or (n_embd / n_head) % 2:",
+         "only reached when n_head divides n_embd: the quotient is exact either way"),
     ],
 }

@@ -4,6 +4,9 @@ not implement is refused unless it holds the value we do implement."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from moe_embed.workers.bundle.config import (
@@ -110,8 +113,20 @@ def test_the_smallest_model_shapes_are_taken() -> None:
     assert parse_config({k: v for k, v in UPSTREAM.items() if k != "n_inner"}).n_inner == 256
 
 
+def test_a_config_read_from_json_text_parses_as_the_dict_does() -> None:
+    """config.json is read from a file: its strings are the JSON parser's, not literals."""
+    assert parse_config(json.loads(json.dumps(UPSTREAM))) == parse_config(dict(UPSTREAM))
+
+
+def test_a_parsed_config_cannot_be_changed_in_place() -> None:
+    cfg = _parse()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_layer = 2  # type: ignore[misc]
+
+
 def test_heads_split_the_width_into_even_sizes() -> None:
     assert _parse(n_embd=8, n_head=4).head_dim == 2
+    assert type(_parse(n_embd=768, n_head=12).head_dim) is int  # 64: a shape, an integer
     _refused("n_embd", n_embd=12, n_head=4)  # heads of 3: rotate-half needs an even size
     _refused("n_embd", n_embd=10, n_head=4)  # does not split
     _refused("n_embd", n_embd=64, n_head=128)  # more heads than width
