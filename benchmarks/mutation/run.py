@@ -9,7 +9,7 @@ every survivor's diff with its reason (or NOT EXPLAINED). Each target's figures 
 results/NAME.json, so `--only` reruns some and the report still shows them all. The tree must
 be clean for the mutated files: they are restored from git at the end, also after Ctrl-C.
 
-    .venv/bin/python benchmarks/mutation/run.py [--only NAME ...] [--report-only]
+    .venv/bin/python benchmarks/mutation/run.py [--only NAME ...] [--recheck] [--report-only]
 """
 
 from __future__ import annotations
@@ -124,6 +124,59 @@ def run(name: str, target: Target, work: Path) -> dict:
             "commit": _git("rev-parse", "--short", "HEAD")}
 
 
+def _mutated(text: str, diff: str) -> str:
+    """`text` with a survivor's one change (cosmic-ray's diffs have a trailing context line
+    that `git apply` refuses at the end of a file, so the changed lines are put in by hand)."""
+    lines = diff.splitlines()
+    hunk = next(i for i, line in enumerate(lines) if line.startswith("@@"))
+    first_line = int(lines[hunk].split()[1].split(",")[0].lstrip("-"))
+    body = lines[hunk + 1:]
+    offset = next(i for i, line in enumerate(body) if line[:1] in "+-")
+    old = [line[1:] for line in body if line.startswith("-")]
+    new = [line[1:] for line in body if line.startswith("+")]
+    src = text.split("\n")
+    at = first_line - 1 + offset
+    if src[at:at + len(old)] != old:
+        raise SystemExit(f"this survivor's lines are not in the module any more:\n{diff}")
+    src[at:at + len(old)] = new
+    return "\n".join(src)
+
+
+def recheck(name: str, target: Target) -> dict:
+    """Run the target's tests (as they are now) on each stored survivor again, the module
+    mutated by the survivor's own diff: a quick confirmation that new tests kill them, without
+    re-running the mutants already killed (tests are only ever added, so a killed mutant stays
+    killed while the module is unchanged). The module must be unchanged since the full run."""
+    path = RESULTS / f"{name}.json"
+    r = json.loads(path.read_text())
+    changed = _git("log", "--oneline", f"{r['commit']}..HEAD", "--", target.module)
+    if changed:
+        raise SystemExit(f"{name}: {target.module} changed since the full run; run it again")
+    test_cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                *target.tests]
+    left, start = [], time.monotonic()
+    original = (REPO / target.module).read_text()
+    for diff in r["survivors"]:
+        try:
+            (REPO / target.module).write_text(_mutated(original, diff))
+            try:
+                proc = subprocess.run(test_cmd, cwd=REPO, capture_output=True, text=True,
+                                      env=TEST_ENV, timeout=target.timeout_s)
+                killed = proc.returncode != 0
+            except subprocess.TimeoutExpired:
+                killed = True
+        finally:
+            subprocess.run(["git", "checkout", "--", target.module], cwd=REPO, check=True)
+        if not killed:
+            left.append(diff)
+    r["killed"] += len(r["survivors"]) - len(left)
+    r["survivors"] = left
+    r["tests"] = list(target.tests)
+    r["rechecked"] = (f"{time.strftime('%Y-%m-%d %H:%M')} @{_git('rev-parse', '--short', 'HEAD')}"
+                      f", {round(time.monotonic() - start)} s")
+    return r
+
+
 def _changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     lines = diff.splitlines()
     old = tuple(x[1:].strip() for x in lines if x.startswith("-") and not x.startswith("---"))
@@ -161,7 +214,9 @@ def report() -> str:
              f"Command: `{COMMAND}` (cosmic-ray; `--only NAME ...` for some targets). "
              f"Report written {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
              f"CPU: {_cpu()}.", "",
-             "Each module is mutated against its own fast tests only. Kill rate = killed / "
+             "Each module is mutated against its own fast tests only. A run marked "
+             "\"survivors rechecked\" ran every mutant once, then its survivors again "
+             "(`--recheck`) after tests were added. Kill rate = killed / "
              "mutants; score = killed / (mutants - equivalent), the usual mutation score, "
              "which leaves out the mutants no test can kill. A survivor is listed with the "
              "reason no behaviour can observe it (benchmarks/mutation/equivalent.py), or NOT "
@@ -180,9 +235,12 @@ def report() -> str:
         rate = r["killed"] / r["mutants"] if r["mutants"] else 1.0
         score = r["killed"] / (r["mutants"] - explained) if r["mutants"] > explained else 1.0
         tests = "<br>".join(f"`{t}`" for t in r["tests"])
+        run_at = f"{r['date']} @{r['commit']}"
+        if r.get("rechecked"):
+            run_at += f"; survivors rechecked {r['rechecked']}"
         lines.append(f"| `{r['module']}` | {tests} | {r['mutants']} | {r['killed']} | "
                      f"{len(why)} ({explained}) | {rate:.1%} | {score:.1%} | {r['seconds']} | "
-                     f"{r['date']} @{r['commit']} |")
+                     f"{run_at} |")
         sums[0] += r["mutants"]
         sums[1] += r["killed"]
         sums[2] += explained
@@ -205,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=sorted(TARGETS))
     p.add_argument("--report-only", action="store_true",
                    help="rewrite REPORT.md from the stored results, run nothing")
+    p.add_argument("--recheck", action="store_true",
+                   help="run only the stored survivors of the chosen targets again")
     args = p.parse_args(argv)
     names = [] if args.report_only else (args.only or list(TARGETS))
     dirty = _git("status", "--porcelain", "--", *[TARGETS[n].module for n in names]) \
@@ -215,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            r = run(name, TARGETS[name], Path(tmp))
+            r = recheck(name, TARGETS[name]) if args.recheck else run(name, TARGETS[name],
+                                                                       Path(tmp))
             (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
             print(f"{r['module']}: {r['killed']}/{r['mutants']} killed, "
                   f"{len(r['survivors'])} survived ({r['seconds']} s)", flush=True)
