@@ -47,6 +47,9 @@ _FRACTION = ("a dead line: the loop over _REQUIRED_VALUES above already refuses 
 _PAD_DEFAULT = ("the default of d.get is never used: this branch runs only when "
                 "'pad_token_id' is in d and not None")
 
+_CHUNK = ("the read size: reads of any positive size, or one read of everything (a "
+          "negative size), hash the same bytes")
+
 _ROWS_2D = "the array is always 2-D ([rows, width]), so axis 1 is its last axis"
 _NORM = "pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)"
 _NUM_EXPERTS = ("num_experts only pads bincount's counts (minlength): bincount grows to the "
@@ -142,5 +145,44 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("if n_embd % n_head or (n_embd // n_head) % 2:",
          "if n_embd % n_head or (n_embd / n_head) % 2:",
          "only reached when n_head divides n_embd: the quotient is exact either way"),
+    ],
+    "workers/bundle/format.py": [
+        *[("def sha256_file(path: Path, chunk: int = 1 << 22) -> str:",
+           f"def sha256_file(path: Path, chunk: int = {v}) -> str:", _CHUNK)
+          for v in ("1 << 21", "1 << 23", "1 ** 22", "1 % 22", "1 ^ 22", "1 | 22", "1 * 22",
+                    "1 + 22", "1 - 22", "2 << 22")],
+        *[("files = sorted(self.manifest.files.items(), key=lambda kv: -kv[1].bytes)",
+           f"files = sorted(self.manifest.files.items(), key=lambda kv: {v}kv[1].bytes)",
+           "the order is for speed (the largest file's hash starts first): every file is "
+           "checked either way; only with several bad files does another one get named first")
+          for v in ("", "~", "+", "not ")],
+        *[("with ThreadPoolExecutor(max(1, workers)) as pool:",
+           f"with ThreadPoolExecutor(max( {v}, workers)) as pool:",
+           "workers is already >= 1 (threads, or this process's cores): only how many threads "
+           "hash changes, not the digests") for v in (0, 2)],
+        ('if d.get("format_version") != FORMAT_VERSION:',
+         'if d.get("format_version") is not FORMAT_VERSION:',
+         "CPython shares the int objects -5..256: a format_version of 2 read from JSON is the "
+         "very object FORMAT_VERSION is, and anything else is not equal either"),
+        ("if p.stat().st_size != entry.bytes:", "if p.stat().st_size > entry.bytes:",
+         "a shrunk file is refused by the hash check just below, with the same message: the "
+         "size check only spares hashing a file of the wrong size"),
+        ("workers = threads or len(os.sched_getaffinity(0))",
+         "workers = threads or len(os.sched_getaffinity( 1))",
+         "how many threads hash (pid 1's cores instead of ours): the digests are the same"),
+        ("for (rel, entry), digest in zip(files, digests, strict=True):",
+         "for (rel, entry), digest in zip(files, digests, strict=False):",
+         "pool.map gives one digest per file: the two always have the same length"),
+        ("if p.stat().st_size != entry.bytes:", "if p.stat().st_size < entry.bytes:",
+         "a grown file is refused by the hash check just below, with the same message: the "
+         "size check only spares hashing a file of the wrong size"),
+        *[('path.write_text(json.dumps(body, indent=2) + "\\n")',
+           f'path.write_text(json.dumps(body, indent= {v}) + "\\n")',
+           "the manifest's layout: its readers parse it, and its digest is of the bytes "
+           "written, whatever the indent") for v in (1, 3)],
+        ('if m.recipe is None and m.precision != "fp32":',
+         'if m.recipe is None and m.precision > "fp32":',
+         "precision is one of PRECISIONS here (checked just above), and int8 and int4 sort "
+         "after fp32: > is != on every precision that reaches it"),
     ],
 }

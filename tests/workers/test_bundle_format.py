@@ -6,6 +6,7 @@ session."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import replace
@@ -168,6 +169,7 @@ def test_a_bad_manifest_is_refused_naming_what(tmp_path: Path, change, message: 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d.update(precision="int4"), "precision 'int4' but recipe 'int8'"),
     (lambda d: d.update(precision="fp32"), "precision 'fp32' but recipe 'int8'"),
+    (lambda d: d.update(recipe=RECIPES["int4"].to_dict()), "precision 'int8' but recipe 'int4'"),
     (lambda d: d["recipe"]["formats"].update({"mlp.fc1": "int9"}),
      "malformed manifest.*unknown storage format"),
     (lambda d: d["recipe"].pop("name"), "malformed manifest"),
@@ -224,3 +226,14 @@ def test_every_listed_file_is_checked_before_use(tmp_path: Path, threads: int | 
             Bundle.load(tmp_path)
         path.write_bytes(data)
         b.verify(threads)
+
+
+def test_a_loaded_manifest_cannot_be_changed_in_place(tmp_path: Path) -> None:
+    """Every reader shares the one typed manifest: none of its parts can be altered."""
+    m = Bundle.load(_write(tmp_path)).manifest
+    entry = m.files["router.safetensors"]
+    for obj, name, value in ((m, "precision", "int8"), (entry, "sha256", "0" * 64),
+                             (m.graphs, "router", "other"), (m.graphs.segments[0], "file", "x"),
+                             (m.dimensions, "min", 1)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, value)
