@@ -185,4 +185,17 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "precision is one of PRECISIONS here (checked just above), and int8 and int4 sort "
          "after fp32: > is != on every precision that reaches it"),
     ],
+    "service/model_info.py": [
+        ('return any(name in (n, n.rsplit("/", 1)[-1]) for n in self.names)',
+         'return any(name in (n, n.rsplit("/", 2)[-1]) for n in self.names)',
+         "the last part of a split from the right is the same whatever the most splits"),
+    ],
+}
+
+# module -> [(a line cosmic-ray takes out (a decorator), why that is equivalent)]
+REMOVED: dict[str, list[tuple[str, str]]] = {
+    "service/model_info.py": [
+        ("@functools.cache", "the cache only spares looking the installed version up again: "
+                             "every call gives the same string"),
+    ],
 }
