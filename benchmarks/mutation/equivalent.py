@@ -190,6 +190,23 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          'return any(name in (n, n.rsplit("/", 2)[-1]) for n in self.names)',
          "the last part of a split from the right is the same whatever the most splits"),
     ],
+    "workers/process/protocol.py": [
+        *[(f"{kind} = {old}", f"{kind} = {new}",
+           "the kind byte's value: both ends of the pipe encode and decode with this one enum, "
+           "and the new value is still distinct from every other kind")
+          for kind, old, new in (("BATCH", 1, 0), ("FORK", 3, 4), ("READY", 10, 9),
+                                 ("LOAD_FAILED", 13, 14))],
+        ("return [self.values[s:e] for s, e in zip(starts, ends, strict=True)]",
+         "return [self.values[s:e] for s, e in zip(starts, ends, strict=False)]",
+         "starts is cut to len(ends): the two always have the same length"),
+        ("return cls(batch_id, compute_ms, widths, values.astype(np.float32, copy=False),",
+         "return cls(batch_id, compute_ms, widths, values.astype(np.float32, copy=True),",
+         "a copy of the same float32 values: copy=False only spares it"),
+        ("layers, experts = counts.shape if counts.ndim == 2 else (0, 0)",
+         "layers, experts = counts.shape if counts.ndim >= 2 else (0, 0)",
+         "expert counts are [layers, experts] or empty, never of more dimensions (the runtime "
+         "makes them 2-D; an empty 1-D array is tested)"),
+    ],
 }
 
 # module -> [(a line cosmic-ray takes out (a decorator), why that is equivalent)]
