@@ -279,9 +279,11 @@ def test_batch_ids_are_new_for_every_batch(loop) -> None:
 
 
 def test_a_job_takes_each_vector_once_and_nothing_after_it_is_done(loop) -> None:
-    job = _job(loop, [3, 4], dims=2)
-    job.dispatched(now=0.25)
-    job.dispatched(now=0.1)  # a resend's earlier clock does not shorten the wait
+    job = _job(loop, [3, 4], admitted=10.0, dims=2)
+    assert (job.queue_ms, job.compute_ms, job.queued, job.remaining, job.vectors) == \
+        (0.0, 0.0, 0, 2, [None, None])  # a new job: nothing waited, computed or queued
+    job.dispatched(now=10.25)
+    job.dispatched(now=10.1)  # a resend's earlier clock does not shorten the wait
     assert job.queue_ms == pytest.approx(250.0)
     job.deliver(0, np.ones(2, np.float32), 3.0)
     job.deliver(0, np.zeros(2, np.float32), 9.0)  # a duplicate (a batch resent): ignored
@@ -289,6 +291,9 @@ def test_a_job_takes_each_vector_once_and_nothing_after_it_is_done(loop) -> None
     assert not job.future.done()
     job.deliver(1, np.ones(2, np.float32), 2.0)
     assert job.future.done() and job.remaining == 0 and job.compute_ms == 3.0
+    quick = _job(loop, [3])
+    quick.deliver(0, np.ones(2, np.float32), 0.25)  # under a millisecond, kept as it is
+    assert quick.compute_ms == 0.25
     job.fail(EngineError(Code.INTERNAL, "late"))  # done: a late failure changes nothing
     assert job.future.exception() is None
     failed = _job(loop, [3])
@@ -314,3 +319,45 @@ def test_each_input_keeps_its_own_options_in_the_message(loop) -> None:
     msg = q.take(now=1.0).message()
     assert msg.dims.tolist() == [64, 256, 256] and msg.normalize.tolist() == [True, False, False]
     assert msg.offsets.tolist() == [0, 2, 5, 8] and len(msg) == 3
+
+
+def test_a_request_cancelled_before_it_was_queued_drops_nothing(loop) -> None:
+    q = BatchQueue(8192, max_queue=100)
+    q.admit(_job(loop, [4], "a"))
+    never = _job(loop, [5, 6], "a")
+    assert q.cancel(never) == 0
+    assert (q.waiting, q.queued_tokens, q.dropped, q.tokens_waiting("a")) == (1, 4, 0, 4)
+
+
+def test_a_deadline_expires_at_its_instant(loop) -> None:
+    q = BatchQueue(8192, max_queue=100)
+    job = _job(loop, [4], "a", deadline=1.0)
+    q.admit(job)
+    assert q.expired(now=0.999) == []
+    assert q.expired(now=1.0) == [job]
+
+
+def test_a_request_whose_inputs_all_left_the_queue_has_no_deadline_here(loop) -> None:
+    """Taken by a worker, it is the scheduler's to time out, not the queue's; one still waiting
+    keeps its place whatever the others' state."""
+    q = BatchQueue(max_batch_tokens=100, max_queue=100)
+    sent = _job(loop, [4, 4], "b", admitted=0.0, deadline=5.0)
+    q.admit(sent)
+    q.take(now=0.5)
+    assert sent.queued == 0 and not sent.done
+    assert q.next_deadline() is None and q.expired(now=9.0) == []
+    sent2 = _job(loop, [4], "c", admitted=1.0, deadline=5.0)
+    q.admit(sent2)
+    q.take(now=1.5)
+    waiting = _job(loop, [4, 4], "a", admitted=2.0, deadline=1.0)
+    q.admit(waiting)
+    assert q.next_deadline() == 1.0  # the heap's last entry was sent: this one still waits
+    assert q.expired(now=2.0) == [waiting]
+
+
+def test_a_refusal_names_how_many_other_callers_wait(loop) -> None:
+    q = BatchQueue(8192, max_queue=100)
+    for caller in ("a", "b", "c", "d"):
+        q.admit(_job(loop, [1], caller))
+    with pytest.raises(EngineError, match=r"\(3 other callers waiting\)"):
+        q.admit(_job(loop, [1] * 20, "a"))  # its share: 100 // 5 = 20, it holds 1
