@@ -361,3 +361,12 @@ def test_a_refusal_names_how_many_other_callers_wait(loop) -> None:
         q.admit(_job(loop, [1], caller))
     with pytest.raises(EngineError, match=r"\(3 other callers waiting\)"):
         q.admit(_job(loop, [1] * 20, "a"))  # its share: 100 // 5 = 20, it holds 1
+
+
+def test_inputs_waiting_and_being_tokenized_add_up(loop) -> None:
+    """A caller holds what it has waiting plus what it is tokenizing (3 + 3, not 3)."""
+    q = BatchQueue(8192, max_queue=12)
+    q.admit(_job(loop, [1] * 3, "a"))
+    q.reserve("a", 3)
+    with pytest.raises(EngineError, match=r"has 6 inputs waiting or being tokenized \+ 1"):
+        q.check("a", 1)  # its share alone: 12 // 2 = 6
