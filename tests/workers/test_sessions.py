@@ -66,12 +66,16 @@ def test_every_session_shares_the_pool_and_one_arena() -> None:
                 "per_session_threads": s.use_per_session_threads,
                 "optimization": str(s.graph_optimization_level),
                 "mode": str(s.execution_mode), "log": s.log_severity_level} for s in so]
-        out.append(len(registered))
+        out.append([[m.name, m.device_id, str(m.allocator_type), c.max_mem,
+                     c.arena_extend_strategy, c.initial_chunk_size_bytes,
+                     c.max_dead_bytes_per_chunk] for m, c in registered])
     """)
     want = {"env_allocators": "1", "per_session_threads": False,
             "optimization": "GraphOptimizationLevel.ORT_ENABLE_ALL",
             "mode": "ExecutionMode.ORT_SEQUENTIAL", "log": 3}
-    assert out == [want, want, 1]
+    # once, for the CPU, an arena with ORT's own defaults (-1: unset; max_mem 0: no limit)
+    arena = ["Cpu", 0, "OrtAllocatorType.ORT_ARENA_ALLOCATOR", 0, -1, -1, -1]
+    assert out == [want, want, [arena]]
 
 
 def _graph(path: Path, add: float, size: int) -> None:
