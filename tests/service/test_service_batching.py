@@ -370,3 +370,12 @@ def test_inputs_waiting_and_being_tokenized_add_up(loop) -> None:
     q.reserve("a", 3)
     with pytest.raises(EngineError, match=r"has 6 inputs waiting or being tokenized \+ 1"):
         q.check("a", 1)  # its share alone: 12 // 2 = 6
+
+
+def test_a_caller_still_tokenizing_one_input_still_holds_it(loop) -> None:
+    q = BatchQueue(8192, max_queue=12)
+    q.reserve("a", 3)
+    q.release("a", 2)  # one input still being tokenized
+    assert q.share("b") == 12 // 3  # a is still a holder: b would be the second
+    with pytest.raises(EngineError, match=r"has 1 inputs waiting or being tokenized \+ 6"):
+        q.check("a", 6)  # its share alone: 12 // 2 = 6
