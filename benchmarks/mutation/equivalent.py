@@ -22,7 +22,7 @@ def _in_annotation(module: str, old: str, new: str) -> bool:
     that imports annotations from __future__: annotations are strings, never evaluated."""
     if "from __future__ import annotations" not in (REPO / module).read_text():
         return False
-    typed = re.fullmatch(r"(def \w+\(.*|\w+: .*|.*\) -> .*:)", old)
+    typed = re.fullmatch(r"(def \w+\(.*|[\w.]+: .*|.*\) -> .*:)", old)
     return bool(typed) and " | " in old and _BINARY.sub("|", old) == _BINARY.sub("|", new)
 
 
@@ -49,6 +49,8 @@ _PAD_DEFAULT = ("the default of d.get is never used: this branch runs only when 
 
 _CHUNK = ("the read size: reads of any positive size, or one read of everything (a "
           "negative size), hash the same bytes")
+
+_IDENTITY = "Job defines no __eq__: == and != compare identity, as is and is not do"
 
 _ROWS_2D = "the array is always 2-D ([rows, width]), so axis 1 is its last axis"
 _NORM = "pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)"
@@ -206,6 +208,20 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "layers, experts = counts.shape if counts.ndim >= 2 else (0, 0)",
          "expert counts are [layers, experts] or empty, never of more dimensions (the runtime "
          "makes them 2-D; an empty 1-D array is tested)"),
+    ],
+    "service/batching.py": [
+        ("kept = deque(it for it in items if it.job is not job)",
+         "kept = deque(it for it in items if it.job != job)", _IDENTITY),
+        ("tokens = sum(it.length for it in items if it.job is job)",
+         "tokens = sum(it.length for it in items if it.job == job)", _IDENTITY),
+        ("while self._deadlines and (self._deadlines[0][2].queued == 0",
+         "while self._deadlines and (self._deadlines[0][2].queued <= 0",
+         "a job's queued count never goes below 0 (set at admit, one less per input taken)"),
+        ("if len(items) == len(self.items):", "if len(items) >= len(self.items):",
+         "items is a subset of self.items: it is never longer"),
+        *[("self._ids = itertools.count(1)", f"self._ids = itertools.count( {v})",
+           "batch ids are only keys (a worker's in-flight map, logs): unique from any start")
+          for v in (0, 2)],
     ],
 }
 
