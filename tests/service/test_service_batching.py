@@ -379,3 +379,21 @@ def test_a_caller_still_tokenizing_one_input_still_holds_it(loop) -> None:
     assert q.share("b") == 12 // 3  # a is still a holder: b would be the second
     with pytest.raises(EngineError, match=r"has 1 inputs waiting or being tokenized \+ 6"):
         q.check("a", 6)  # its share alone: 12 // 2 = 6
+
+
+def test_callers_waiting_and_callers_only_tokenizing_are_all_holders(loop) -> None:
+    q = BatchQueue(8192, max_queue=12)
+    q.admit(_job(loop, [1], "waits"))
+    q.reserve("tokenizes", 1)
+    assert q.share("new") == 12 // 4  # two holders and the newcomer, plus one more's room
+
+
+def test_a_request_cancelled_while_its_batch_is_out_leaves_that_batch(loop) -> None:
+    q = BatchQueue(max_batch_tokens=1000, max_queue=100)
+    a, b = _job(loop, [3], "a"), _job(loop, [4], "b")
+    q.admit(a)
+    q.admit(b)
+    batch = q.take(now=1.0)
+    assert q.cancel(a) == 0  # nothing of it was waiting any more
+    assert a.done and a.cancelled
+    assert [it.job for it in batch.live().items] == [b]
