@@ -219,6 +219,16 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "a job's queued count never goes below 0 (set at admit, one less per input taken)"),
         ("if len(items) == len(self.items):", "if len(items) >= len(self.items):",
          "items is a subset of self.items: it is never longer"),
+        *[("self.admitted_ns = 0  # wall clock of `admitted`, when tracing is on",
+           f"self.admitted_ns = {v}  # wall clock of `admitted`, when tracing is on",
+           "read only when tracing is on, and then set at admission with the span")
+          for v in (-1, 1)],
+        *[("dropped, job.queued = job.queued, 0", f"dropped, job.queued = job.queued, {v}",
+           "after a cancel nothing reads queued: the job is done (its deadline entry goes by "
+           "`done`), its inputs left the queue, and a second cancel stops at `if "
+           "job.cancelled`") for v in (1, -1)],
+        ("if self._tokenizing[caller] <= 0:", "if self._tokenizing[caller] == 0:",
+         "room is released as it was reserved: a caller's count comes down to 0, never past"),
         *[("self._ids = itertools.count(1)", f"self._ids = itertools.count( {v})",
            "batch ids are only keys (a worker's in-flight map, logs): unique from any start")
           for v in (0, 2)],
