@@ -260,6 +260,7 @@ def test_a_batch_without_its_finished_requests(loop) -> None:
     q.admit(a)
     q.admit(b)
     batch = q.take(now=1.0)
+    assert batch.attempts == 0  # fresh from the queue: sent to no worker yet
     batch.attempts = 2
     assert batch.requests() == 2 and batch.tokens == 12
     assert batch.live() is batch  # nothing finished: the batch itself

@@ -39,6 +39,25 @@ def test_the_pool_is_sized_once_and_a_different_size_is_refused() -> None:
     """)
     assert out["first"] == out["again"] == out["default_after"] == 3
     assert "already has 3 threads, not 2" in out["refused"]
+    more = _in_fresh_process("""
+        sessions.init_thread_pool(3)
+        try:
+            sessions.init_thread_pool(4)
+            out = "taken"
+        except RuntimeError as exc:
+            out = str(exc)
+    """)
+    assert "already has 3 threads, not 4" in more  # more threads than it has: refused too
+
+
+def test_a_pool_of_more_than_256_threads_is_agreed_with() -> None:
+    """A machine of 300 usable cores (past CPython's shared small ints): the same size again
+    is taken. The pool is set as if made already: 300 threads take ORT half a minute to start."""
+    out = _in_fresh_process("""
+        sessions._GLOBAL_POOL = int("300")
+        out = sessions.init_thread_pool(int("300"))
+    """)
+    assert out == 300
 
 
 def test_the_default_pool_takes_every_usable_core() -> None:
