@@ -229,9 +229,20 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
            "job.cancelled`") for v in (1, -1)],
         ("if self._tokenizing[caller] <= 0:", "if self._tokenizing[caller] == 0:",
          "room is released as it was reserved: a caller's count comes down to 0, never past"),
+        ("if self.remaining == 0:", "if self.remaining <= 0:",
+         "remaining never goes below 0: a vector already delivered is ignored before it"),
         *[("self._ids = itertools.count(1)", f"self._ids = itertools.count( {v})",
            "batch ids are only keys (a worker's in-flight map, logs): unique from any start")
           for v in (0, 2)],
+    ],
+    "workers/runtime/sessions.py": [
+        *[("for p in sorted(paths, key=lambda p: -Path(p).stat().st_size)}",
+           f"for p in sorted(paths, key=lambda p: {v}Path(p).stat().st_size)}}",
+           "the order sessions are created in (largest first, for speed): they come back in "
+           "the order asked whatever it is (tested)") for v in ("~", "+", "not ")],
+        ("ort.set_global_thread_pool_sizes(threads, 1)",
+         "ort.set_global_thread_pool_sizes(threads, 0)",
+         "the inter-op pool: sessions run ORT_SEQUENTIAL (tested), which never uses it"),
     ],
 }
 
