@@ -239,10 +239,14 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         *[("for p in sorted(paths, key=lambda p: -Path(p).stat().st_size)}",
            f"for p in sorted(paths, key=lambda p: {v}Path(p).stat().st_size)}}",
            "the order sessions are created in (largest first, for speed): they come back in "
-           "the order asked whatever it is (tested)") for v in ("~", "+", "not ")],
-        ("ort.set_global_thread_pool_sizes(threads, 1)",
-         "ort.set_global_thread_pool_sizes(threads, 0)",
-         "the inter-op pool: sessions run ORT_SEQUENTIAL (tested), which never uses it"),
+           "the order asked whatever it is (tested)") for v in ("", "~", "+", "not ")],
+        *[("ort.set_global_thread_pool_sizes(threads, 1)",
+           f"ort.set_global_thread_pool_sizes(threads, {v})",
+           "the inter-op pool: sessions run ORT_SEQUENTIAL (tested), which never uses it")
+          for v in (0, 2)],
+        ("return max(1, len(os.sched_getaffinity(0)))",
+         "return max( 0, len(os.sched_getaffinity(0)))",
+         "a running process has at least one usable core: the max is never taken at 0"),
     ],
 }
 
