@@ -244,6 +244,10 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
            f"ort.set_global_thread_pool_sizes(threads, {v})",
            "the inter-op pool: sessions run ORT_SEQUENTIAL (tested), which never uses it")
           for v in (0, 2)],
+        *[('cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,',
+           f'cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, {v},',
+           "ORT's CPU memory info is device 0 whatever id it is given (its device_id reads 0 "
+           "for 1 and -1 alike)") for v in (1, -1)],
         ("return max(1, len(os.sched_getaffinity(0)))",
          "return max( 0, len(os.sched_getaffinity(0)))",
          "a running process has at least one usable core: the max is never taken at 0"),
