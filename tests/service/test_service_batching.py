@@ -398,3 +398,31 @@ def test_a_request_cancelled_while_its_batch_is_out_leaves_that_batch(loop) -> N
     assert q.cancel(a) == 0  # nothing of it was waiting any more
     assert a.done and a.cancelled
     assert [it.job for it in batch.live().items] == [b]
+
+
+def test_the_oldest_input_is_a_callers_first(loop) -> None:
+    q = BatchQueue(max_batch_tokens=10, max_queue=100)
+    q.admit(_job(loop, [10], "x", admitted=0.0))
+    q.admit(_job(loop, [10], "y", admitted=1.0))
+    q.admit(_job(loop, [10], "y", admitted=2.0))
+    q.admit(_job(loop, [10], "x", admitted=5.0))
+    assert q.oldest() == 0.0
+    # equally many inputs each: the caller whose first input is older goes first
+    assert _callers(q.take(now=6.0, lightest_first=True)) == ["x"]
+    assert q.oldest() == 1.0
+
+
+def test_a_failed_request_waiting_in_the_queue_has_no_deadline_there(loop) -> None:
+    q = BatchQueue(8192, max_queue=100)
+    failed, waiting = _job(loop, [4], "a", deadline=1.0), _job(loop, [4], "b", deadline=5.0)
+    q.admit(failed)
+    q.admit(waiting)
+    failed.fail(EngineError(Code.INTERNAL, "gone"))
+    assert q.next_deadline() == 5.0 and q.expired(now=2.0) == []
+
+
+def test_a_batch_of_hundreds_of_live_inputs_is_itself(loop) -> None:
+    q = BatchQueue(max_batch_tokens=10_000, max_queue=1000)
+    q.admit(_job(loop, [1] * 300, "a"))
+    batch = q.take(now=1.0)
+    assert len(batch.items) == 300 and batch.live() is batch
