@@ -428,6 +428,9 @@ def test_every_kind_of_call_needs_a_key_but_health(tmp_path: Path) -> None:
     security.load()
     metrics, seen = Metrics(), []
 
+    def sample(name: str, labels: dict) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
     def count(method: str) -> float | None:
         return metrics.registry.get_sample_value(
             "moe_embed_requests_total", {"method": method, "code": "UNAUTHENTICATED"})
@@ -455,6 +458,12 @@ def test_every_kind_of_call_needs_a_key_but_health(tmp_path: Path) -> None:
                             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
                             assert exc.value.details() == UNAUTHENTICATED_MESSAGE
                     assert count(kind) == 4
+                    # a refusal costs no time: its latency is observed as 0, not more or less
+                    latency = {"method": kind}
+                    assert sample("moe_embed_request_latency_seconds_count", latency) == 4
+                    assert sample("moe_embed_request_latency_seconds_sum", latency) == 0.0
+                    assert sample("moe_embed_errors_total",
+                                  {"method": kind, "code": "UNAUTHENTICATED"}) == 4
                 health = "/grpc.health.v1.Health/Check"
                 assert await ch.unary_unary(health)(b"ok") == b"u:ok"  # no key needed
                 watch = "/grpc.health.v1.Health/Watch"  # README: health never needs a key
