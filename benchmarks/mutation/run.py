@@ -264,7 +264,8 @@ def report() -> str:
         if annotations:
             changed = sorted({_changed_lines(d)[0][0] for d in annotations})
             sections += [f"`{r['module']}`: {len(annotations)} mutants of the type annotations "
-                         f"of {len(changed)} lines (never evaluated):", "",
+                         f"on {len(changed)} line{'s' * (len(changed) != 1)} (never "
+                         "evaluated):", "",
                          *[f"    {line}" for line in changed], ""]
         for diff, w in why:
             sections += [f"`{r['module']}`: {w or '**NOT EXPLAINED**'}", "", "```diff",
