@@ -254,6 +254,9 @@ def report() -> str:
         run_at = f"{r['date']} @{r['commit']}"
         if r.get("rechecked"):
             run_at += f"; survivors rechecked {r['rechecked']}"
+        if r.get("not_run"):
+            run_at += (f"; **stopped early: {r['not_run']} more mutants not run** (the "
+                       "figures are of the mutants run)")
         lines.append(f"| `{r['module']}` | {tests} | {r['mutants']} | {len(annotations)} | "
                      f"{r['killed']} | {rate:.1%} | {equivalent} | {score:.1%} | "
                      f"{unexplained} | {r['seconds']} | {run_at} |")
