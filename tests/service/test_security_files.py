@@ -269,7 +269,10 @@ def test_the_http_context_serves_the_newest_certificate(tmp_path: Path,
     assert ctx.verify_mode == ssl.CERT_NONE  # no client CA: no client certificate asked
     assert _handshake(ctx, _client(old, new)) == (old.server_der, "http/1.1")
     new.install(cert, key)
-    assert security.reload() is True and security.reloads == 1
+    with capture_logs() as logs:
+        assert security.reload() is True and security.reloads == 1
+    assert [(e["event"], e["changed"], e["api_keys"]) for e in logs] == [
+        ("credentials_reloaded", ["tls"], 0)]  # no API keys configured: 0 of them
     assert _handshake(ctx, _client(old, new))[0] == new.server_der  # the same listener
     assert security.reload() is False
     assert _handshake(ctx, _client(old, new))[0] == new.server_der
