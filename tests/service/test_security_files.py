@@ -7,6 +7,7 @@ versions of these are in test_security.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import ssl
@@ -87,7 +88,7 @@ def test_every_key_of_the_file_identifies_its_own_caller(tmp_path: Path) -> None
         assert keys.identify(f"Bearer {k}") == _caller_id(k)
         assert keys.identify(f"BEARER   {k}  ") == _caller_id(k)
     for bad in ("Bearer", "Bearer k", "Bearerk1", "Bearer  k4", "Token k1", "bearer\tk1", "k1",
-                "Bearer k1k2"):
+                "Bearer k1k2", "Token: k1", "Xearer k1"):  # 7 characters, then a real key
         assert keys.identify(bad) is None, bad
     assert ApiKeys([b"raw"]).identify("Bearer raw") == _caller_id("raw")  # bytes keys too
 
@@ -348,6 +349,8 @@ def test_tls_without_a_client_ca_has_none(tmp_path: Path, pkis: tuple[Pki, Pki])
     security, cert, key = _tls(tmp_path, pkis[0])
     security.load()
     assert security.tls.client_ca is None
+    with pytest.raises(dataclasses.FrozenInstanceError):  # what is in use is never edited
+        security.tls.key = b""  # type: ignore[misc]
     assert security.tls.cert == cert.read_bytes() and security.tls.key == key.read_bytes()
     assert security.files == [str(cert), str(key)]
 
