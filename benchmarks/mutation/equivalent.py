@@ -253,11 +253,13 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "a running process has at least one usable core: the max is never taken at 0"),
     ],
     "service/security.py": [
-        ("if handler.request_streaming and handler.response_streaming:",
-         "if handler.request_streaming or handler.response_streaming:",
-         "the refusing handler aborts before it reads or writes a message: one that streams "
-         "both ways in place of one that streams one way answers the same UNAUTHENTICATED "
-         "(every kind is tested)"),
+        *[(old, new, "the refusing handler aborts before it reads or writes a message: a "
+                     "handler of another streaming kind answers the same UNAUTHENTICATED "
+                     "(every kind of call is tested)") for old, new in (
+            ("if handler.request_streaming and handler.response_streaming:",
+             "if handler.request_streaming or handler.response_streaming:"),
+            ("if handler.response_streaming:", "if not handler.response_streaming:"),
+            ("if handler.request_streaming:", "if not handler.request_streaming:"))],
         ("if current is not None and current is not sslobj.context:",
          "if current is not None or current is not sslobj.context:",
          "current is never None once a handshake can call this (http_ssl_context asserts the "
