@@ -253,6 +253,9 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "a running process has at least one usable core: the max is never taken at 0"),
     ],
     "service/security.py": [
+        ("if current is not None and current is not sslobj.context:",
+         "if current is not None and current != sslobj.context:",
+         "ssl.SSLContext defines no __eq__: != compares identity, as is not does"),
         *[(old, new, "the refusing handler aborts before it reads or writes a message: a "
                      "handler of another streaming kind answers the same UNAUTHENTICATED "
                      "(every kind of call is tested)") for old, new in (
