@@ -79,6 +79,36 @@ def test_same_ids_as_hf_on_many_scripts_and_added_tokens(compact, hf, multilingu
     assert sum(map(len, expected)) > 100_000  # a real amount of text was compared
 
 
+def test_the_longest_xlmr_pieces_and_unknown_characters_as_hf(compact, hf, xlmr_path):
+    """Texts that need XLM-R's longest pieces (16 characters: alone, several in a row, glued
+    inside a longer word) with characters no piece covers around them: the same ids as HF.
+    A segmentation that looks one character less far, or fuses unknowns otherwise, differs.
+    (The unknown candidate's score cannot show here: every character of every XLM-R piece is
+    also a piece, so an unknown never competes with a piece; the made-up vocabularies below
+    check it.)"""
+    vocab = json.loads(xlmr_path.read_text())["model"]["vocab"]
+    longest = max(len(p) for p, _ in vocab)
+    singles = {p for p, _ in vocab if len(p) == 1}
+    assert {c for p, _ in vocab for c in p} <= singles
+    words = [p.replace("▁", " ") for p, _ in vocab if len(p) == longest]
+    rng = random.Random(3)
+    unknown = ["\ue123", "\U0010fffd", "\u0fff", "\ue123\U0010fffd"]
+    texts = list(words)
+    for _ in range(300):
+        texts.append("".join(rng.sample(words, 4)))
+        texts.append("x" + rng.choice(words).strip() + "q")
+        texts.append(rng.choice(unknown) + rng.choice(words) + rng.choice(unknown) * 2
+                     + rng.choice(words).strip() + rng.choice(unknown))
+    expected = [e.ids for e in hf.encode_batch(texts)]
+    wrong = [t for t, e in zip(texts, expected, strict=True) if compact.encode(t) != e]
+    assert not wrong, f"{len(wrong)} of {len(texts)} texts differ, e.g. {wrong[0]!r}"
+    long_ids = {i for i, (p, _) in enumerate(vocab) if len(p) == longest}
+    unk = hf.token_to_id("<unk>")
+    # every text but the glued ones takes a longest piece (those start with the word mark)
+    assert sum(any(i in long_ids for i in e) for e in expected) >= len(words) + 2 * 300
+    assert sum(unk in e for e in expected) >= 300  # unknowns were segmented too
+
+
 def test_pieces_are_hfs_for_every_id(compact, hf):
     for i in range(0, hf.get_vocab_size(), 7):
         assert compact.id_to_token(i) == hf.id_to_token(i), i

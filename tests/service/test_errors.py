@@ -74,3 +74,13 @@ def test_anything_else_is_internal_and_a_bundle_error_a_precondition() -> None:
     assert errors.engine_error(BundleError("gone")).code == Code.FAILED_PRECONDITION
     same = errors.queue_full("q")
     assert errors.engine_error(same) is same
+
+
+def test_an_invalid_input_names_where_it_is() -> None:
+    assert InvalidInput("inputs", "empty string", index=0).where == "inputs[0]"  # row 0 too
+    assert InvalidInput("dimensions", "too large").where == "dimensions"
+    err = InvalidInput("inputs", "empty string", index=2)
+    assert (err.field, err.index, err.detail, err.message) == (
+        "inputs", 2, "empty string", "inputs[2]: empty string")
+    assert err.code is Code.INVALID_ARGUMENT and err.path == "inputs[2]"
+    assert EngineError(Code.INTERNAL, "x").path is None

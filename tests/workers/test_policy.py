@@ -120,3 +120,28 @@ def test_a_batch_sent_ahead_waits_for_the_max_wait_and_for_the_running_batchs_en
     # past both: send it now
     assert policy.ahead_wait(0.003, 0.002, lead) <= 0
     assert policy.ahead_wait(0.003, 0.002, lead + 0.001) == pytest.approx(0.001)
+
+
+def test_the_documented_defaults() -> None:
+    """README's serve flags table: --max-batch-tokens 8192, --max-wait-ms 2; a worker holds one
+    batch running and one waiting in its pipe, plus one express slot beside heavy work; a batch
+    sent ahead leaves 5 ms before the running one is expected to end."""
+    assert (policy.MAX_BATCH_TOKENS, policy.MAX_WAIT_MS) == (8192, 2.0)
+    assert policy.slots(0, express=False) == 2
+    assert policy.slots(HEAVY_TOKENS, express=False) == 2
+    assert policy.slots(HEAVY_TOKENS, express=True) == 3
+    assert policy.ahead_wait(0.0, 0.002, 0.5) == pytest.approx(0.495)
+    assert policy.ahead_wait(0.0, 0.002, 0.006) == pytest.approx(0.002)
+    assert policy.ahead_wait(0.0, 0.0, 0.006) == pytest.approx(0.001)
+
+
+def test_a_caller_well_under_the_express_size_is_light() -> None:
+    assert policy.light_callers({"one": 1, "some": 100}, {"some": 11}) == {"one", "some"}
+
+
+def test_hundreds_of_small_clients_and_nothing_heavy_are_batched_as_usual() -> None:
+    """Every one of 300 callers light (past 256, where Python's small ints are no longer shared
+    objects): nothing heavy waits, so no express batch."""
+    light = {f"c{i}" for i in range(300)}
+    assert not policy.is_express(light, len(light), worker_busy=False)
+    assert policy.is_express(light, len(light) + 1, worker_busy=False)  # one heavy waits too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moe_embed.workers.runtime.pooling import finish, finish_rows, mean_pool
 
@@ -41,3 +42,52 @@ def test_each_row_gets_its_own_dimensions_and_normalize_in_one_batch() -> None:
         np.testing.assert_array_equal(out[row], want)
         assert out[row].shape == (dims[row],)
         assert np.isclose(np.linalg.norm(out[row]), 1.0) == bool(norm[row])
+
+
+def test_every_normalized_row_of_a_group_is_divided_by_its_own_norm() -> None:
+    """Several rows of one (dimensions, normalize) are finished together: each row by its own
+    norm, before and after the cut (3 rows of 2 dimensions, 2 rows of 2: no shape lines up)."""
+    rng = np.random.default_rng(2)
+    for rows, dims in ((3, 2), (2, 2), (4, 3)):
+        pooled = rng.standard_normal((rows, 6)).astype(np.float32) * 3
+        out = finish(pooled, dims, True)
+        for row in range(rows):
+            want = _unit(_unit(pooled[row])[:dims])
+            np.testing.assert_allclose(out[row], want, rtol=1e-6)
+
+
+def test_full_width_is_normalized_once_bit_for_bit() -> None:
+    """At the model's full width nothing is cut, so nothing is normalized a second time: the
+    vector is exactly the mean divided by its norm (a second division changes low bits; a
+    width over 256, where Python's small-int identity no longer holds)."""
+    rng = np.random.default_rng(3)
+    pooled = rng.standard_normal((16, 300)).astype(np.float32) * 7
+    want = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    np.testing.assert_array_equal(finish(pooled, 300, True), want)
+    np.testing.assert_array_equal(finish(pooled, 300, False), pooled)
+    rows = finish_rows(pooled, np.full(16, 300), np.ones(16, dtype=bool))
+    np.testing.assert_array_equal(np.stack(rows), want)
+
+
+def test_many_option_pairs_in_one_batch_each_row_its_own() -> None:
+    """Every (dimensions, normalize) pair of a wide range, rows interleaved: no row is finished
+    with another pair's options, whatever order the pairs are visited in."""
+    rng = np.random.default_rng(4)
+    pairs = [(d, n) for d in range(1, 9) for n in (True, False)]
+    order = rng.permutation(len(pairs) * 3) % len(pairs)
+    dims = np.array([pairs[i][0] for i in order])
+    norm = np.array([pairs[i][1] for i in order])
+    pooled = rng.standard_normal((len(order), 8)).astype(np.float32) * 4
+    out = finish_rows(pooled, dims, norm)
+    for row in range(len(order)):
+        assert out[row].shape == (dims[row],)
+        want = finish(pooled[row:row + 1], int(dims[row]), bool(norm[row]))[0]
+        np.testing.assert_array_equal(out[row], want)
+
+
+def test_options_of_another_length_than_the_rows_are_refused() -> None:
+    pooled = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError):
+        finish_rows(pooled, np.array([4, 4]), np.array([True, True, True]))
+    with pytest.raises(ValueError):
+        finish_rows(pooled, np.array([4, 4, 4]), np.array([True, True]))

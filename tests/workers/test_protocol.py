@@ -24,7 +24,40 @@ def test_a_batch_keeps_every_field() -> None:
     assert len(back) == 2
 
 
-@pytest.mark.parametrize("widths", [[3, 1], [1], []])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_batch_of_an_odd_number_of_inputs_keeps_every_field(n: int) -> None:
+    """n + 1 offsets: an odd n, where n | 1 is not n + 1."""
+    lengths = [2, 5, 1][:n]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = np.arange(offsets[-1], dtype=np.int32) * 7
+    dims = np.array([768, 256, 512][:n], dtype=np.int32)
+    normalize = np.array([True, False, True][:n])
+    back = protocol.decode(protocol.Batch(0, ids, offsets, dims, normalize).encode())
+    assert back.batch_id == 0 and len(back) == n
+    for name, want in (("ids", ids), ("offsets", offsets), ("dims", dims),
+                       ("normalize", normalize)):
+        np.testing.assert_array_equal(getattr(back, name), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (4, 3), (3, 3), (6, 8), (1, 1)])
+def test_expert_counts_of_every_shape_travel(shape: tuple[int, int]) -> None:
+    """More MoE layers than experts, as many, fewer: every count in its place."""
+    counts = np.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape) * 3
+    layers = list(range(1, 2 * shape[0], 2))
+    back = protocol.decode(protocol.Result.of(5, 2.0, [np.ones(3, np.float32)], layers,
+                                              counts).encode())
+    assert back.moe_layers == layers
+    np.testing.assert_array_equal(back.expert_tokens, counts)
+
+
+def test_a_result_without_expert_counts_travels_as_zero_layers() -> None:
+    result = protocol.Result.of(0, 1.0, [np.ones(2, np.float32)], [], np.zeros(0, np.int64))
+    back = protocol.decode(result.encode())
+    assert back.moe_layers == [] and back.expert_tokens.shape == (0, 0)
+    assert [v.tolist() for v in back.vectors()] == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("widths", [[3, 1], [1], [], [3, 1, 2, 4]])
 def test_a_result_keeps_every_vector_and_the_expert_counts(widths: list[int]) -> None:
     vectors = [np.arange(w, dtype=np.float32) + 10 * i for i, w in enumerate(widths)]
     counts = np.arange(12, dtype=np.int64).reshape(3, 4)
@@ -43,7 +76,7 @@ def test_failed_ready_fork_and_load_failed_round_trip() -> None:
     assert protocol.decode(protocol.Fork(0).encode()) == protocol.Fork(0)
     assert protocol.decode(protocol.LoadFailed("no such file").encode()) == \
         protocol.LoadFailed("no such file")
-    assert isinstance(protocol.decode(protocol.Stop().encode()), protocol.Stop)
+    assert protocol.decode(protocol.Stop().encode()) == protocol.Stop()
 
 
 def test_the_grpc_response_from_float32_bytes_equals_protobufs_own() -> None:

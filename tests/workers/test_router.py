@@ -41,3 +41,20 @@ def test_plan_sends_each_token_to_exactly_its_experts_with_its_weight() -> None:
     for a in plan:
         assert (np.diff(a.tokens) > 0).all()  # ascending within an expert
         assert a.weights.shape == (len(a.tokens), 1)
+
+
+def test_the_plan_gathers_and_scatters_rows_to_the_dense_mixture() -> None:
+    """Used as the runtime uses it (rows gathered by `tokens`, results scattered back times
+    `weights`), the plan gives each token the weighted sum of its own top-k experts' outputs."""
+    router = _router(seed=2, experts=8, hidden=16)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((11, 16)).astype(np.float32)
+    scale = rng.standard_normal((8, 16)).astype(np.float32)  # expert e: x * scale[e]
+    top_w, top_e = router.route(x)
+    out = np.zeros_like(x)
+    for a in router.plan(top_w, top_e):
+        assert a.tokens.dtype == np.int64
+        out[a.tokens] += x[a.tokens] * scale[a.expert] * a.weights
+    want = np.stack([sum(top_w[n, j] * x[n] * scale[top_e[n, j]] for j in range(2))
+                     for n in range(11)])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
