@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from moe_embed.service.config import ServeConfig
@@ -208,6 +209,13 @@ def test_the_watch_picks_up_a_changed_file(tmp_path: Path) -> None:
 
 
 # ---- TLS material ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> None:
+    """Another test's in-process server may have left structlog filtering below warning (its
+    log level): these tests read info events, so each starts from structlog's defaults."""
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
