@@ -157,19 +157,14 @@ def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
     assert tokenizing == ["moe-embed-tokenize_0"], started
 
 
-def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
-    """Flow control: a request's window slot comes back when its response has been written,
-    so a client that never reads gets at most STREAM_WINDOW requests (plus what the transport
-    holds) computed, not all it sent."""
-    stub = _stub(served, **{"grpc.http2.bdp_probe": 0})  # the client's window stays small
-
-    def answered() -> float:  # stream requests the server has finished, whatever the status
+def _answered_until_settled(served, stub, requests) -> list[float]:
+    """Stream `requests` without reading an answer; the count of stream requests the server
+    has finished (whatever their status), every 0.5 s until it holds still (30 s at most)."""
+    def answered() -> float:
         return sum(v for k, v in served.metrics().items()
                    if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
 
     start = answered()
-    sent = 3000
-    requests = (_embed(["hello world"] * 16, id=str(i)) for i in range(sent))
     responses = stub.EmbedStream(requests, timeout=120)
     try:
         counts: list[float] = []
@@ -177,9 +172,21 @@ def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
         while time.monotonic() < deadline and (len(counts) < 3 or counts[-1] != counts[-3]):
             time.sleep(0.5)
             counts.append(answered() - start)
-        assert STREAM_WINDOW <= counts[-1] < STREAM_WINDOW + 200 < sent, counts
+        return counts
     finally:
         responses.cancel()
+
+
+def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
+    """Flow control: a request's window slot comes back when its response has been written,
+    so a client that never reads gets at most STREAM_WINDOW requests (plus what the transport
+    holds) computed, not all it sent."""
+    stub = _stub(served, **{"grpc.http2.bdp_probe": 0})  # the client's window stays small
+
+    sent = 3000
+    counts = _answered_until_settled(served, stub, (
+        _embed(["hello world"] * 16, id=str(i)) for i in range(sent)))
+    assert STREAM_WINDOW <= counts[-1] < STREAM_WINDOW + 200 < sent, counts
 
 
 def test_a_stream_that_is_never_read_holds_a_bounded_size_of_answers(served) -> None:
@@ -190,23 +197,10 @@ def test_a_stream_that_is_never_read_holds_a_bounded_size_of_answers(served) -> 
     stub = _stub(served, **{"grpc.http2.bdp_probe": 0})
     fits = STREAM_ANSWER_BYTES // response_bytes(256, 64)
 
-    def answered() -> float:
-        return sum(v for k, v in served.metrics().items()
-                   if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
-
-    start = answered()
-    requests = (_embed(["hi"] * 256, id=str(i)) for i in range(STREAM_WINDOW))
-    responses = stub.EmbedStream(requests, timeout=120)
-    try:
-        counts: list[float] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(counts) < 3 or counts[-1] != counts[-3]):
-            time.sleep(0.5)
-            counts.append(answered() - start)
-        # the transport takes a few answers beyond what the window holds
-        assert fits <= counts[-1] < fits + 24, (fits, counts)
-    finally:
-        responses.cancel()
+    counts = _answered_until_settled(served, stub, (
+        _embed(["hi"] * 256, id=str(i)) for i in range(STREAM_WINDOW)))
+    # the transport takes a few answers beyond what the window holds
+    assert fits <= counts[-1] < fits + 24, (fits, counts)
 
 
 def test_a_light_caller_is_not_starved_by_a_flooding_stream(served) -> None:
