@@ -15,8 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from moe_embed.service.client import EmbedClient, RemoteError
-from moe_embed.service.config import ServeConfig
-from moe_embed.service.security import ApiKeys, Security, SecurityError
 from moe_embed.testing.service import (
     SERVING,
     ServeProcess,
@@ -281,71 +279,3 @@ def test_a_missing_key_file_stops_serve_naming_it(tiny_bundle, tmp_path) -> None
     output = srv.log_path.read_text()  # stdout and stderr
     assert str(missing) in output
     assert '"event": "start_failed"' in output
-
-
-@pytest.mark.parametrize("case", ["empty", "comments-only", "cert-key-mismatch", "missing-ca",
-                                  "garbage-cert"])
-def test_unusable_files_are_named(tmp_path, pki, case) -> None:
-    keys, cert, key = tmp_path / "keys", tmp_path / "tls.crt", tmp_path / "tls.key"
-    other = Pki.make(tmp_path / "other")
-    pki.install(cert, key)
-    settings: dict = {"tls_cert_file": str(cert), "tls_key_file": str(key)}
-    named = cert
-    if case == "empty":
-        keys.write_text("")
-        settings, named = {"api_key_file": str(keys)}, keys
-    elif case == "comments-only":
-        keys.write_text("# no key yet\n\n   \n")
-        settings, named = {"api_key_file": str(keys)}, keys
-    elif case == "cert-key-mismatch":
-        key.write_bytes(other.server.private_key_pem.bytes())
-    elif case == "missing-ca":
-        settings["tls_client_ca_file"] = named = str(tmp_path / "ca.crt")
-    else:
-        cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    with pytest.raises(SecurityError) as exc:
-        Security(ServeConfig(**settings)).load()
-    assert str(named) in str(exc.value)
-
-
-def test_tls_settings_go_together() -> None:
-    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file"):
-        ServeConfig(tls_cert_file="a.crt")
-    with pytest.raises(ValueError, match="needs tls_cert_file"):
-        ServeConfig(tls_client_ca_file="ca.crt")
-
-
-# ---- the key check itself ---------------------------------------------------------------------
-
-
-def test_api_keys_from_a_file(tmp_path) -> None:
-    path = tmp_path / "keys"
-    path.write_text("# team a\nsk-a\n\n  sk-b  \n#sk-commented\n")
-    keys = ApiKeys.from_file(str(path))
-    assert len(keys) == 2
-    assert keys.identify("Bearer sk-a") and keys.identify("bearer sk-b")
-    assert keys.identify("Bearer sk-a") != keys.identify("Bearer sk-b")  # one caller each
-    for bad in (None, "", "sk-a", "Bearer ", "Bearer sk-", "Bearer sk-a2", "Basic sk-a",
-                "Bearer #sk-commented", "Bearer sk-commented"):
-        assert keys.identify(bad) is None, bad
-    assert "sk-a" not in keys.identify("Bearer sk-a")
-
-
-def test_a_bad_key_file_does_not_hold_back_a_certificate_rotation(tmp_path) -> None:
-    """Keys and TLS reload independently; what failed is tried again at the next poll."""
-    old, new = Pki.make(tmp_path / "old"), Pki.make(tmp_path / "new")
-    cert, key, keys = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "keys"
-    old.install(cert, key)
-    write_keys(keys, KEY)
-    security = Security(ServeConfig(tls_cert_file=str(cert), tls_key_file=str(key),
-                                    api_key_file=str(keys)))
-    security.load()
-    new.install(cert, key)
-    keys.write_text("# emptied by mistake\n")
-    assert security.reload() is True  # the certificate, not the keys
-    assert security.tls.cert == b"".join(b.bytes() for b in new.server.cert_chain_pems)
-    assert security.caller(f"Bearer {KEY}")  # the old keys stay in use
-    assert security.reload() is False  # nothing new
-    write_keys(keys, OTHER_KEY)
-    assert security.reload() is True
-    assert security.caller(f"Bearer {OTHER_KEY}") and not security.caller(f"Bearer {KEY}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import inspect
 import os
 import ssl
 from concurrent import futures
@@ -23,6 +24,7 @@ from moe_embed.service.config import ServeConfig
 from moe_embed.service.errors import Code
 from moe_embed.service.metrics import Metrics
 from moe_embed.service.security import (
+    RELOAD_POLL_S,
     UNAUTHENTICATED_MESSAGE,
     ApiKeyInterceptor,
     ApiKeys,
@@ -66,7 +68,7 @@ def test_a_key_file_that_cannot_be_read_or_is_empty_is_named(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("text", "n"), [
     ("sk-a\nsk-b c\tx\n", 2), (b"sk-a\n\xff\xfe\n", 2), ("# c\n\nsk-\u00e9\n", 1),
-    ("sk-a\nsk-b\nsk-\x7f\n", 3),
+    ("sk-a\nsk-b\nsk-\x7f\n", 3), (bytes(range(256)) * 4, 1),
 ])
 def test_a_key_no_client_can_send_is_refused_naming_its_number(tmp_path: Path, text: str | bytes,
                                                                n: int) -> None:
@@ -206,6 +208,28 @@ def test_the_watch_picks_up_a_changed_file(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert security.reloads == 1 and security.caller("Bearer sk-2")
+
+
+def test_the_files_are_polled_as_often_as_the_docs_say() -> None:
+    """README and the chart's README promise a changed file is picked up within 5 s."""
+    root = Path(__file__).resolve().parents[2]
+    assert f"(checked every {RELOAD_POLL_S:g} s)" in (root / "README.md").read_text()
+    assert f"picks them up within {RELOAD_POLL_S:g} s" in " ".join(
+        (root / "helm" / "README.md").read_text().split())
+    assert inspect.signature(Security.watch).parameters["poll_s"].default == RELOAD_POLL_S
+
+
+def test_api_keys_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# team a\nsk-a\n\n  sk-b  \n#sk-commented\n")
+    keys = ApiKeys.from_file(str(path))
+    assert len(keys) == 2
+    assert keys.identify("Bearer sk-a") and keys.identify("bearer sk-b")
+    assert keys.identify("Bearer sk-a") != keys.identify("Bearer sk-b")  # one caller each
+    for bad in (None, "", "sk-a", "Bearer ", "Bearer sk-", "Bearer sk-a2", "Basic sk-a",
+                "Bearer #sk-commented", "Bearer sk-commented"):
+        assert keys.identify(bad) is None, bad
+    assert "sk-a" not in keys.identify("Bearer sk-a")
 
 
 # ---- TLS material ------------------------------------------------------------------------------
@@ -395,6 +419,96 @@ def test_grpc_takes_the_newest_certificate_at_the_next_handshake(tmp_path: Path,
         assert served_certificate(port, "h2") == new.server_der  # fetched once, kept
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("ca", [True, False], ids=["client-ca", "no-client-ca"])
+def test_grpc_asks_a_client_certificate_exactly_when_a_client_ca_is_set(
+        tmp_path: Path, pkis: tuple[Pki, Pki], ca: bool) -> None:
+    """A real gRPC call over the server's credentials: with a client CA, a client without a
+    certificate (or with one of another CA) is refused at the handshake and one with a
+    certificate of the CA is served; without a client CA, a client without one is served."""
+    old, new = pkis
+    security, _, _ = _tls(tmp_path, old, ca=ca)
+    security.load()
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}),))
+    port = server.add_secure_port(f"{HOST}:{free_port()}", security.grpc_credentials())
+    server.start()
+
+    def call(credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+        with grpc.secure_channel(f"{HOST}:{port}", credentials) as ch:
+            try:
+                assert ch.unary_unary("/t.Svc/Echo")(b"hi", timeout=10) == b"hi"
+                return grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                return e.code()
+
+    other_ca = grpc.ssl_channel_credentials(  # a client certificate the server's CA did not sign
+        old.ca.cert_pem.bytes(), new.client.private_key_pem.bytes(),
+        b"".join(b.bytes() for b in new.client.cert_chain_pems))
+    try:
+        assert call(old.channel_credentials(client_cert=True)) == grpc.StatusCode.OK
+        refused = grpc.StatusCode.UNAVAILABLE
+        assert call(old.channel_credentials(client_cert=False)) == (
+            refused if ca else grpc.StatusCode.OK)
+        if ca:
+            assert call(other_ca) == refused
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("case", ["empty", "comments-only", "cert-key-mismatch", "missing-ca",
+                                  "garbage-cert"])
+def test_unusable_files_are_named(tmp_path: Path, pkis: tuple[Pki, Pki], case: str) -> None:
+    keys, cert, key = tmp_path / "keys", tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki, other = pkis
+    pki.install(cert, key)
+    settings: dict = {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+    named = cert
+    if case == "empty":
+        keys.write_text("")
+        settings, named = {"api_key_file": str(keys)}, keys
+    elif case == "comments-only":
+        keys.write_text("# no key yet\n\n   \n")
+        settings, named = {"api_key_file": str(keys)}, keys
+    elif case == "cert-key-mismatch":
+        key.write_bytes(other.server.private_key_pem.bytes())
+    elif case == "missing-ca":
+        settings["tls_client_ca_file"] = named = str(tmp_path / "ca.crt")
+    else:
+        cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(SecurityError) as exc:
+        Security(ServeConfig(**settings)).load()
+    assert str(named) in str(exc.value)
+
+
+def test_tls_settings_go_together() -> None:
+    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file"):
+        ServeConfig(tls_cert_file="a.crt")
+    with pytest.raises(ValueError, match="needs tls_cert_file"):
+        ServeConfig(tls_client_ca_file="ca.crt")
+
+
+def test_a_bad_key_file_does_not_hold_back_a_certificate_rotation(tmp_path: Path,
+                                                                 pkis: tuple[Pki, Pki]) -> None:
+    """Keys and TLS reload independently; what failed is tried again at the next poll."""
+    old, new = pkis
+    cert, key, keys = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "keys"
+    old.install(cert, key)
+    write_keys(keys, "sk-first")
+    security = Security(ServeConfig(tls_cert_file=str(cert), tls_key_file=str(key),
+                                    api_key_file=str(keys)))
+    security.load()
+    new.install(cert, key)
+    keys.write_text("# emptied by mistake\n")
+    assert security.reload() is True  # the certificate, not the keys
+    assert security.tls.cert == b"".join(b.bytes() for b in new.server.cert_chain_pems)
+    assert security.caller("Bearer sk-first")  # the old keys stay in use
+    assert security.reload() is False  # nothing new
+    write_keys(keys, "sk-second")
+    assert security.reload() is True
+    assert security.caller("Bearer sk-second") and not security.caller("Bearer sk-first")
 
 
 # ---- the gRPC interceptor ----------------------------------------------------------------------
