@@ -415,9 +415,36 @@ def quantize_table(table: np.ndarray, spec: NBits,
     return data, scales, (None if spec.symmetric else zps)
 
 
+# A 4-bit block gives each value one of 16 levels. A table channel that the next LayerNorm
+# multiplies tens of times more than the rest (outlier_channels) carries that much more of the
+# hidden state, and its rounding error with it: such columns are kept beside the 4-bit table in
+# fp16 (V x 2 bytes each). 8-bit blocks (256 levels) are left whole.
+TABLE_OUTLIER_MAX_BITS = 4
+_TABLE_OUTLIER_AUX = ("_outlier_columns", "_outlier_onehot")
+
+
+def _table_norm(model: onnx.ModelProto, gathered: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(gain, bias) of the LayerNorm that reads the table's rows, directly or through one Add of a
+    constant (segment 0: word embedding + token-type row), where both are initializers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = [n for n in model.graph.node if gathered in n.input]
+    if len(consumers) != 1:
+        return None
+    n = consumers[0]
+    if n.op_type == "Add" and any(i in inits for i in n.input if i != gathered):
+        return _table_norm(model, n.output[0])
+    if n.op_type == "LayerNormalization" and n.input[0] == gathered and len(n.input) == 3 \
+            and n.input[1] in inits and n.input[2] in inits:
+        return (numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]]))
+    return None
+
+
 def _put_table(model: onnx.ModelProto, w: _Weight, table: TensorProto) -> None:
     """Replace the stand-in of table `w` by the table itself (fp32) or by its quantized form and
-    a com.microsoft.GatherBlockQuantized node in place of the Gather."""
+    a com.microsoft.GatherBlockQuantized node in place of the Gather. A 4-bit table's outlier
+    columns (TABLE_OUTLIER_MAX_BITS) are zeroed in the blocks (a zero dequantizes to exactly 0)
+    and gathered from an fp16 side table, then put back in place by a one-hot MatMul (each
+    output is one product by 1.0 plus zeros: exact, and per row like every other step)."""
     graph = model.graph
     idx = next(i for i, n in enumerate(graph.initializer) if n.name == w.name)
     del graph.initializer[idx]
@@ -425,20 +452,43 @@ def _put_table(model: onnx.ModelProto, w: _Weight, table: TensorProto) -> None:
     if spec is None:
         graph.initializer.append(table)
         return
-    data, scales, zps = quantize_table(numpy_helper.to_array(table), spec)
+    pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
+    values = numpy_helper.to_array(table)
+    norm = _table_norm(model, node.output[0]) if spec.bits <= TABLE_OUTLIER_MAX_BITS else None
+    outliers = outlier_channels(*norm) if norm is not None else []
+    out = node.output[0]
+    extra_nodes = []
+    if outliers:
+        columns = values[:, outliers].astype(np.float16)
+        onehot = np.zeros((len(outliers), values.shape[1]), dtype=np.float32)
+        onehot[np.arange(len(outliers)), outliers] = 1.0
+        values = values.copy()
+        values[:, outliers] = 0.0
+        graph.initializer.extend([
+            numpy_helper.from_array(columns, w.name + "_outlier_columns"),
+            numpy_helper.from_array(onehot, w.name + "_outlier_onehot")])
+        t = f"{node.name}_tq"
+        extra_nodes = [
+            helper.make_node("Gather", [w.name + "_outlier_columns", node.input[1]], [f"{t}_c16"],
+                             axis=0),
+            helper.make_node("Cast", [f"{t}_c16"], [f"{t}_c"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", [f"{t}_c", w.name + "_outlier_onehot"], [f"{t}_o"]),
+            helper.make_node("Add", [f"{t}_q", f"{t}_o"], [out])]
+        out = f"{t}_q"
+    data, scales, zps = quantize_table(values, spec)
     inits = [numpy_helper.from_array(data, f"{w.name}_Q{spec.bits}"),
              numpy_helper.from_array(scales, f"{w.name}_scales")]
     if zps is not None:
         inits.append(numpy_helper.from_array(zps, f"{w.name}_zero_points"))
     graph.initializer.extend(inits)
-    pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
     inputs = [inits[0].name, node.input[1], inits[1].name] + ([inits[2].name] if zps is not None
                                                             else [])
-    new = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name + "_Q",
+    new = helper.make_node("GatherBlockQuantized", inputs, [out], name=node.name + "_Q",
                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                            block_size=spec.block_size, bits=spec.bits)
     graph.node.remove(node)
-    graph.node.insert(pos, new)
+    for n in reversed([new, *extra_nodes]):
+        graph.node.insert(pos, n)
 
 
 def _ensure_ms_opset(model: onnx.ModelProto) -> None:
@@ -462,7 +512,10 @@ def _stored_names(w: str, fmt: str) -> tuple[str, ...]:
 def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
     """Tensors a weight of `fmt` holds only in some graphs (outlier channels, a Gelu input's
     shift)."""
-    return tuple(w + a for a in _OUTLIER_AUX + _GELU_AUX) if fmt == ROWWISE_FORMAT else ()
+    if fmt == ROWWISE_FORMAT:
+        return tuple(w + a for a in _OUTLIER_AUX + _GELU_AUX)
+    return tuple(w + a for a in _TABLE_OUTLIER_AUX) if isinstance(parse_format(fmt), NBits) \
+        else ()
 
 
 def tensor_bytes(t: TensorProto) -> int:

@@ -407,3 +407,49 @@ def test_rowwise_int8_keeps_outlier_channels_of_its_input_layer_norm_in_fp32() -
     together = _run(kept, {"x": x})
     assert all(np.array_equal(_run(kept, {"x": x[i:i + 1]}), together[i:i + 1])
                for i in (0, 17, 39))
+
+
+@pytest.mark.parametrize("fmt", ["nbits4-block32", "nbits4-block16-sym", "nbits8-block32"])
+def test_a_4bit_table_keeps_the_columns_its_layer_norm_makes_outliers_in_fp16(fmt: str) -> None:
+    """Segment 0's shape: Gather(table) + token-type row -> LayerNorm whose gains are 30x on 2
+    channels. At 4 bits those 2 columns come from an fp16 side table, exactly (one-hot MatMul
+    and an Add of zeros), the blocks hold them as zeros, every stored byte is accounted for and
+    a row is the same alone or among others; 8-bit tables and plain LayerNorms are left whole."""
+    v, h, outliers = 300, 64, [5, 40]
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((v, h)).astype(np.float32)
+    type0 = rng.standard_normal(h).astype(np.float32)
+    gain, bias = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32), np.zeros(h, np.float32)
+    ids = np.array([3, 299, 17, 17, 0, 150], dtype=np.int64)
+    for gains, expect_split in ((gain * np.where(np.isin(np.arange(h), outliers), 30, 1)
+                                 .astype(np.float32), fmt.startswith("nbits4")), (gain, False)):
+        nodes = [onnx.helper.make_node("Gather", ["word_embeddings", "ids"], ["g"], axis=0),
+                 onnx.helper.make_node("Add", ["g", "type0"], ["x"]),
+                 onnx.helper.make_node("LayerNormalization", ["x", "gain", "bias"], ["y"],
+                                       axis=-1, epsilon=1e-5)]
+        g = onnx.helper.make_graph(
+            nodes, "t", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"])],
+            [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["n", h])
+             for n in ("x", "y")],
+            [onnx.numpy_helper.from_array(a, n) for a, n in (
+                (table, "word_embeddings"), (type0, "type0"), (gains, "gain"), (bias, "bias"))])
+        model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 20)])
+        recipe = Recipe("t", {**RECIPES["fp32"].formats, "word_embeddings": fmt}).validate()
+        qm, records = quantize_graph(model, recipe, "segment")
+        assert sum(r.bytes for r in records) == _init_bytes(qm)
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in qm.graph.initializer}
+        assert ("word_embeddings_outlier_columns" in stored) == expect_split
+        sess = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"])
+        x, _ = sess.run(None, {"ids": ids})
+        if expect_split:
+            assert stored["word_embeddings_outlier_columns"].dtype == np.float16
+            assert records[0].bytes == expected_bytes(fmt, (v, h), "word_embeddings") + 2 * v * 2 \
+                + 4 * 2 * h
+            exact = table[ids][:, outliers].astype(np.float16).astype(np.float32) + type0[outliers]
+            assert np.array_equal(x[:, outliers], exact)
+            rest = np.setdiff1d(np.arange(h), outliers)
+            assert np.abs(x[:, rest] - (table[ids] + type0)[:, rest]).max() < 0.5
+        else:
+            assert records[0].bytes == expected_bytes(fmt, (v, h), "word_embeddings")
+        assert all(np.array_equal(sess.run(None, {"ids": ids[i:i + 1]})[0], x[i:i + 1])
+                   for i in range(len(ids)))
