@@ -261,6 +261,8 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
                      "(every kind of call is tested)") for old, new in (
             ("if handler.request_streaming and handler.response_streaming:",
              "if handler.request_streaming or handler.response_streaming:"),
+            ("if handler.request_streaming and handler.response_streaming:",
+             "if not handler.request_streaming and handler.response_streaming:"),
             ("if handler.response_streaming:", "if not handler.response_streaming:"),
             ("if handler.request_streaming:", "if not handler.request_streaming:"))],
         ("if current is not None and current is not sslobj.context:",

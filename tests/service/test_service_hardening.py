@@ -142,7 +142,9 @@ def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
     """The segmentation holds the GIL: every thread tokenizing at once would delay the event
     loop's turns (a flood of large requests made light calls wait ~600 ms at p99 with a pool
     of threads; ~90 ms with one). Concurrent large requests all go through one thread."""
-    before = {t.ident for t in threading.enumerate()}
+    # Thread objects, not idents: a thread id is reused once its thread ends, and a previous
+    # test's tokenizing thread may end just after this (seen on a busy machine)
+    before = set(threading.enumerate())
     srv = ServerThread(tiny_bundle).start()
     try:
         stub = srv.stub()
@@ -150,7 +152,7 @@ def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
         with ThreadPoolExecutor(6) as ex:
             replies = list(ex.map(lambda _: stub.Embed(_embed(large), timeout=60), range(12)))
         assert all(list(r.token_counts) == [512] * 3 for r in replies)
-        started = sorted(t.name for t in threading.enumerate() if t.ident not in before)
+        started = sorted(t.name for t in threading.enumerate() if t not in before)
     finally:
         srv.stop()
     tokenizing = [n for n in started if "tokenize" in n or n.startswith("asyncio")]
