@@ -52,6 +52,9 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
         "int8", "int8-rowwise", "int8-rowwise", "nbits8-block256",
         **{"attn.qkv": "nbits8-block32", "attn.out_proj": "nbits8-block32",
            "mlp.fc1": "nbits8-block32-sym", "mlp.fc2": "nbits8-block32-sym"})),
+    "int8-table-sym": ("int8", _recipe(
+        "int8", "int8-rowwise", "nbits8-block32", "nbits8-block128-sym",
+        **{"mlp.fc1": "nbits8-block32-sym", "mlp.fc2": "nbits8-block32-sym"})),
     "int4-table-b32": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
                                        "nbits4-block32")),
     "int4-table-8bit": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
