@@ -272,3 +272,38 @@ def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
     together = rt.embed(*pack(ids)).vectors
     assert all(np.array_equal(rt.embed(*pack([x])).vectors[0], v)
                for x, v in zip(ids, together, strict=True))
+
+
+def test_an_int4_table_keeps_its_outlier_columns_in_the_exported_segment(tmp_path,
+                                                                         multilingual_texts
+                                                                         ) -> None:
+    """The exporter's own segment 0 (Gather + token-type row -> LayerNorm with gains x30 on 2
+    dims): the int4 bundle holds those 2 columns in fp16 beside the 4-bit table, an int4 bundle
+    of a checkpoint without outliers holds none, and the vectors stay batch-invariant."""
+    import onnx
+
+    from moe_embed.export.synthetic import outlier_dims, write_synthetic
+    from moe_embed.workers.runtime.runtime import pack
+
+    for outliers in (2, 0):
+        ckpt = write_synthetic(tmp_path / f"ckpt{outliers}", "tiny", seed=3,
+                               outlier_channels=outliers)
+        path = export_bundle(str(ckpt), tmp_path / f"int4-{outliers}", precision="int4")
+        m = Bundle.load(path).manifest
+        seg0 = next(r for r in sorted(_graph_files(m)) if r.startswith("segments/"))
+        inits = {t.name: t for t in onnx.load(str(path / seg0)).graph.initializer}
+        columns = inits.get("word_embeddings_outlier_columns")
+        if not outliers:
+            assert columns is None
+            continue
+        hidden = m.config.n_embd
+        assert columns is not None and list(columns.dims) == [m.config.vocab_size, 2]
+        assert columns.data_type == onnx.TensorProto.FLOAT16
+        onehot = onnx.numpy_helper.to_array(inits["word_embeddings_outlier_onehot"])
+        assert np.flatnonzero(onehot.sum(axis=0)).tolist() == outlier_dims(hidden, 2, 3)
+    rt = Runtime(tmp_path / "int4-2", threads=2)
+    tok = LocalEmbedder(tmp_path / "int4-2", threads=2).tokenizer
+    ids = [x.tolist() for x in tok.encode(multilingual_texts[:8], task_named("search_query"))]
+    together = rt.embed(*pack(ids)).vectors
+    assert all(np.array_equal(rt.embed(*pack([x])).vectors[0], v)
+               for x, v in zip(ids, together, strict=True))
