@@ -95,7 +95,9 @@ def test_quantized_bundles_are_smaller(tiny_bundles) -> None:
     table = {p: next(t.bytes for t in Bundle.load(tiny_bundles[p]).manifest.tensors
                      if t.role == "word_embeddings") for p in PRECISIONS}
     assert size["fp32"] > 2 * size["int8"] > 2 * 1.15 * size["int4"], size
-    assert table["fp32"] > 3.5 * table["int8"] > 3.5 * 1.7 * table["int4"], table
+    # bits per value: fp32 32; int8's table (8-bit, block 256, fp32 scale + zero point) ~8.2;
+    # int4's (4-bit, block 32, fp32 scale + 4-bit zero point) ~5.1, plus any outlier columns
+    assert table["fp32"] > 3.5 * table["int8"] > 3.5 * 1.5 * table["int4"], table
 
 
 @pytest.mark.parametrize("precision", QUANTIZED)

@@ -63,12 +63,12 @@ def test_the_shipped_recipes_are_the_documented_ones() -> None:
     assert PRECISIONS == ("fp32", "int8", "int4")
     assert RECIPES["fp32"] == Recipe("fp32", FP32) and RECIPES["fp32"].is_identity
     assert dict(RECIPES["int8"].formats) == {
-        "word_embeddings": "nbits8-block128", "attn.qkv": "nbits8-block32",
+        "word_embeddings": "nbits8-block256", "attn.qkv": "nbits8-block32",
         "attn.out_proj": "nbits8-block32", "mlp.fc1": "nbits8-block32-sym",
         "mlp.fc2": "nbits8-block32-sym", "expert.w1": "int8-rowwise",
         "expert.w2": "int8-rowwise"}
     assert dict(RECIPES["int4"].formats) == {
-        "word_embeddings": "nbits4-block64", "attn.qkv": "int8-rowwise",
+        "word_embeddings": "nbits4-block32", "attn.qkv": "int8-rowwise",
         "attn.out_proj": "int8-rowwise", "mlp.fc1": "int8-rowwise", "mlp.fc2": "int8-rowwise",
         "expert.w1": "nbits4-block32", "expert.w2": "nbits4-block32"}
     for name in PRECISIONS:

@@ -157,17 +157,20 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
 #   pooling); the dense MLP (fc1, fc2) too, symmetric (no zero points, to stay under Q8_0's
 #   size): with fc1/fc2 int8-rowwise (per-column weight scales over all of K) the seed-1
 #   checkpoint fell below Q8_0 (0.99898 / 0.99951 vs 0.99914 / 0.99971), with 32-blocks it reached
-#   0.99952 / 0.99970. Table 8-bit block 128 (block 32: +21 MiB, over Q8_0's size). 487.5 MiB.
+#   0.99952 / 0.99970. Table 8-bit block 256: 3.6 MiB under block 128, which put the outlier
+#   checkpoint's bundle (its fp32 outlier weights) over Q8_0's size (489.4 vs 488.5 MiB), at no
+#   loss that holds across checkpoints (block 32: +21 MiB, over Q8_0's size). 484.0 MiB.
 #   Dynamic int8 (one activation scale per call) was faster still but made vectors depend on
 #   their batch-mates; it is no longer used.
 # - int4: 4-bit block-32 experts (MatMulNBits, accuracy level 4), dense linears int8-rowwise
-#   (4-bit dense flips routers), table 4-bit block 64 (block 32: +13 MiB for nothing measurable).
-#   316 MiB.
+#   (4-bit dense flips routers), table 4-bit block 32 (block 64 is 13 MiB smaller but fell below
+#   Q4_K_M's min cosine on seed 1, 0.97115 vs 0.97210), the columns its LayerNorm makes outliers
+#   kept in fp16 beside it (export/quantize.py, TABLE_OUTLIER_MAX_BITS). 328.7 MiB.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
-    "int8": _recipe("int8", "int8-rowwise", "nbits8-block32", "nbits8-block128",
+    "int8": _recipe("int8", "int8-rowwise", "nbits8-block32", "nbits8-block256",
                     **{"mlp.fc1": "nbits8-block32-sym", "mlp.fc2": "nbits8-block32-sym"}),
-    "int4": _recipe("int4", "nbits4-block32", "int8-rowwise", "nbits4-block64"),
+    "int4": _recipe("int4", "nbits4-block32", "int8-rowwise", "nbits4-block32"),
 }
 PRECISIONS = tuple(RECIPES)
 
