@@ -161,10 +161,12 @@ class StreamWindow:
     from its inputs and dimensions when it is read; one request is always let in). A client
     that stops reading stops the server from reading, computing and buffering more."""
 
-    def __init__(self, requests: int, answer_bytes: int) -> None:
+    def __init__(self, requests: int, answer_bytes: int, metrics: Metrics) -> None:
+        self.requests = requests
         self.free = requests
         self.held = 0  # bytes of the answers of the requests in the window
         self.answer_bytes = answer_bytes
+        self.metrics = metrics
         self._changed = asyncio.Event()
 
     def _room(self, size: int) -> bool:
@@ -177,12 +179,22 @@ class StreamWindow:
             await self._changed.wait()
         self.free -= 1
         self.held += size
+        self.metrics.stream_window_requests.inc()
+        self.metrics.stream_window_bytes.inc(size)
 
     def release(self, size: int) -> None:
-        """A request's answer was written: its room comes back."""
+        """A request's answer was written, or will never be: its room comes back."""
         self.free += 1
         self.held -= size
+        self.metrics.stream_window_requests.dec()
+        self.metrics.stream_window_bytes.dec(size)
         self._changed.set()
+
+    def close(self) -> None:
+        """The stream ended: what its window still holds will never be written."""
+        self.metrics.stream_window_requests.dec(self.requests - self.free)
+        self.metrics.stream_window_bytes.dec(self.held)
+        self.free, self.held = self.requests, 0
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
@@ -294,7 +306,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._begin(context)
         caller = f"{self._caller(context)}/stream-{next(_streams)}"
         out: asyncio.Queue = asyncio.Queue()
-        window = StreamWindow(STREAM_WINDOW, STREAM_ANSWER_BYTES)
+        window = StreamWindow(STREAM_WINDOW, STREAM_ANSWER_BYTES, self.metrics)
         tasks: set[asyncio.Task] = set()
         counts = {"requests": 0, "errors": 0}
 
@@ -343,6 +355,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            window.close()
 
     async def Tokenize(self, request: pb.TokenizeRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

@@ -90,6 +90,13 @@ class Metrics:
             "moe_embed_grpc_stream_limit_reached", "Times a gRPC connection had "
             "--max-concurrent-streams calls open: calls it opens past that are refused by "
             "gRPC (UNAVAILABLE) before the server sees them", registry=r)
+        self.stream_window_requests = Gauge(
+            "moe_embed_stream_window_requests", "EmbedStream requests read whose answers are "
+            "not yet written to their client (each stream holds at most 512)", registry=r)
+        self.stream_window_bytes = Gauge(
+            "moe_embed_stream_window_bytes", "Bytes those answers take (each stream holds at "
+            "most 4 MiB, or one answer): what clients that do not read cost the server",
+            registry=r)
         self.heap_trims = Counter(
             "moe_embed_heap_trims", "Times the frontend gave free heap pages back to the "
             "kernel (malloc_trim, once RSS has grown 8 MB since the last)", registry=r)

@@ -159,50 +159,69 @@ def test_large_requests_are_tokenized_on_one_thread(tiny_bundle) -> None:
     assert tokenizing == ["moe-embed-tokenize_0"], started
 
 
-def _answered_until_settled(served, stub, requests) -> list[float]:
-    """Stream `requests` without reading an answer; the count of stream requests the server
-    has finished (whatever their status), every 0.5 s until it holds still (30 s at most)."""
-    def answered() -> float:
-        return sum(v for k, v in served.metrics().items()
-                   if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
+WINDOW_GAUGES = ("moe_embed_stream_window_requests", "moe_embed_stream_window_bytes")
 
-    start = answered()
+
+def _window(served) -> dict[str, float]:
+    """The stream requests the server has finished (whatever their status), and what the
+    windows of its open streams hold: requests whose answers are not yet written, their bytes."""
+    m = served.metrics()
+    answered = sum(v for k, v in m.items()
+                   if k.startswith("moe_embed_requests_total") and 'method="EmbedStream"' in k)
+    return {"answered": answered, **{g: m.get(g, 0.0) for g in WINDOW_GAUGES}}
+
+
+def _held_when_settled(served, stub, requests) -> tuple[float, dict[str, float]]:
+    """Stream `requests` without reading an answer; once what the server has answered and
+    holds stays still for a second (30 s at most): the requests answered, and what the window
+    holds. After the stream is cancelled the window must give everything back."""
+    wait_for(lambda: not any(_window(served)[g] for g in WINDOW_GAUGES), 30,
+             "the earlier streams' windows to be given back")
+    start = _window(served)["answered"]
     responses = stub.EmbedStream(requests, timeout=120)
     try:
-        counts: list[float] = []
+        seen: list[dict[str, float]] = []
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(counts) < 3 or counts[-1] != counts[-3]):
+        while time.monotonic() < deadline and (len(seen) < 3 or seen[-1] != seen[-3]):
             time.sleep(0.5)
-            counts.append(answered() - start)
-        return counts
+            seen.append(_window(served))
     finally:
         responses.cancel()
+    wait_for(lambda: not any(_window(served)[g] for g in WINDOW_GAUGES), 30,
+             "the cancelled stream's window to be given back")
+    return seen[-1]["answered"] - start, seen[-1]
 
 
 def test_a_stream_that_is_never_read_stops_being_read(served) -> None:
     """Flow control: a request's window slot comes back when its response has been written,
-    so a client that never reads gets at most STREAM_WINDOW requests (plus what the transport
-    holds) computed, not all it sent."""
+    so a client that never reads gets the stream read no further once STREAM_WINDOW answers
+    wait to be written: the server holds exactly that many, and computed far fewer than were
+    sent (what the client's transport takes beyond them varies with gRPC's flow control)."""
     stub = _stub(served, **{"grpc.http2.bdp_probe": 0})  # the client's window stays small
 
-    sent = 3000
-    counts = _answered_until_settled(served, stub, (
+    sent = 10_000  # ~2.5 MB of requests: far more than any client transport takes of answers
+    answered, held = _held_when_settled(served, stub, (
         _embed(["hello world"] * 16, id=str(i)) for i in range(sent)))
-    assert STREAM_WINDOW <= counts[-1] < STREAM_WINDOW + 200 < sent, counts
+    assert held["moe_embed_stream_window_requests"] == STREAM_WINDOW, held
+    assert held["moe_embed_stream_window_bytes"] == STREAM_WINDOW * response_bytes(16, 64), held
+    assert STREAM_WINDOW <= answered < sent // 2, (answered, held)
 
 
 def test_a_stream_that_is_never_read_holds_a_bounded_size_of_answers(served) -> None:
     """The window counts answers' bytes as well as requests: 256-input requests (answers of
     ~73 KB at the tiny model's 64 dimensions) from a client that never reads are read only
-    while their answers fit STREAM_ANSWER_BYTES (~57 of them), not STREAM_WINDOW (512, ~37 MB;
-    ~400 MB at full size)."""
+    while their unwritten answers fit STREAM_ANSWER_BYTES (57 of them), not STREAM_WINDOW
+    (512, ~37 MB; ~400 MB at full size)."""
     stub = _stub(served, **{"grpc.http2.bdp_probe": 0})
-    fits = STREAM_ANSWER_BYTES // response_bytes(256, 64)
+    size = response_bytes(256, 64)
+    fits = STREAM_ANSWER_BYTES // size
 
-    counts = _answered_until_settled(served, stub, (
-        _embed(["hi"] * 256, id=str(i)) for i in range(STREAM_WINDOW)))
-    # the transport takes a few answers beyond what the window holds
-    assert fits <= counts[-1] < fits + 24, (fits, counts)
+    sent = 2000  # the client's transport would have to take ~140 MB of answers to empty the window
+    answered, held = _held_when_settled(served, stub, (
+        _embed(["hi"] * 256, id=str(i)) for i in range(sent)))
+    assert held["moe_embed_stream_window_requests"] == fits, (fits, held)
+    assert held["moe_embed_stream_window_bytes"] == fits * size <= STREAM_ANSWER_BYTES, held
+    assert fits <= answered < sent // 2, (answered, held)
 
 
 def test_a_light_caller_is_not_starved_by_a_flooding_stream(served) -> None:
