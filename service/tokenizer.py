@@ -113,8 +113,8 @@ class Tokenizer:
     def encode_marked(self, inputs: Sequence[Input], task: Task,
                       truncate: bool = True) -> tuple[list[np.ndarray], list[bool]]:
         """int32 ids per input, and whether each was cut. A text gets the task prefix, `<s>`
-        and `</s>`; token ids are used as given. Longer than max_tokens: truncated (a text
-        keeps its `</s>`), or InvalidInput naming the input."""
+        and `</s>`; token ids are used as given (validation refused longer ones). A text longer
+        than max_tokens: truncated (keeping its `</s>`), or InvalidInput naming the input."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         bounded = [self._bounded(task.apply(t)) for _, t in texts]
         encodings = self._encode_all([b for b, _ in bounded]) if texts else []
@@ -124,9 +124,8 @@ class Tokenizer:
             out[i] = np.asarray(self._truncate(enc, i, cut, truncate), dtype=np.int32)
             cut_off[i] = cut or len(enc) > self.max_tokens
         for i, x in enumerate(inputs):
-            if out[i] is None:  # token ids: their length was validated
-                out[i] = np.asarray(x[: self.max_tokens], dtype=np.int32)
-                cut_off[i] = len(x) > self.max_tokens
+            if out[i] is None:  # token ids: validated, at most max_tokens and never cut
+                out[i] = np.asarray(x, dtype=np.int32)
         return out, cut_off  # type: ignore[return-value]
 
     def _encode_all(self, texts: list[str]) -> list[list[int]]:

@@ -60,7 +60,7 @@ def resolve_dimensions(dimensions: int, limits: Limits) -> int:
     return dimensions
 
 
-def _check_ids(ids: Sequence[int], index: int, limits: Limits, truncate: bool) -> None:
+def _check_ids(ids: Sequence[int], index: int, limits: Limits) -> None:
     if len(ids) == 0:
         raise InvalidInput("inputs", "empty list of token ids", index=index)
     # the common case at C speed (a type set, min and max); the loop below names the first
@@ -73,12 +73,18 @@ def _check_ids(ids: Sequence[int], index: int, limits: Limits, truncate: bool) -
         if not 0 <= t < limits.vocab_size:
             raise InvalidInput("inputs", f"token id {t} is outside the vocabulary "
                                f"0..{limits.vocab_size - 1}", index=index)
-    if len(ids) > limits.max_tokens and not truncate:
-        raise InvalidInput("inputs", f"is {len(ids)} tokens long, more than the model's "
-                           f"{limits.max_tokens} (set truncate=true to cut it)", index=index)
+    if len(ids) > limits.max_tokens:
+        raise InvalidInput("inputs", ids_too_long(str(len(ids)), limits.max_tokens), index=index)
 
 
-def check_inputs(inputs: Sequence[Input], limits: Limits, truncate: bool = True) -> None:
+def ids_too_long(length: str, max_tokens: int) -> str:
+    """Token ids are the caller's own tokenization: over the model's length they are refused,
+    whatever `truncate` says (as OpenAI's API does), so a list's cost is bounded by 512 ids."""
+    return (f"is {length} token ids long, more than the model's {max_tokens}: token ids are "
+            f"used as given, never truncated; send at most {max_tokens} per input")
+
+
+def check_inputs(inputs: Sequence[Input], limits: Limits) -> None:
     """Every input is a non-blank text or a non-empty list of in-vocabulary token ids."""
     if isinstance(inputs, str | bytes) or len(inputs) == 0:
         raise InvalidInput("inputs", "at least one input is required")
@@ -92,7 +98,7 @@ def check_inputs(inputs: Sequence[Input], limits: Limits, truncate: bool = True)
             if item.isspace():
                 raise InvalidInput("inputs", "blank string (only whitespace)", index=i)
         elif isinstance(item, Sequence) and not isinstance(item, bytes):
-            _check_ids(item, i, limits, truncate)
+            _check_ids(item, i, limits)
         else:
             raise InvalidInput("inputs", f"must be a string or a list of token ids, "
                                f"not {type(item).__name__}", index=i)
@@ -103,6 +109,6 @@ def validate_embed(inputs: Sequence[Input], task: str | int | None, dimensions: 
     """Check a whole embed request (the task by its name; None = not given); raises
     InvalidInput naming the first bad field."""
     resolved = task_named(task)
-    check_inputs(inputs, limits, truncate)
+    check_inputs(inputs, limits)
     return ValidRequest(inputs, resolved, resolve_dimensions(dimensions, limits), truncate,
                         normalize)

@@ -34,7 +34,7 @@ from ..errors import Code, EngineError
 from ..logging import REQUEST_ID_HEADER, bind_request_id, request_id_from
 from ..metrics import Metrics
 from ..security import Security, unauthenticated
-from ..validation import Input
+from ..validation import Input, ids_too_long
 from . import schema
 from .json_scan import TooManyValues, ValueCounter
 
@@ -181,10 +181,17 @@ class BodyLimits:
         self.max_strings = max_inputs + FIELD_ALLOWANCE
 
     def counter(self) -> ValueCounter:
-        return ValueCounter(self.max_values, self.max_strings)
+        return ValueCounter(self.max_values, self.max_strings, self.max_tokens,
+                            2 * self.max_strings)
 
     def refusal(self, exc: TooManyValues) -> EngineError:
-        if exc.kind == "strings":
+        if exc.kind == "ids":
+            if exc.field == "input":
+                return errors.InvalidInput("input", ids_too_long(
+                    f"more than {self.max_tokens}", self.max_tokens), exc.index)
+            return errors.InvalidInput(exc.field[:40], f"holds a list of {exc}: no field takes "
+                                       "that many")
+        if exc.kind in ("strings", "containers"):
             return errors.InvalidInput(
                 "input", f"the body holds {exc}: at most {self.max_inputs} inputs per request "
                 "(max_inputs); split the request")

@@ -81,8 +81,9 @@ class EmbeddingRequest(BaseModel):
                             "(the default, as in OpenAI's API) uses the text as given. "
                             "Token-id inputs are used as given.")
     truncate: StrictBool = Field(
-        True, description="Extension: cut inputs longer than the model's 512 tokens (false: "
-                          "such an input is an error naming it).")
+        True, description="Extension: cut texts longer than the model's 512 tokens (false: "
+                          "such a text is an error naming it). Token-id inputs are never cut: "
+                          "more than 512 ids is an error naming the input.")
     normalize: StrictBool = Field(
         True, description="Extension: L2-normalize each embedding (false: the raw mean-pooled "
                           "vector).")

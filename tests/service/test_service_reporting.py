@@ -83,10 +83,13 @@ def test_truncation_is_reported_at_the_limit_and_one_past_it(server, tokenizer) 
         "input": [at, past], "task": "search_query"}).json()
     assert [d["truncated"] for d in r["data"]] == [False, True]
     ids = requests.post(f"{server.url}/v1/embeddings", timeout=60, json={
-        "input": [[5] * 512, [5] * 513]}).json()
-    assert [d["truncated"] for d in ids["data"]] == [False, True]
+        "input": [[5] * 512, [5] * 2]}).json()
+    assert [d["truncated"] for d in ids["data"]] == [False, False]
+    refused = requests.post(f"{server.url}/v1/embeddings", timeout=60, json={
+        "input": [[5] * 512, [5] * 513]})  # token ids are never cut
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "input[1]")
     after = scrape(server.server.metrics_port)["moe_embed_truncated_inputs_total"]
-    assert after - before == 2 + 1 + 1
+    assert after - before == 2 + 1
 
 
 def _queue_gauges(server: ServerThread) -> tuple[float, float, float, float]:
