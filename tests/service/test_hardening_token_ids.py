@@ -133,6 +133,20 @@ def test_the_counter_refuses_a_list_one_past_max_ids_naming_its_field_and_input(
     assert _fed_whole_and_in_pieces(texts, counter, 2) == [None] * 2
 
 
+def test_the_counter_counts_a_list_past_its_first_16_kb_in_one_chunk() -> None:
+    """A piece is counted in two parts (the first 16 KB first, to refuse early): ids padded
+    with spaces put the 513th past them; whole chunks, as a fast client's arrive."""
+    padded = b'{"input": [' + b",".join([b"7" + b" " * 40] * (MAX_TOKENS + 1)) + b"]}"
+    at = b'{"input": [' + b",".join([b"7" + b" " * 40] * MAX_TOKENS) + b"]}"
+    assert len(padded) > 16 << 10
+    counter = ValueCounter(MAX_VALUES, 100, MAX_TOKENS, 100)
+    counter.feed(at)
+    assert counter.values == MAX_TOKENS - 1
+    with pytest.raises(TooManyValues) as exc:
+        ValueCounter(MAX_VALUES, 100, MAX_TOKENS, 100).feed(padded)
+    assert (exc.value.kind, exc.value.field, exc.value.index) == ("ids", "input", 0)
+
+
 def test_the_counter_refuses_one_past_its_brackets() -> None:
     at = b'{"input": [[1], [2], [3]]}'  # 10 brackets and braces
     assert ValueCounter(10 ** 9, 10 ** 9, 10, 10).feed(at) is None
