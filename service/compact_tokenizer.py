@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -111,18 +113,34 @@ class CompactTokenizer:
         return self._added.get(token_id) or self.vocab.piece(token_id)
 
 
+def canonical(path: str | Path) -> str:
+    """The tokenizer.json as HF reads and writes it back (`to_str`): every value, the float64
+    scores included, is then the one HF would use, whatever the file's spelling. Made in a
+    child process: HF's parse of a 250k-piece vocabulary holds the GIL for over a second (five
+    on a busy machine), which would stall the frontend's event loop (health included) while
+    it loads, and builds a ~255 MB trie the frontend would only free again."""
+    done = subprocess.run([sys.executable, "-c", _CANONICAL, str(path)], capture_output=True,
+                          check=False, timeout=600)
+    if done.returncode != 0:
+        raise ValueError(f"the tokenizer {path} cannot be read: "
+                         f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    return done.stdout.decode()
+
+
+_CANONICAL = ("import sys; from tokenizers import Tokenizer; "
+              "sys.stdout.write(Tokenizer.from_file(sys.argv[1]).to_str())")
+
+
 def load(path: str | Path) -> CompactTokenizer | HFTokenizer:
     """The compact tokenizer of a tokenizer.json, or HF's own where its model is not a plain
-    Unigram. The file is read by HF itself and written back (`to_str`): every value, the
-    float64 scores included, is then the one HF would use, whatever the file's spelling."""
-    full = HFTokenizer.from_file(str(path))
-    spec = json.loads(full.to_str())
+    Unigram; both from the file's `canonical` text."""
+    text = canonical(path)
+    spec = json.loads(text)
     model = spec.get("model") or {}
     if model.get("type") != "Unigram" or model.get("byte_fallback") \
             or not set(model) <= UNIGRAM_KEYS or model.get("unk_id") is None:
-        return full
-    del full
-    _release_freed_memory()
+        return HFTokenizer.from_str(text)
+    del text
     tok = CompactTokenizer(spec)
     del spec
     _release_freed_memory()

@@ -244,3 +244,33 @@ def test_the_compact_tokenizer_holds_a_small_fraction_of_hfs_memory(xlmr_path):
         text=True, check=True).stdout) for kind in ("hf", "compact")}
     assert held["hf"] > 150, held  # HF's trie of hash maps: the cost this module removes
     assert held["compact"] < 40, held
+
+
+_PEAK_PROBE = """
+import json, re, sys
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+from moe_embed.service.tokenizer import Tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+before = peak_mb()
+HFTokenizer.from_file(sys.argv[2]) if sys.argv[1] == "hf" else Tokenizer(sys.argv[2])
+print(json.dumps(peak_mb() - before))
+"""
+
+
+def test_loading_never_parses_hfs_whole_model_in_the_frontend(xlmr_path):
+    """HF's parse of the 250k-piece model (its ~255 MB trie, and over a second of the GIL: the
+    event loop and health stall meanwhile) happens in a child process: the loading process's
+    peak grows by what the compact tokenizer needs, a fraction of HF's."""
+    peak = {kind: json.loads(subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, kind, str(xlmr_path)], capture_output=True,
+        text=True, check=True).stdout) for kind in ("hf", "compact")}
+    assert peak["hf"] > 200, peak  # what an in-process parse costs
+    assert peak["compact"] < peak["hf"] / 2, peak
+
+
+def test_an_unreadable_tokenizer_is_a_clear_error(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": {"type": "Unigram", "vocab": [["a", -1.0]]')  # cut short
+    with pytest.raises(ValueError, match="tokenizer.json cannot be read"):
+        compact_tokenizer.load(path)
