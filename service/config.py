@@ -215,7 +215,8 @@ SETTINGS: tuple[Setting, ...] = (
             "batch sent once more", "SECONDS"),
     Setting("max_concurrent_streams", "--max-concurrent-streams",
             "MOE_EMBED_MAX_CONCURRENT_STREAMS", int,
-            "concurrent calls (HTTP/2 streams) one client connection may have open", "N"),
+            "concurrent calls (HTTP/2 streams) one client connection may have open; gRPC "
+            "clients hold calls past it until one ends", "N"),
     Setting("keepalive_s", "--keepalive-s", "MOE_EMBED_KEEPALIVE_S", float,
             "ping an idle connection after this long; one that does not answer within 20 s "
             "is closed (clients may ping every 10 s at most)", "SECONDS"),

@@ -37,6 +37,11 @@ from .wire import TASK_OF_PROTO
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # moe_embed.v1.Embedder
 KEEPALIVE_TIMEOUT_MS = 20_000  # an unanswered keepalive ping closes the connection
 MIN_CLIENT_PING_MS = 10_000  # clients pinging more often are told off (GOAWAY)
+# Calls gRPC core holds before a handler takes them, server-wide. Its defaults (1,000, and 3,000
+# hard) cancel calls past them with CANCELLED, unseen by any handler or metric: a burst of 1,500
+# calls on one connection lost 51. The engine's queue and each caller's share of it refuse
+# visibly (RESOURCE_EXHAUSTED, counted) long before this many wait.
+PENDING_CALLS = 16_384
 STREAM_WINDOW = 512  # requests per stream not yet answered; past it the stream is read no further
 # bytes the answers of a stream's window may take; past them the stream is read no further
 # (512 answers of 256 full-size vectors, never read by their client, would be ~400 MB)
@@ -429,6 +434,13 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        # gRPC core's "overload protection" counts a connection's streams until their memory is
+        # freed, not while open, and refuses (REFUSED_STREAM: UNAVAILABLE) streams that a client
+        # within the advertised limit opens: 350 of a burst of 1,500 on one connection, none of
+        # it visible to the server. Off, only streams past the limit really open are refused.
+        ("grpc.http.overload_protection", 0),
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
         ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -1,7 +1,8 @@
 """The composition root: one running service wires the engine, the gRPC adapter
-(service/grpc_api.py), the OpenAI-compatible HTTP adapter beside it on the same event loop
-(service/http/), health, reflection, TLS and API keys (service/security.py), metrics and the
-drain on SIGTERM. The adapters know the engine, never each other.
+(service/grpc_api.py), the OpenAI-compatible HTTP adapter beside it on an event loop of its own
+whose engine calls run on the engine's (service/http/), health, reflection, TLS and API keys
+(service/security.py), metrics and the drain on SIGTERM. The adapters know the engine, never
+each other.
 
 Health (overall "" and "moe_embed.v1.Embedder"; HTTP /ready) is NOT_SERVING until every worker
 has loaded, SERVING while at least one worker can serve, NOT_SERVING when none can (all dead or
@@ -157,17 +158,19 @@ class EmbedServer:
 
     async def _listen_http(self) -> None:
         from .http.app import HttpContext, create_app  # FastAPI only when HTTP is on
-        from .http.server import HttpServer, bind
+        from .http.server import HttpServer, bind, runner_on
 
         assert self.engine is not None
         cfg = self.config
-        app = create_app(HttpContext(self.engine, self.metrics, self.security))
+        app = create_app(HttpContext(self.engine, self.metrics, self.security,
+                                     runner_on(asyncio.get_running_loop())))
         self.tracing.instrument_http(app)
         sock = bind(cfg.host, cfg.http_port)
+        # on a loop of its own: a flood of HTTP connections never holds up gRPC's turns
         self._http = HttpServer(app, sock,
                                 self.security.http_ssl_context() if cfg.tls else None,
                                 self._limits("http", cfg.http_max_connections),
-                                cfg.http_keepalive_s)
+                                cfg.http_keepalive_s, own_loop=True)
         self.http_port = self._http.port
         await self._http.start()
 

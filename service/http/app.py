@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -93,13 +94,21 @@ and this document do not.
 """
 
 
+def _on_this_loop(coro: Coroutine[Any, Any, Any]) -> Awaitable[Any]:
+    return coro
+
+
 @dataclass
 class HttpContext:
-    """What the routes need from the server that runs them."""
+    """What the routes need from the server that runs them. `on_engine_loop` runs an engine
+    coroutine on the engine's event loop (service/http/server.runner_on) when the app runs on
+    a loop of its own; the engine's other methods the routes call only read its state."""
 
     engine: Engine
     metrics: Metrics
     security: Security
+    on_engine_loop: Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]] = field(
+        default=_on_this_loop)
 
 
 class ClientGone(Exception):
@@ -339,10 +348,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
             if req.model_extra:  # names only (cut short), never values
                 log.info("fields_ignored", fields=[f[:40] for f in sorted(req.model_extra)[:8]])
             inputs: list[Input] = req.input
-            out = await _unless_disconnected(request, engine.embed(
+            out = await _unless_disconnected(request, ctx.on_engine_loop(engine.embed(
                 inputs, req.task, req.dimensions or 0, truncate=req.truncate,
                 normalize=req.normalize, caller=caller,
-                response_size=response_bytes(req.encoding_format)))
+                response_size=response_bytes(req.encoding_format))))
             log.debug("request_done", method=EMBEDDINGS, inputs=len(out.vectors),
                       tokens=sum(out.token_counts), total_ms=round(out.total_ms, 3))
             tokens = sum(out.token_counts)

@@ -11,14 +11,25 @@ from __future__ import annotations
 import json
 import resource
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
+from grpc_health.v1 import health_pb2
 
 from moe_embed.testing import procfs
-from moe_embed.testing.service import ServeProcess, scrape, wait_for
+from moe_embed.testing.service import (
+    ServeProcess,
+    ServerThread,
+    free_port,
+    health_status,
+    scrape,
+    wait_for,
+)
+from moe_embed.v1 import embedder_pb2 as pb
 
 SHORT_S = 2  # the timeouts of the `short` server
 CLOSE_WAIT_S = 90  # generous: a closed socket is seen long before this on any machine
@@ -207,3 +218,42 @@ def test_running_out_of_descriptors_costs_one_json_line(tiny_bundle, tmp_path) -
         lines = _json_lines(log)
         assert log.stat().st_size < 256 * 1024
         assert not [e for e in lines if "Traceback" in json.dumps(e)]
+
+
+HOLD_S = 3.0  # how long the test keeps the HTTP API's event loop busy
+
+
+def test_grpc_and_its_health_answer_while_the_http_loop_is_held(tiny_bundle) -> None:
+    """A flood of HTTP connections keeps the HTTP API's event loop busy (~1.5 ms of uvicorn,
+    h11 and routing each); gRPC and its health checks must not wait for its turns. The loop is
+    held here by a Python spin that holds the GIL between switches, as that work does: gRPC
+    health and an Embed answer meanwhile, the HTTP call only after."""
+    srv = ServerThread(tiny_bundle, http_port=free_port()).start()
+    try:
+        http_loop = srv.server._http.loop
+        held = threading.Event()
+
+        def hold() -> None:
+            held.set()
+            end = time.monotonic() + HOLD_S
+            while time.monotonic() < end:
+                pass
+
+        stub = srv.stub()
+        stub.Embed(pb.EmbedRequest(inputs=["warm"], task=pb.TASK_SEARCH_QUERY), timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            http_loop.call_soon_threadsafe(hold)
+            assert held.wait(10)
+            started = time.monotonic()
+            http = pool.submit(requests.get, srv.url + "/ready", timeout=60)
+            assert health_status(srv.target) == health_pb2.HealthCheckResponse.SERVING
+            resp = stub.Embed(pb.EmbedRequest(inputs=["während die HTTP-Schleife wartet"],
+                                              task=pb.TASK_SEARCH_QUERY), timeout=60)
+            grpc_s = time.monotonic() - started
+            assert http.result().status_code == 200
+            http_s = time.monotonic() - started
+        assert len(resp.embeddings) == 1
+        assert http_s >= HOLD_S * 0.8, http_s  # the loop really was held
+        assert grpc_s < HOLD_S / 2, grpc_s
+    finally:
+        srv.stop()

@@ -5,6 +5,7 @@ floods the queue, malformed bytes, cancelled streams, oversized responses, conne
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -384,6 +385,34 @@ def test_a_burst_on_a_fresh_connection_is_not_refused(served) -> None:
                                              for i in range(300)))
             return [len(r.embeddings) for r in replies]
     assert asyncio.run(burst()) == [1] * 300
+
+
+def _burst(target: str, calls: int) -> collections.Counter:
+    """`calls` Embed calls at once on a fresh channel: how many ended with each status."""
+    async def burst() -> list[str]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            got = await asyncio.gather(*(stub.Embed(_embed([f"burst {i}"]), timeout=120)
+                                         for i in range(calls)), return_exceptions=True)
+        return [g.code().name if isinstance(g, grpc.RpcError) else "OK" for g in got]
+    return collections.Counter(asyncio.run(burst()))
+
+
+@pytest.mark.parametrize("limit, calls", [(None, 2000), (4, 200)])
+def test_calls_past_a_connections_limit_wait_and_none_is_lost_unseen(tiny_bundle, tmp_path,
+                                                                      limit, calls) -> None:
+    """A burst past a connection's --max-concurrent-streams, on fresh channels: every call is
+    answered (the client holds calls past the limit until streams free up), and reaching the
+    limit is counted. gRPC core's defaults refused some (REFUSED_STREAM, counting streams until
+    their memory is freed: UNAVAILABLE) and cancelled others (past 1,000 calls waiting for a
+    handler: CANCELLED), none of it seen by the server."""
+    args = ["--workers", "1"] + (["--max-concurrent-streams", str(limit)] if limit else [])
+    with ServeProcess(tiny_bundle, tmp_path / "serve.log", *args) as srv:
+        srv.wait_serving()
+        for _ in range(2):
+            assert _burst(srv.target, calls) == {"OK": calls}
+        reached = srv.metrics()["moe_embed_grpc_stream_limit_reached_total"]
+        assert reached > 0 if limit else reached == 0
 
 
 def test_the_frontend_loads_neither_torch_nor_onnx_runtime(served) -> None:
