@@ -33,6 +33,18 @@ from moe_embed.workers.bundle.recipes import RECIPES, Recipe, _recipe
 
 HERE = Path(__file__).resolve().parent
 
+GROUPS = {"experts": ("expert.w1", "expert.w2"), "attn": ("attn.qkv", "attn.out_proj"),
+          "fc": ("mlp.fc1", "mlp.fc2"), "table": ("word_embeddings",)}
+
+
+def _without(base: str, group: str) -> Recipe:
+    """The shipped `base` recipe with `group`'s roles left fp32."""
+    shipped = RECIPES[base]
+    formats = {r: ("fp32" if r in GROUPS[group] else f) for r, f in shipped.formats.items()}
+    return Recipe(base, formats, dict(shipped.overrides),
+                  shipped.accuracy_level).validate()
+
+
 CANDIDATES: dict[str, tuple[str, Recipe]] = {
     "shipped-int8": ("int8", RECIPES["int8"]),
     "shipped-int4": ("int4", RECIPES["int4"]),
@@ -55,6 +67,15 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
     "int8-table-sym": ("int8", _recipe(
         "int8", "int8-rowwise", "nbits8-block32", "nbits8-block128-sym",
         **{"mlp.fc1": "nbits8-block32-sym", "mlp.fc2": "nbits8-block32-sym"})),
+    # attribution: the shipped recipe with one group of roles left fp32 (over the size budget;
+    # they say where a checkpoint's loss comes from, not what to ship)
+    **{f"{base}-{group}-fp32": (base, _without(base, group))
+       for base in ("int8", "int4") for group in GROUPS},
+    # the experts' second GEMM (a Gelu's 3072-wide output: one row scale spans its outliers)
+    # with per-block activation scales
+    **{f"int8-w2-nbits8-b{b}": ("int8", Recipe("int8", {
+        **RECIPES["int8"].formats, "expert.w2": f"nbits8-block{b}-sym"}).validate())
+       for b in (128, 256)},
     "int4-table-b32": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
                                        "nbits4-block32")),
     "int4-table-8bit": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -134,12 +135,13 @@ def light_clients(target: str, expected: dict[str, list[float]], clients: int,
 
 
 class Soak:
-    def __init__(self, bundle: Path, log: Path, overload: float) -> None:
+    def __init__(self, bundle: Path, log: Path, overload: float,
+                 serve_args: Sequence[str] = ()) -> None:
         self.srv = ServeProcess(bundle, log, "--workers", "2", "--threads-per-worker", "1",
                                 "--batch-timeout-s", "2",
                                 "--http-header-timeout-s", str(HTTP_TIMEOUT_S),
                                 "--http-body-timeout-s", str(HTTP_TIMEOUT_S),
-                                "--http-keepalive-s", str(HTTP_TIMEOUT_S))
+                                "--http-keepalive-s", str(HTTP_TIMEOUT_S), *serve_args)
         self.overload = overload
         self.reference = LocalEmbedder(bundle, threads=1)
         self._memo: dict[str, np.ndarray] = {}
@@ -562,14 +564,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="heavy offered load as a multiple of the measured capacity")
     ap.add_argument("--bundle", type=Path, default=None, help="default: the demo bundle")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="one more `moe-embed serve` argument (repeat; e.g. "
+                    "--serve-arg=--max-batch-tokens=2048): a sweep's variable")
     args = ap.parse_args(argv)
     bundle = args.bundle or ensure_demo_bundle()
     cpu = sorted(procfs.cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "amx_int8"})
     with tempfile.TemporaryDirectory() as tmp:
-        soak = Soak(bundle, Path(tmp) / "serve.log", args.overload)
+        soak = Soak(bundle, Path(tmp) / "serve.log", args.overload, args.serve_arg)
         with soak.srv:
             report = soak.run(args.duration)
     report["cpu_flags"] = cpu
+    report["serve_args"] = args.serve_arg
     report["load_average_start"] = os.getloadavg()
     return finish(report, verdicts(report), args.out)
 

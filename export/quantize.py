@@ -223,6 +223,59 @@ def outlier_channels(gain: np.ndarray, bias: np.ndarray) -> list[int]:
     return [int(c) for c in np.flatnonzero(ratio > OUTLIER_RATIO)]
 
 
+def _outlier_split(x: str, name: str, y: str, t: str, weight: np.ndarray, outliers: list[int]
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray], list[onnx.NodeProto],
+                              list[onnx.NodeProto]]:
+    """y = x @ W as (x * mask) @ W' + x[:, outliers] @ W[outliers]: `weight` with the outlier rows
+    zeroed (W', for the quantized product, which then reads `{t}_x` and writes `{t}_yi`), the
+    constants (suffixes of `name`: _OUTLIER_AUX), the nodes before and after it. The fp32
+    product is a [rows, c] x [c, N] MatMul: each row's own, like every fp32 GEMM here."""
+    mask = np.ones(weight.shape[0], dtype=np.float32)
+    mask[outliers] = 0.0
+    consts = {"_outlier_index": np.asarray(outliers, dtype=np.int64), "_outlier_mask": mask,
+              "_outlier_weight": weight[outliers].copy()}
+    pre = [helper.make_node("Mul", [x, name + "_outlier_mask"], [f"{t}_x"])]
+    post = [helper.make_node("Gather", [x, name + "_outlier_index"], [f"{t}_xo"], axis=1),
+            helper.make_node("MatMul", [f"{t}_xo", name + "_outlier_weight"], [f"{t}_yo"],
+                             name=f"{t}_outlier_matmul"),
+            helper.make_node("Add", [f"{t}_yi", f"{t}_yo"], [y])]
+    return weight * mask[:, None], consts, pre, post
+
+
+def _nbits_outliers(model: onnx.ModelProto, weights: list[_Weight],
+                    norms: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Before MatMulNBits quantization: each of `weights` whose input is a LayerNorm's output with
+    outlier channels gets them split off in fp32 (_outlier_split), as int8-rowwise does. At
+    accuracy level 4 MatMulNBits quantizes a row's activations per block of K: an outlier
+    channel would set its block's scale and leave the block's other values a few levels each
+    (on a checkpoint with 3 such channels, the 4-bit experts' whole loss against Q4_K_M).
+    Rewrites `model` in place; returns the names of the fp32 MatMuls added (not to quantize)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    added = []
+    for w in weights:
+        pos, node = next((i, n) for i, n in enumerate(graph.node) if n.name == w.node)
+        x, name, y = node.input[0], node.input[1], node.output[0]
+        outliers = outlier_channels(*norms[x]) if x in norms else []
+        if not outliers:
+            continue
+        t = f"{node.name}_ol"
+        weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+        kept, consts, pre, post = _outlier_split(x, name, y, t, weight, outliers)
+        inits[name].CopyFrom(numpy_helper.from_array(kept, name))
+        graph.initializer.extend(numpy_helper.from_array(v, name + k) for k, v in consts.items())
+        node.input[0], node.output[0] = f"{t}_x", f"{t}_yi"
+        for i, n in enumerate(pre):
+            n.name = f"{t}_pre{i}"
+            graph.node.insert(pos + i, n)
+        pos = next(i for i, n in enumerate(graph.node) if n.name == w.node)
+        for i, n in enumerate(post):
+            n.name = n.name or f"{t}_post{i}"
+            graph.node.insert(pos + 1 + i, n)
+        added.append(post[1].name)
+    return added
+
+
 def _input_norms(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """LayerNormalization outputs of a graph -> (gain, bias), where both are initializers."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -233,6 +286,16 @@ def _input_norms(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarr
             out[n.output[0]] = (numpy_helper.to_array(inits[n.input[1]]),
                                 numpy_helper.to_array(inits[n.input[2]]))
     return out
+
+
+def _norms(model: onnx.ModelProto, input_norm: tuple[np.ndarray, np.ndarray] | None
+           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """_input_norms, plus the graph's first input as the output of `input_norm` (an expert graph
+    reads its layer's norm1 output, computed in another graph)."""
+    norms = _input_norms(model)
+    if input_norm is not None:
+        norms[model.graph.input[0].name] = input_norm
+    return norms
 
 
 def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
@@ -264,17 +327,8 @@ def _rowwise_int8(model: onnx.ModelProto, weights: list[_Weight],
         consts: dict[str, np.ndarray] = {}
         pre, post = [], []
         if outliers:  # x[:, outliers] @ W[outliers] in fp32, the rest as int8 with them zeroed
-            mask = np.ones(weight.shape[0], dtype=np.float32)
-            mask[outliers] = 0.0
-            consts["_outlier_index"] = np.asarray(outliers, dtype=np.int64)
-            consts["_outlier_mask"] = mask
-            consts["_outlier_weight"] = weight[outliers].copy()
-            weight = weight * mask[:, None]
-            pre = [helper.make_node("Mul", [x, name + "_outlier_mask"], [f"{t}_x"])]
-            post = [helper.make_node("Gather", [x, name + "_outlier_index"], [f"{t}_xo"], axis=1),
-                    helper.make_node("MatMul", [f"{t}_xo", name + "_outlier_weight"],
-                                     [f"{t}_yo"]),
-                    helper.make_node("Add", [f"{t}_yi", f"{t}_yo"], [y])]
+            weight, split, pre, post = _outlier_split(x, name, y, t, weight, outliers)
+            consts.update(split)
             y = f"{t}_yi"
             x = f"{t}_x"
         col_scale = np.abs(weight).max(axis=0) / np.float32(127.0)
@@ -514,8 +568,8 @@ def _optional_names(w: str, fmt: str) -> tuple[str, ...]:
     shift)."""
     if fmt == ROWWISE_FORMAT:
         return tuple(w + a for a in _OUTLIER_AUX + _GELU_AUX)
-    return tuple(w + a for a in _TABLE_OUTLIER_AUX) if isinstance(parse_format(fmt), NBits) \
-        else ()
+    return tuple(w + a for a in _TABLE_OUTLIER_AUX + _OUTLIER_AUX) \
+        if isinstance(parse_format(fmt), NBits) else ()
 
 
 def tensor_bytes(t: TensorProto) -> int:
@@ -576,16 +630,15 @@ def quantize_graph(model: onnx.ModelProto, recipe: Recipe, kind: Kind,
                 m = _dynamic_int8(m, nodes, per_channel)
         nbits = sorted({w.fmt for w in weights if w.op == "MatMul" and
                         isinstance(parse_format(w.fmt), NBits)})
+        fp32_added = _nbits_outliers(m, [w for w in weights if w.op == "MatMul" and w.fmt in nbits],
+                                     _norms(m, input_norm)) if nbits else []
         for fmt in nbits:
             mine = {w.node for w in weights if w.fmt == fmt and w.op == "MatMul"}
             others = [w.node for w in weights if w.op == "MatMul" and w.node not in mine]
-            m = _matmul_nbits(m, others, parse_format(fmt), recipe.accuracy_level)
+            m = _matmul_nbits(m, others + fp32_added, parse_format(fmt), recipe.accuracy_level)
     rowwise = [w for w in weights if w.fmt == ROWWISE_FORMAT]
     if rowwise:
-        norms = _input_norms(m)
-        if input_norm is not None:
-            norms[m.graph.input[0].name] = input_norm
-        _rowwise_int8(m, rowwise, norms)
+        _rowwise_int8(m, rowwise, _norms(m, input_norm))
     for t in model.graph.initializer:
         if t.name in tables:
             _put_table(m, tables[t.name], t)
