@@ -72,10 +72,19 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
     **{f"{base}-{group}-fp32": (base, _without(base, group))
        for base in ("int8", "int4") for group in GROUPS},
     # the experts' second GEMM (a Gelu's 3072-wide output: one row scale spans its outliers)
-    # with per-block activation scales
+    # with per-block activation scales; not batch-invariant (MatMulNBits 8-bit at blocks >= 128)
     **{f"int8-w2-nbits8-b{b}": ("int8", Recipe("int8", {
         **RECIPES["int8"].formats, "expert.w2": f"nbits8-block{b}-sym"}).validate())
        for b in (128, 256)},
+    # coarser blocks for attention and the dense MLP (fewer int32 -> float conversions: faster
+    # MatMulNBits on AVX-512 VNNI), alone and with expert.w2 on 8-bit blocks (block 128: not
+    # batch-invariant either)
+    **{f"int8-dense-b{b}{'-w2' if w2 else ''}": ("int8", Recipe("int8", {
+        **RECIPES["int8"].formats, "attn.qkv": f"nbits8-block{b}",
+        "attn.out_proj": f"nbits8-block{b}", "mlp.fc1": f"nbits8-block{b}-sym",
+        "mlp.fc2": f"nbits8-block{b}-sym",
+        **({"expert.w2": "nbits8-block256-sym"} if w2 else {})}).validate())
+       for b in (64, 128) for w2 in (False, True)},
     "int4-table-b32": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
                                        "nbits4-block32")),
     "int4-table-8bit": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",

@@ -238,22 +238,25 @@ def test_inconsistent_precision_records_are_refused(fp32_copy, change, message) 
         Bundle.load(fp32_copy)
 
 
-def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
-                                                                   multilingual_texts) -> None:
-    """A checkpoint with outlier channels (LayerNorm gains x30 on 2 dims): the int8 export keeps
-    them in fp32 in every int8-rowwise MatMul that reads a LayerNorm's output, the experts
-    included (their LayerNorm is in a segment graph, handed over by the exporter), and vectors
-    stay batch-invariant."""
+@pytest.mark.parametrize("recipe", [
+    # every MatMul weight int8-rowwise
+    Recipe("int8", {r: "int8-rowwise" for r in RECIPES["int8"].formats}
+           | {"word_embeddings": "nbits8-block128"}).validate(),
+    # the shipped ones: qkv and fc1 on 8-bit blocks (int8), the experts' w1 on 4-bit blocks (int4)
+    RECIPES["int8"], RECIPES["int4"]], ids=["all-rowwise", "int8", "int4"])
+def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path, multilingual_texts,
+                                                                   recipe: Recipe) -> None:
+    """A checkpoint with outlier channels (LayerNorm gains x30 on 2 dims): the export keeps
+    them in fp32 in every int8-rowwise or MatMulNBits MatMul that reads a LayerNorm's output,
+    the experts included (their LayerNorm is in a segment graph, handed over by the exporter),
+    and vectors stay batch-invariant."""
     import onnx
 
     from moe_embed.export.synthetic import write_synthetic
     from moe_embed.workers.runtime.runtime import pack
 
     ckpt = write_synthetic(tmp_path / "ckpt", "tiny", seed=3, outlier_channels=2)
-    # every MatMul weight int8-rowwise (the shipped int8 keeps fc1 on 8-bit blocks)
-    recipe = Recipe("int8", {r: "int8-rowwise" for r in RECIPES["int8"].formats}
-                    | {"word_embeddings": "nbits8-block128"}).validate()
-    path = export_bundle(str(ckpt), tmp_path / "int8", precision="int8", recipe=recipe)
+    path = export_bundle(str(ckpt), tmp_path / recipe.name, precision=recipe.name, recipe=recipe)
     m = Bundle.load(path).manifest
     split = {}
     for rel in sorted(_graph_files(m)):
@@ -263,11 +266,11 @@ def test_outlier_channels_stay_fp32_in_every_graph_that_reads_them(tmp_path,
                             for n in names if n.endswith("_outlier_index"))
     experts = [r for r in split if r.startswith("experts/")]
     assert experts and all(split[r] == ["w1"] for r in experts), split
-    rowwise_ln_inputs = [f"encoder.layers.{i}.{r}.weight" for i in range(4)
-                         for r in ("attn.Wqkv", "mlp.fc1")
-                         if r != "mlp.fc1" or i not in m.config.moe_layers]
+    ln_inputs = [f"encoder.layers.{i}.{r}.weight" for i in range(4)
+                 for r in ("attn.Wqkv", "mlp.fc1")
+                 if r != "mlp.fc1" or i not in m.config.moe_layers]
     assert sorted(n for r in split if r.startswith("segments/") for n in split[r]) == \
-        sorted(rowwise_ln_inputs)
+        sorted(ln_inputs)
     rt = Runtime(path, threads=2)
     tok = LocalEmbedder(path, threads=2).tokenizer
     ids = [x.tolist() for x in tok.encode(multilingual_texts[:8], task_named("search_query"))]
