@@ -305,7 +305,8 @@ class Soak:
 
     def burst_calls(self, delay: float) -> None:
         """Once, BURST_CALLS unary calls at once on a fresh channel (streams past the
-        connection's limit are refused by gRPC: the server's metrics must show it)."""
+        connection's limit wait in the client until streams free up: every call must be answered
+        or refused visibly)."""
         if self.stop.wait(delay):
             return
 

@@ -61,7 +61,10 @@ class ServeConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     drain_grace_s: float = 20.0
     batch_timeout_s: float = 10.0
-    max_concurrent_streams: int = 1024
+    # 128 (nginx's default; gRPC-Go's is 100): a burst of 1,500 calls on one connection took
+    # the frontend +18-20 MB with 1024 streams open at once, +5 MB with 128 (the rest wait in
+    # the client's transport, none refused: benchmarks/README.md, "burst memory")
+    max_concurrent_streams: int = 128
     keepalive_s: float = 60.0
     max_connection_age_s: float = 0.0
     cache_dir: str = "~/.cache/moe-embed"

@@ -216,7 +216,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @contextlib.contextmanager
     def _counted(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
         """Count the connection's open calls: one that reaches --max-concurrent-streams is
-        counted (gRPC refuses what it opens past that, UNAVAILABLE, before any handler runs)."""
+        counted (gRPC's clients hold their calls past it until a stream frees up)."""
         peer = context.peer()
         n = self._open[peer] = self._open.get(peer, 0) + 1
         limit = self.engine.config.max_concurrent_streams
@@ -224,9 +224,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             self.metrics.transport_refusals.inc()
             self._limit_log.warning(
                 "stream_limit_reached", max_concurrent_streams=limit,
-                note="a client connection has every call it may open in flight; calls past "
-                     "it are refused (UNAVAILABLE): the client should use more channels or "
-                     "keep fewer calls in flight")
+                note="a client connection has every call it may open in flight; its client "
+                     "holds calls past it until one ends: use more channels or keep fewer "
+                     "calls in flight")
         try:
             yield
         finally:

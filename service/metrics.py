@@ -88,8 +88,9 @@ class Metrics:
             registry=r)
         self.transport_refusals = Counter(
             "moe_embed_grpc_stream_limit_reached", "Times a gRPC connection had "
-            "--max-concurrent-streams calls open: calls it opens past that are refused by "
-            "gRPC (UNAVAILABLE) before the server sees them", registry=r)
+            "--max-concurrent-streams calls open: gRPC clients hold their calls past that "
+            "until one ends (a client that opens more anyway is refused UNAVAILABLE by gRPC)",
+            registry=r)
         self.stream_window_requests = Gauge(
             "moe_embed_stream_window_requests", "EmbedStream requests read whose answers are "
             "not yet written to their client (each stream holds at most 512)", registry=r)

@@ -22,7 +22,7 @@ def test_defaults_follow_the_table_and_the_core_count() -> None:
     assert (cfg.bundle, cfg.host, cfg.port, cfg.metrics_port) == ("", "127.0.0.1", 50051, 9090)
     assert cfg.metrics_host == ""  # the same as host
     assert (cfg.batch_timeout_s, cfg.max_concurrent_streams, cfg.keepalive_s,
-            cfg.max_connection_age_s) == (10.0, 1024, 60.0, 0.0)
+            cfg.max_connection_age_s) == (10.0, 128, 60.0, 0.0)
     assert (cfg.workers, cfg.threads_per_worker) == (1, 2)
     assert (cfg.max_batch_tokens, cfg.max_wait_ms, cfg.max_queue, cfg.max_inputs) == \
         (8192, 2.0, 4096, 256)
