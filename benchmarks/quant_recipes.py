@@ -85,6 +85,13 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
         "mlp.fc2": f"nbits8-block{b}-sym",
         **({"expert.w2": "nbits8-block256-sym"} if w2 else {})}).validate())
        for b in (64, 128) for w2 in (False, True)},
+    # expert.w2 on 8-bit blocks of 64 (batch-invariant, unlike blocks >= 128) in some MoE
+    # layers only: each layer costs ~1.1 MiB over the row-wise form, and Q8_0's size leaves ~4.5
+    **{f"int8-w2-b64-l{'-'.join(map(str, layers))}": ("int8", Recipe(
+        "int8", dict(RECIPES["int8"].formats),
+        {f"layers.{i}.expert.w2": "nbits8-block64-sym" for i in layers}).validate())
+       for layers in ((1,), (3,), (5,), (7,), (9,), (11,), (1, 3), (1, 3, 5), (1, 3, 5, 7),
+                      (1, 3, 5, 7, 9, 11))},
     "int4-table-b32": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
                                        "nbits4-block32")),
     "int4-table-8bit": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
