@@ -61,6 +61,7 @@ from ..workers.bundle.recipes import (
     ROLES,
     ROWWISE_FORMAT,
     SEGMENT_ROLES,
+    TABLE_FP16_SCALES_MAX_BITS,
     Kind,
     NBits,
     Recipe,
@@ -498,7 +499,9 @@ def _put_table(model: onnx.ModelProto, w: _Weight, table: TensorProto) -> None:
     a com.microsoft.GatherBlockQuantized node in place of the Gather. A 4-bit table's outlier
     columns (TABLE_OUTLIER_MAX_BITS) are zeroed in the blocks (a zero dequantizes to exactly 0)
     and gathered from an fp16 side table, then put back in place by a one-hot MatMul (each
-    output is one product by 1.0 plus zeros: exact, and per row like every other step)."""
+    output is one product by 1.0 plus zeros: exact, and per row like every other step). A 4-bit
+    table's block scales are fp16 (TABLE_FP16_SCALES_MAX_BITS): its rows come out as fp16 and
+    are cast to fp32."""
     graph = model.graph
     idx = next(i for i, n in enumerate(graph.initializer) if n.name == w.name)
     del graph.initializer[idx]
@@ -530,6 +533,11 @@ def _put_table(model: onnx.ModelProto, w: _Weight, table: TensorProto) -> None:
             helper.make_node("Add", [f"{t}_q", f"{t}_o"], [out])]
         out = f"{t}_q"
     data, scales, zps = quantize_table(values, spec)
+    if spec.bits <= TABLE_FP16_SCALES_MAX_BITS:
+        scales = scales.astype(np.float16)
+        half = f"{node.name}_t16"
+        extra_nodes.insert(0, helper.make_node("Cast", [half], [out], to=TensorProto.FLOAT))
+        out = half
     inits = [numpy_helper.from_array(data, f"{w.name}_Q{spec.bits}"),
              numpy_helper.from_array(scales, f"{w.name}_scales")]
     if zps is not None:

@@ -25,6 +25,7 @@ from moe_embed.export.onnx_graphs import (
 from moe_embed.export.quantize import (
     PRECISIONS,
     RECIPES,
+    TABLE_FP16_SCALES_MAX_BITS,
     NBits,
     Recipe,
     RecipeError,
@@ -288,7 +289,15 @@ def test_table_layout_matches_gather_block_quantized(spec: NBits) -> None:
     recipe = Recipe("t", {**RECIPES["fp32"].formats, "word_embeddings": fmt}).validate()
     qm, records = quantize_graph(model, recipe, "segment")
     ids = np.array([0, 299, 17, 17, 150], dtype=np.int64)
-    np.testing.assert_allclose(_run(qm, {"ids": ids}), deq[ids], rtol=0, atol=1e-6)
+    stored = next(t for t in qm.graph.initializer if t.name == "word_embeddings_scales")
+    if spec.bits <= TABLE_FP16_SCALES_MAX_BITS:  # fp16 scales, the rows come out as fp16
+        assert stored.data_type == onnx.TensorProto.FLOAT16
+        s16 = scales.astype(np.float16).astype(np.float32)
+        deq = ((q - z[:, col_block]) * s16[:, col_block]).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(_run(qm, {"ids": ids}), deq[ids])
+    else:
+        assert stored.data_type == onnx.TensorProto.FLOAT
+        np.testing.assert_allclose(_run(qm, {"ids": ids}), deq[ids], rtol=0, atol=1e-6)
     assert records[0].bytes == expected_bytes(fmt, (v, h), "word_embeddings")
 
 

@@ -77,7 +77,7 @@ def test_the_shipped_recipes_are_the_documented_ones() -> None:
     for name in PRECISIONS:
         r = RECIPES[name]
         assert r.name == name and r.accuracy_level == 4
-        assert dict(r.overrides) == ({} if name != "int8" else dict(RECIPES["int8"].overrides))
+        assert (dict(r.overrides) == {}) == (name != "int8")
         assert get_recipe(name) is r
     with pytest.raises(RecipeError, match=r"precision must be one of \['fp32', 'int8', 'int4'\], "
                                           r"got 'int2'"):
@@ -212,8 +212,8 @@ def test_a_tensor_record_round_trips_and_its_optional_fields_default_to_none() -
     # take 24 bytes at 8 bits, 12 at 4 bits
     ("nbits8-block32", (768, 2304), "attn.qkv", 2304 * 768 + 4 * 2304 * 24 + 2304 * 24),
     ("nbits4-block32", (768, 3072), "expert.w1", 3072 * 384 + 4 * 3072 * 24 + 3072 * 12),
-    # the table [V=5, H=40]: blocks along H, rows stored unpadded
-    ("nbits4-block32", (5, 40), "word_embeddings", 5 * 20 + 4 * 5 * 2 + 5 * 1),
+    # the table [V=5, H=40]: blocks along H, rows stored unpadded; a 4-bit table's scales fp16
+    ("nbits4-block32", (5, 40), "word_embeddings", 5 * 20 + 2 * 5 * 2 + 5 * 1),
     ("nbits8-block32-sym", (5, 40), "word_embeddings", 5 * 40 + 4 * 5 * 2),
 ])
 def test_expected_bytes_of_each_format(fmt: str, shape: tuple[int, ...], role: str | None,

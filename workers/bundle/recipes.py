@@ -170,7 +170,10 @@ def _recipe(name: str, experts: str, dense: str, table: str, **roles: str) -> Re
 # - int4: 4-bit block-32 experts (MatMulNBits, accuracy level 4), dense linears int8-rowwise
 #   (4-bit dense flips routers), table 4-bit block 32 (block 64 is 13 MiB smaller but fell below
 #   Q4_K_M's min cosine on seed 1, 0.97115 vs 0.97210), the columns its LayerNorm makes outliers
-#   kept in fp16 beside it (export/quantize.py, TABLE_OUTLIER_MAX_BITS). 328.7 MiB.
+#   kept in fp16 beside it (export/quantize.py, TABLE_OUTLIER_MAX_BITS), its block scales in fp16
+#   (TABLE_FP16_SCALES_MAX_BITS). 317.2 MiB. The first MoE layer's experts on 8-bit blocks (as
+#   int8 does for its w2) would close the outlier checkpoint's mean cosine (0.99996 vs Q4_K_M's
+#   0.999957) but dropped seed 1's min to 0.91-0.92 (Q4_K_M 0.9718): not taken.
 RECIPES: dict[str, Recipe] = {
     "fp32": _recipe("fp32", "fp32", "fp32", "fp32"),
     "int8": Recipe("int8", dict(_recipe(
@@ -214,6 +217,14 @@ class TensorStorage:
                    d.get("layer"), d.get("file"))
 
 
+# A 4-bit table's block scales are stored in fp16 (GatherBlockQuantized then yields fp16 rows,
+# cast to fp32): half a bit a value less than fp32 scales at block 32 (11.4 MiB of the full
+# model's 250k x 768 table), at no measurable cost (the fp16 rounding of a scale, 2^-11 of it,
+# against a 4-bit step of 1/15 of the block's range). 8-bit tables keep fp32 scales: at block
+# 256 they weigh 1/64 bit a value.
+TABLE_FP16_SCALES_MAX_BITS = 4
+
+
 def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) -> int:
     """Bytes a weight of `shape` occupies in `fmt` (fp32 MatMul weight [K, N], table [V, H])."""
     parsed = parse_format(fmt)
@@ -233,7 +244,8 @@ def expected_bytes(fmt: str, shape: tuple[int, ...], role: str | None = None) ->
     # MatMulNBits pads K to whole blocks; the table's rows are stored unpadded
     data = n * (k if role in GATHER_ROLES else blocks * parsed.block_size) * parsed.bits // 8
     zp = 0 if parsed.symmetric else n * -(-blocks * parsed.bits // 8)
-    return data + 4 * n * blocks + zp
+    fp16 = role in GATHER_ROLES and parsed.bits <= TABLE_FP16_SCALES_MAX_BITS
+    return data + (2 if fp16 else 4) * n * blocks + zp
 
 
 # --------------------------------------------------------------------------------------------
