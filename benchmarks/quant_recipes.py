@@ -92,12 +92,12 @@ CANDIDATES: dict[str, tuple[str, Recipe]] = {
         {f"layers.{i}.expert.w2": "nbits8-block64-sym" for i in layers}).validate())
        for layers in ((1,), (3,), (5,), (7,), (9,), (11,), (1, 3), (1, 3, 5), (1, 3, 5, 7),
                       (1, 3, 5, 7, 9, 11))},
-    # int4's loss on the outlier checkpoint is its 4-bit experts: the first MoE layer's on 8-bit
-    # blocks (over Q4_K_M's size; what the first layer alone is worth)
-    **{f"int4-l1-{'-'.join(roles)}-8bit": ("int4", Recipe(
+    # int4's loss on the outlier checkpoint is its 4-bit experts: one MoE layer's on 8-bit blocks
+    # (the first; the last ones, whose changes no later router sees)
+    **{f"int4-l{layer}-{'-'.join(roles)}-8bit": ("int4", Recipe(
         "int4", dict(RECIPES["int4"].formats),
-        {f"layers.1.expert.{r}": "nbits8-block32-sym" for r in roles}).validate())
-       for roles in (("w2",), ("w1", "w2"))},
+        {f"layers.{layer}.expert.{r}": "nbits8-block32-sym" for r in roles}).validate())
+       for layer in (1, 9, 11) for roles in (("w2",), ("w1", "w2"))},
     "int4-table-b32": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",
                                        "nbits4-block32")),
     "int4-table-8bit": ("int4", _recipe("int4", "nbits4-block32", "int8-rowwise",

@@ -22,16 +22,38 @@ import onnxruntime as ort
 import pytest
 
 from moe_embed.export.commands import PRECISIONS
+from moe_embed.export.split import export_bundle
 from moe_embed.service.tasks import task_named
 from moe_embed.service.tokenizer import Tokenizer
 from moe_embed.testing.service import ServerThread, vectors
 from moe_embed.v1 import embedder_pb2 as pb
 from moe_embed.workers.bundle.format import Bundle
+from moe_embed.workers.bundle.recipes import LAST_MOE_LAYER, RECIPES, Recipe
 from moe_embed.workers.runtime.runtime import Runtime, pack, run_expert_rows
 from moe_embed.workers.runtime.sessions import session_options
 
 DIMS = (0, 16, 32, 48)  # the tiny model's Matryoshka range is 16..64
 PARTITIONS = 5  # each text lands in this many random batches
+# The shipped int4 recipe names the full model's last MoE layer (11), which the tiny model (4
+# layers, MoE on 1 and 3) does not have: this variant puts that override on the tiny model's
+# last MoE layer, so its format is checked here too.
+LAST_W2 = "int4-last-moe-layer-w2"
+VARIANTS = (*PRECISIONS, LAST_W2)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_bundles, tiny_checkpoint, tmp_path_factory) -> dict:
+    """The tiny model at every precision, and LAST_W2."""
+    shipped = RECIPES["int4"]
+    moved = {k.replace(f"layers.{LAST_MOE_LAYER}.", "layers.3."): v
+             for k, v in shipped.overrides.items()}
+    assert moved and all(k.startswith("layers.3.") for k in moved)
+    recipe = Recipe("int4", dict(shipped.formats), moved, shipped.accuracy_level).validate()
+    out = export_bundle(str(tiny_checkpoint), tmp_path_factory.mktemp("bundle") / LAST_W2,
+                        precision="int4", recipe=recipe)
+    formats = {t.format for t in Bundle.load(out).manifest.tensors if t.layer == 3}
+    assert set(moved.values()) <= formats  # the override took effect
+    return {**tiny_bundles, LAST_W2: out}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,14 +95,14 @@ def _alone(rt: Runtime, cases: list[dict]) -> list[np.ndarray]:
     return [_embed(rt, [c])[0] for c in cases]
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_alone_equals_inside_random_batches(tiny_bundles, cases, precision) -> None:
+@pytest.mark.parametrize("precision", VARIANTS)
+def test_alone_equals_inside_random_batches(bundles, cases, precision) -> None:
     """Every text alone vs inside PARTITIONS random batches of 2..14 texts; one partition
     with 24-token dense chunks and one with 3-row expert calls, so a text's rows also cross
     chunk and expert-piece boundaries that they never cross alone."""
-    rt = Runtime(tiny_bundles[precision], threads=2)
+    rt = Runtime(bundles[precision], threads=2)
     alone = _alone(rt, cases)
-    rng = np.random.default_rng(PRECISIONS.index(precision))
+    rng = np.random.default_rng(VARIANTS.index(precision))
     pairs = []
     for p in range(PARTITIONS):
         rt.chunk_tokens, rt.expert_rows = (24 if p == 3 else 512), (3 if p == 4 else 1024)
@@ -94,13 +116,13 @@ def test_alone_equals_inside_random_batches(tiny_bundles, cases, precision) -> N
     assert same == n, f"{precision}: {same} of {n} pairs bit-identical, worst cosine {worst:.6f}"
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_expert_rows_ignore_loud_batch_mates(tiny_bundles, precision) -> None:
+@pytest.mark.parametrize("precision", VARIANTS)
+def test_expert_rows_ignore_loud_batch_mates(bundles, precision) -> None:
     """Each expert graph of the bundle, run as the runtime runs experts (run_expert_rows):
     rows alone vs beside rows 50x louder, vs one row at a time, and inside 129 rows (ORT
     computes a last block of one row apart). A per-call activation scale (one scale for the
     whole input) cannot pass this: the loud rows set it."""
-    b = Bundle.load(tiny_bundles[precision])
+    b = Bundle.load(bundles[precision])
     rng = np.random.default_rng(3)
     h = b.manifest.config.n_embd
     x = rng.standard_normal((5, h)).astype(np.float32)

@@ -72,12 +72,13 @@ def test_the_shipped_recipes_are_the_documented_ones() -> None:
         "attn.out_proj": "int8-rowwise", "mlp.fc1": "int8-rowwise", "mlp.fc2": "int8-rowwise",
         "expert.w1": "nbits4-block32", "expert.w2": "nbits4-block32"}
     assert dict(RECIPES["int8"].overrides) == {"layers.1.expert.w2": "nbits8-block64-sym"}
+    assert dict(RECIPES["int4"].overrides) == {"layers.11.expert.w2": "nbits8-block32-sym"}
     assert RECIPES["int8"].format_for("expert.w2", 1) == "nbits8-block64-sym"
     assert RECIPES["int8"].format_for("expert.w2", 3) == "int8-rowwise"
     for name in PRECISIONS:
         r = RECIPES[name]
         assert r.name == name and r.accuracy_level == 4
-        assert (dict(r.overrides) == {}) == (name != "int8")
+        assert (dict(r.overrides) == {}) == (name == "fp32")
         assert get_recipe(name) is r
     with pytest.raises(RecipeError, match=r"precision must be one of \['fp32', 'int8', 'int4'\], "
                                           r"got 'int2'"):
