@@ -4,9 +4,13 @@ A 4 MB input or a 256-input Tokenize answer lives for a fraction of a second, bu
 malloc keeps what it freed: after the first large block is freed its mmap threshold grows (up
 to 32 MB), so later large blocks come from the heaps, and free pages inside a heap stay
 resident. Over the soak's flood the frontend's RSS doubled while what it held grew by a
-quarter. Two settings undo that, where the C library is glibc (elsewhere nothing changes):
+quarter. Three settings undo that, where the C library is glibc (elsewhere nothing changes):
 - the mmap threshold is fixed at LARGE_BYTES: every block that large is mapped on its own and
   unmapped when freed;
+- the number of heaps ("arenas") is limited to ARENAS: glibc gives each new thread a heap of its
+  own, up to 8 per core, and each keeps its own free pages and fragments; the frontend's threads
+  (event loops, gRPC core's, the tokenizing thread) contend little, so they share two. An
+  operator's own MALLOC_ARENA_MAX is left as it is;
 - `Trimmer` calls `malloc_trim(0)` (free pages inside the heaps go back) when RSS has grown by
   TRIM_GROWTH_BYTES since the last trim, checked every TRIM_INTERVAL_S, in a thread: ~2 ms
   with ~100 MB of heap, during which other threads' allocations wait.
@@ -21,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+M_ARENA_MAX = -8
+ARENAS = 2  # the value gunicorn's and Heroku's docs give for threaded Python servers
 LARGE_BYTES = 1 << 20  # blocks this large are mapped on their own, unmapped when freed
 TRIM_INTERVAL_S = 1.0
 TRIM_GROWTH_BYTES = 8 << 20
@@ -40,6 +46,16 @@ def fix_mmap_threshold(libc: Any | None = None) -> bool:
     """Map blocks of LARGE_BYTES and more on their own, from now on (True where it took)."""
     libc = libc or _glibc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, LARGE_BYTES) == 1)
+
+
+def limit_arenas(arenas: int = ARENAS, libc: Any | None = None) -> bool:
+    """Let threads started from now on share `arenas` heaps (True where it took). Call it
+    before the threads start: a thread keeps the heap it first allocated from. Does nothing
+    (False) where MALLOC_ARENA_MAX is set: the operator chose."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    libc = libc or _glibc()
+    return bool(libc and libc.mallopt(M_ARENA_MAX, arenas) == 1)
 
 
 def rss_bytes() -> int:

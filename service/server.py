@@ -292,7 +292,8 @@ async def serve(config: ServeConfig, bundle_path: str | Path) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    heap.fix_mmap_threshold()  # before the tokenizer loads: its large blocks go back too
+    log.info("heap", large_blocks_mapped=heap.fix_mmap_threshold(),  # before the tokenizer
+             arenas_limited=heap.limit_arenas())  # before the server's threads start
     server = EmbedServer(config, bundle_path)
     trimmer = heap.Trimmer(on_trim=server.metrics.heap_trims.inc)
     trimming = asyncio.create_task(trimmer.run(), name="heap-trim")

@@ -5,6 +5,7 @@ when freed, and the trimmer gives back free pages left inside the heap."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,54 @@ def test_the_trimmer_gives_back_free_pages_inside_the_heap() -> None:
     assert r["after"] - r["before"] < 30, r
 
 
+_HEAPS = """
+    import ctypes, os, threading
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+
+    def heaps():  # glibc's own account: one <heap nr=...> per arena
+        path = f"/tmp/malloc-info-{os.getpid()}.xml"
+        f = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, f)
+        libc.fclose(f)
+        text = open(path).read()
+        os.unlink(path)
+        return text.count("<heap nr=")
+
+    held, barrier = [], threading.Barrier(8)
+    def work():  # blocks under the mmap threshold come from the thread's heap
+        held.append([bytearray(64 * 1024) for _ in range(4)])
+        barrier.wait()
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+"""
+
+
+@pytest.mark.parametrize("limit", [True, False])
+def test_threads_share_two_heaps(limit: bool) -> None:
+    """glibc gives each new thread a heap of its own (up to 8 per core), each keeping its own
+    free pages; with the limit, eight threads allocating at once share ARENAS heaps. Without
+    it the same threads make more (the control: the count can fail)."""
+    r = _run(textwrap.dedent(f"""
+        import os
+        os.environ.pop("MALLOC_ARENA_MAX", None)
+        took = heap.limit_arenas() if {limit} else None
+    """) + textwrap.dedent(_HEAPS) + 'print(json.dumps({"took": took, "heaps": heaps()}))')
+    if limit:
+        assert r["took"] is True and r["heaps"] <= heap.ARENAS, r
+    else:
+        assert r["heaps"] > heap.ARENAS, r
+
+
+def test_an_operators_malloc_arena_max_is_left_alone(monkeypatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert heap.limit_arenas() is False
+
+
 def test_rss_is_read_from_proc() -> None:
     assert 10 * MB < heap.rss_bytes() < 64 * 1024 * MB
 
@@ -107,6 +156,11 @@ def test_the_server_gives_a_flood_of_freed_memory_back(tiny_bundle, tmp_path) ->
                  f"a trim (RSS grew {grown:.0f} MB)")
         wait_for(lambda: procfs.rss_mb(srv.proc.pid) - base < 12, 30,
                  "RSS back within 12 MB of the first call's")
+        heap_lines = [json.loads(line) for line in srv.log_path.read_text().splitlines()
+                      if '"heap"' in line]
+    operator_chose = "MALLOC_ARENA_MAX" in os.environ
+    assert [(h["large_blocks_mapped"], h["arenas_limited"]) for h in heap_lines] == [
+        (True, not operator_chose)]
 
 
 def test_a_big_tokenize_answer_is_built_input_by_input(tiny_bundle, tmp_path) -> None:
