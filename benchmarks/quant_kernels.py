@@ -1,6 +1,6 @@
 """Quantized kernels on this model's shapes: time, speedup vs fp32, output error, bytes per weight.
 
-    .venv/bin/python benchmarks/quant_kernels.py [--quick] [--json OUT]
+    .venv/bin/python benchmarks/quant_kernels.py [--quick] [--sym] [--only gemm] [--json OUT]
 
 Weights go through export/quantize.py (the recipes' own code path), sessions run on ONNX Runtime's
 global thread pool with the product's session options (workers/sessions.py: one shared pool,
@@ -93,7 +93,7 @@ def uniform(name: str, fmt: str, accuracy_level: int = 4) -> Recipe:
     return Recipe(name, formats, accuracy_level=accuracy_level).validate()
 
 
-def variants(quick: bool) -> list[tuple[str, Recipe]]:
+def variants(quick: bool, sym: bool = False) -> list[tuple[str, Recipe]]:
     out = [("fp32", RECIPES["fp32"]),
            ("int8-rowwise", uniform("rw", "int8-rowwise")),
            # as a worker loads it on x86 without VNNI (workers/runtime/int8_gemm.py)
@@ -106,6 +106,9 @@ def variants(quick: bool) -> list[tuple[str, Recipe]]:
             for acc in (0, 4):
                 out.append((f"nbits{bits} b{block} acc{acc}",
                             uniform(f"nb{bits}", f"nbits{bits}-block{block}", acc)))
+            if sym:  # symmetric (no zero points): the int8 recipe's fc1/fc2 and overrides
+                out.append((f"nbits{bits} b{block} sym acc4",
+                            uniform(f"nb{bits}s", f"nbits{bits}-block{block}-sym", 4)))
     return out
 
 
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.12, help="seconds per (variant, shape, M)")
     ap.add_argument("--quick", action="store_true", help="block 32 only, shorter runs")
     ap.add_argument("--only", choices=("gemm", "table"), default=None)
+    ap.add_argument("--sym", action="store_true",
+                    help="also each block size symmetric (accuracy level 4)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.quick:
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
           "B/weight = stored bytes (data+scales+zero points) per weight")
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
-    vs = variants(a.quick)
+    vs = variants(a.quick, a.sym)
     results: list[dict] = []
     if a.only in (None, "gemm"):
         w1 = (rng.standard_normal((F, H), dtype=np.float32) / H**0.5)

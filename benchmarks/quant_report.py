@@ -200,19 +200,21 @@ def markdown(res: dict, md_dir, json_path) -> str:
         fm = r["recipe"]["formats"]
         by = ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in sorted(
             r.get("stored_bytes", {}).items(), key=lambda kv: -kv[1]))
+        overrides = "".join(f", {k} `{v}`" for k, v in
+                            sorted(r["recipe"].get("overrides", {}).items()))
         lines.append(f"- **{name}**: table `{fm['word_embeddings']}`, experts "
                      f"`{fm['expert.w1']}`, attn.qkv `{fm['attn.qkv']}`, attn.out_proj "
-                     f"`{fm['attn.out_proj']}`, mlp.fc1/fc2 `{fm['mlp.fc1']}`; MatMulNBits "
+                     f"`{fm['attn.out_proj']}`, mlp.fc1 `{fm['mlp.fc1']}`, mlp.fc2 "
+                     f"`{fm['mlp.fc2']}`{overrides}; MatMulNBits "
                      f"accuracy_level {r['recipe']['accuracy_level']}. Stored: {by}.")
     lines += [
         "",
         "Notes:",
         "- A moe-embed bundle's size counts every file (graphs, router weights, tokenizer.json "
         "of 16.3 MiB, manifest); a GGUF carries its vocabulary inside.",
-        "- Dynamic int8 quantizes each call's activations with one scale, so an int8 text's "
-        "vector depends slightly on the texts batched with it (one text alone vs in a batch: "
-        "cos >= 0.9987); the multilingual figures are one text per call, the corpus figures in "
-        "batches.",
+        "- Every activation scale is per row or per block of a row, so a text's vector is the "
+        "same alone or batched (README, Batch invariance): the multilingual figures are one "
+        "text per call, the corpus figures in batches, and both hold for either.",
         "- Synthetic routers have near-ties: any perturbation flips some tokens' 2nd expert, "
         "and those flips dominate every variant's cosine error (see the routing column). "
         "Differences of a few 1e-4 in mean cosine between recipes are within that noise; the "

@@ -457,6 +457,8 @@ class Soak:
                                   "n": len(light_unloaded)},
             "light_loaded_ms": {"p50": statistics.median(loaded) if loaded else None,
                                 "p99": percentile(loaded, 0.99), "n": len(loaded)},
+            # p99 in each tenth of the flood: the SIGKILL falls in the 4th, the SIGSTOP in the 7th
+            "light_p99_by_tenth": _by_tenth(self.light_ms, self.started, flood_end),
             "light_server_ms": {  # the server's own account of a light call (Timing)
                 part: {"p50": statistics.median(xs), "p99": percentile(xs, 0.99)}
                 for part, xs in zip(("queue", "compute", "total"),
@@ -496,6 +498,15 @@ class Soak:
     def codes_named(self) -> dict[str, int]:
         with self._lock:
             return {f"{w}:{c}": n for (w, c), n in self.codes.items()}
+
+
+def _by_tenth(samples: list[tuple[float, float]], start: float, end: float) -> list:
+    """p99 of (monotonic start, ms) samples in each tenth of [start, end)."""
+    tenths: list[list[float]] = [[] for _ in range(10)]
+    for at, ms in samples:
+        if start <= at < end:
+            tenths[min(9, int(10 * (at - start) / (end - start)))].append(ms)
+    return [round(percentile(xs, 0.99), 1) if xs else None for xs in tenths]
 
 
 def _status(number: int) -> tuple:
