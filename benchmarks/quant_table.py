@@ -41,6 +41,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,18 +110,16 @@ def _child(job_path: Path) -> int:
     return _child_variant(job)
 
 
-def _child_variant(job: dict) -> int:
+def open_variant(kind: str, path: str, threads: int) -> tuple[Callable, Callable]:
+    """A variant loaded in this process: `run(ids)` (timed calls) and `embed(ids)` (unit vectors
+    and, for moe-embed, each token's sorted expert choices)."""
     import numpy as np
-    from timing import median, repeat, timed_passes
 
-    inputs = json.loads(Path(job["inputs"]).read_text())
-    threads = job["threads"]
-    t0 = time.perf_counter()
-    if job["kind"] == "ours":
+    if kind == "ours":
         from moe_embed.workers.runtime.pooling import mean_pool
         from moe_embed.workers.runtime.runtime import Runtime, pack
 
-        rt = Runtime(job["path"], threads=threads)
+        rt = Runtime(path, threads=threads)
 
         def run(ids: list[list[int]]) -> None:
             rt.embed(*pack(ids))
@@ -131,14 +130,24 @@ def _child_variant(job: dict) -> int:
             routes = np.stack([np.sort(f.expert_ids[k], axis=-1) for k in sorted(f.expert_ids)],
                               axis=1).astype(np.int8)  # [tokens, layers, k]
             return v / np.linalg.norm(v, axis=1, keepdims=True), routes
-    else:
-        from llama_peer.peer import LlamaPeer
+        return run, embed
+    from llama_peer.peer import LlamaPeer
 
-        peer = LlamaPeer(job["path"], threads=threads)
-        run = peer.run
+    peer = LlamaPeer(path, threads=threads)
 
-        def embed(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
-            return peer.embed(ids), None
+    def embed_gguf(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        return peer.embed(ids), None
+    return peer.run, embed_gguf
+
+
+def _child_variant(job: dict) -> int:
+    import numpy as np
+    from timing import median, repeat, timed_passes
+
+    inputs = json.loads(Path(job["inputs"]).read_text())
+    threads = job["threads"]
+    t0 = time.perf_counter()
+    run, embed = open_variant(job["kind"], job["path"], threads)
     load_s = time.perf_counter() - t0
     rss_loaded = procfs.rss_mb()
     out: dict[str, Any] = {"variant": job["variant"], "load_s": load_s,
@@ -263,6 +272,23 @@ def _export(source: Path, out: Path, precision: str, threads: int) -> dict:
     if r.returncode:
         raise RuntimeError(f"export {precision} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cache_root(cache: Path | None) -> tuple[Path, Path]:
+    """The llama peer's zero-bias full-size checkpoint and this table's folder in the bench
+    cache (bundles, reference, work files), keyed by checkpoint, version and bundle layout."""
+    from importlib.metadata import version
+
+    from llama_peer.ggufs import checkpoint_key
+    from llama_peer.peer import zero_bias_checkpoint
+
+    from moe_embed.export.split import LAYOUT
+
+    checkpoint = zero_bias_checkpoint("full")
+    cache = cache or Path(os.environ.get("MOE_EMBED_BENCH_CACHE",
+                                         Path.home() / ".cache" / "moe-embed" / "bench"))
+    return checkpoint, cache / (f"quant-{checkpoint_key(checkpoint)}-v{version('moe-embed')}"
+                                f"-layout{LAYOUT}")
 
 
 def bundles(checkpoint: Path, root: Path, threads: int) -> tuple[dict[str, Path], dict]:
@@ -403,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return _child(args.child)
+    from importlib.metadata import version
+
     import numpy as np
     from llama_peer import LLAMA_CPP_PYTHON_VERSION
-    from llama_peer.ggufs import checkpoint_key, make_ggufs
-    from llama_peer.peer import zero_bias_checkpoint
+    from llama_peer.ggufs import make_ggufs
     from llama_peer.provision import check_installed
     from quant_report import markdown
 
@@ -426,14 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"CPU {meta['cpu']['model']}; {' '.join(meta['cpu']['flags'])}")
     log(f"load average at start: {meta['uptime_start']}")
 
-    checkpoint = zero_bias_checkpoint("full")
-    cache = args.cache or Path(os.environ.get("MOE_EMBED_BENCH_CACHE",
-                                              Path.home() / ".cache" / "moe-embed" / "bench"))
-    from importlib.metadata import version
-
-    from moe_embed.export.split import LAYOUT
-
-    root = cache / f"quant-{checkpoint_key(checkpoint)}-v{version('moe-embed')}-layout{LAYOUT}"
+    checkpoint, root = cache_root(args.cache)
     work = root / ("work-quick" if args.quick else "work")  # job files, logs, embeddings
     work.mkdir(parents=True, exist_ok=True)
     paths, built = bundles(checkpoint, root, args.threads)
