@@ -19,6 +19,7 @@ from typing import Any
 from ..workers.process import policy
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WORKER_NICE = 5  # the workers' nice steps below the frontend (workers/process/priority.py)
 
 
 def available_cores() -> int:
@@ -54,6 +55,8 @@ class ServeConfig:
     workers: int = 1
     threads_per_worker: int = 1
     share_weights: bool = True
+    # 5: a light call's p99 in the 120 s soak 56.7 ms against 105.9 at 0 (benchmarks/README.md)
+    worker_nice: int = WORKER_NICE
     max_batch_tokens: int = policy.MAX_BATCH_TOKENS
     max_wait_ms: float = policy.MAX_WAIT_MS
     max_queue: int = 4096
@@ -89,6 +92,7 @@ class ServeConfig:
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "workers": self.workers >= 1,
             "threads_per_worker": self.threads_per_worker >= 1,
+            "worker_nice": 0 <= self.worker_nice <= 19,
             "max_batch_tokens": self.max_batch_tokens >= 1,
             "max_wait_ms": self.max_wait_ms >= 0,
             "max_queue": self.max_queue >= 1,
@@ -197,6 +201,10 @@ SETTINGS: tuple[Setting, ...] = (
             "workers with one thread each are forked from one loader process and share its "
             "weights (and restart in milliseconds); workers with more threads, or with "
             "--no-share-weights, each load their own copy"),
+    Setting("worker_nice", "--worker-nice", "MOE_EMBED_WORKER_NICE", int,
+            "nice steps the workers run below the frontend (0..19): under full load the "
+            "frontend's threads get a core without waiting behind batch compute; the workers "
+            "still get every core it leaves idle", "N"),
     Setting("max_batch_tokens", "--max-batch-tokens", "MOE_EMBED_MAX_BATCH_TOKENS", int,
             "real tokens in one batch (what its linear layers compute: padding never reaches "
             "them); attention's padded width is bounded separately, per 512-token chunk in "

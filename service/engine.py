@@ -82,7 +82,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self.pool = WorkerPool(self.bundle.path, config.workers, config.threads_per_worker,
-                               config.log_level, metrics, share_weights=config.share_weights)
+                               config.log_level, metrics, share_weights=config.share_weights,
+                               nice=config.worker_nice)
         self.scheduler = Scheduler(BatchQueue(config.max_batch_tokens, config.max_queue),
                                    self.pool, metrics, config.max_wait_ms / 1e3,
                                    config.batch_timeout_s, self.tracing,

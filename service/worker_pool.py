@@ -174,11 +174,12 @@ class Loader:
 
 class WorkerPool:
     def __init__(self, bundle_path: str | Path, workers: int, threads: int, log_level: str,
-                 metrics: Metrics, share_weights: bool = True) -> None:
+                 metrics: Metrics, share_weights: bool = True, nice: int = 0) -> None:
         self.bundle_path = str(bundle_path)
         self.size = workers
         self.threads = threads
         self.log_level = log_level
+        self.nice = nice  # the workers' nice steps below the frontend (workers/process/priority.py)
         self.metrics = metrics
         self.changes = Changes()
         self._ctx = multiprocessing.get_context("spawn")
@@ -241,7 +242,8 @@ class WorkerPool:
         else:
             process = self._ctx.Process(
                 target=worker_main, name=f"moe-embed-worker-{index}", daemon=True,
-                args=(req_r, res_w, self.bundle_path, self.threads, index, self.log_level))
+                args=(req_r, res_w, self.bundle_path, self.threads, index, self.log_level,
+                      self.nice))
             process.start()
         req_r.close()
         res_w.close()  # the worker holds the only write end: its death reads as EOF here
@@ -259,7 +261,8 @@ class WorkerPool:
         ours, theirs = socket.socketpair()
         with theirs:
             process = subprocess.Popen(
-                loader_program.command(theirs.fileno(), self.bundle_path, self.log_level),
+                loader_program.command(theirs.fileno(), self.bundle_path, self.log_level,
+                                       self.nice),
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 env={**os.environ, **LOADER_ENV})
         control = Connection(ours.detach())

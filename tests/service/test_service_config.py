@@ -47,6 +47,11 @@ def test_bad_values_name_their_source() -> None:
         config.resolve(_parse(["--workers", "many"]), env={})
     with pytest.raises(ValueError, match="workers=0"):
         config.resolve(_parse(["--workers", "0"]), env={})
+    for nice in ("-1", "20"):  # raising niceness needs no privilege; lowering it would
+        with pytest.raises(ValueError, match=f"worker_nice={nice}"):
+            config.resolve(_parse(["--worker-nice", nice]), env={})
+    assert config.resolve(_parse([]), env={"MOE_EMBED_WORKER_NICE": "0"}).worker_nice == 0
+    assert config.resolve(_parse([]), env={}).worker_nice == config.WORKER_NICE
 
 
 def test_help_documents_every_flag_with_env_and_default(capsys) -> None:

@@ -9,12 +9,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_embed.service.config import WORKER_NICE
 from moe_embed.service.server import FINAL_GRACE_S, LAME_DUCK_S
 from moe_embed.testing import procfs
 from moe_embed.testing.service import (
@@ -298,3 +300,37 @@ def test_sigterm_drains_without_losing_requests(tiny_bundle, tmp_path) -> None:
     assert late_codes and set(late_codes) <= {grpc.StatusCode.UNAVAILABLE}, late_codes
     # the port stayed open, refusing with the server's own word, until calls stopped coming
     assert all("draining" in d for d in late_details), set(late_details)
+
+
+def _thread_nices(pid: int) -> set[int]:
+    """The niceness of every thread of `pid` (/proc/PID/task/TID/stat, field 19)."""
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_workers_run_below_the_frontend(two_workers) -> None:
+    """The loader and the workers it forks, every thread of them (ONNX Runtime's too), run
+    --worker-nice steps below the frontend, so the frontend's threads get a core first."""
+    srv = two_workers
+    wait_for(lambda: srv.pool.ready_count == 2, 120, "both workers ready")
+    srv.stub().Embed(_request(["a text"] * 4))
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
+    assert WORKER_NICE > 0
+    for pid in [srv.pool.loader_pid(), *srv.pool.pids()]:
+        assert _thread_nices(pid) == {want}, pid
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_workers_that_load_their_own_runtime_run_below_it_too(tiny_bundle, nice: int) -> None:
+    """Workers of more than one thread are spawned and load their own runtime: each lowers
+    every thread of its own, to --worker-nice steps below the frontend (0: level with it)."""
+    srv = ServerThread(tiny_bundle, workers=1, threads_per_worker=2, worker_nice=nice).start()
+    try:
+        srv.stub().Embed(_request(["a text"] * 4))
+        want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        (pid,) = srv.pool.pids()
+        assert srv.pool.loader_pid() is None
+        assert _thread_nices(pid) == {want}
+        assert len(list(Path(f"/proc/{pid}/task").iterdir())) >= 2  # the pool's threads too
+    finally:
+        srv.stop()

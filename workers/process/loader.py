@@ -40,6 +40,7 @@ import structlog
 from ..logs import configure_json_logging
 from . import protocol
 from .main import ignore_interrupts, load_runtime, serve
+from .priority import lower_priority
 
 
 def send_fork(control: Connection, index: int, requests_fd: int, results_fd: int) -> None:
@@ -101,10 +102,10 @@ def _refuse(results_fd: int, requests_fd: int, message: str) -> None:
             pass
 
 
-def command(control_fd: int, bundle_path: str, log_level: str) -> list[str]:
+def command(control_fd: int, bundle_path: str, log_level: str, nice: int = 0) -> list[str]:
     """The command line that starts a loader on an inherited control socket."""
     return [sys.executable, "-m", __name__, "--control-fd", str(control_fd),
-            "--bundle", bundle_path, "--log-level", log_level]
+            "--bundle", bundle_path, "--log-level", log_level, "--nice", str(nice)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--nice", type=int, default=0, help="steps below the frontend")
     args = ap.parse_args(argv)
-    loader_main(Connection(args.control_fd), args.bundle, args.log_level)
+    loader_main(Connection(args.control_fd), args.bundle, args.log_level, args.nice)
 
 
-def loader_main(control: Connection, bundle_path: str, log_level: str = "info") -> None:
-    """Load, report, then fork workers on request until the frontend goes."""
+def loader_main(control: Connection, bundle_path: str, log_level: str = "info",
+                nice: int = 0) -> None:
+    """Load, report, then fork workers on request until the frontend goes. Runs `nice` steps
+    below the frontend, and so do the workers it forks (priority.py)."""
     ignore_interrupts()
+    niceness = lower_priority(nice)
     _name_process("moe-embed-load")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     configure_json_logging(log_level, role="loader", pid=os.getpid())
@@ -139,7 +144,7 @@ def loader_main(control: Connection, bundle_path: str, log_level: str = "info") 
         return
     load_s = time.perf_counter() - start
     threads = len(os.listdir("/proc/self/task"))  # must be 1: a fork copies only this one
-    log.info("loader_ready", load_s=round(load_s, 3), threads=threads)
+    log.info("loader_ready", load_s=round(load_s, 3), threads=threads, nice=niceness)
     try:
         control.send_bytes(protocol.Ready(os.getpid(), load_s).encode())
         while True:

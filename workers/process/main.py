@@ -27,6 +27,7 @@ import structlog
 from ..logs import configure_json_logging
 from . import protocol
 from .policy import next_to_step
+from .priority import lower_priority
 
 
 class Running:
@@ -106,10 +107,11 @@ def ignore_interrupts() -> None:
 
 
 def worker_main(requests: Connection, results: Connection, bundle_path: str, threads: int,
-                index: int, log_level: str = "info") -> None:
+                index: int, log_level: str = "info", nice: int = 0) -> None:
     """Process entry point of a worker that loads its own runtime (must stay importable at
-    module level for "spawn")."""
+    module level for "spawn"); it runs `nice` steps below the frontend (priority.py)."""
     ignore_interrupts()
+    niceness = lower_priority(nice)  # before the runtime's threads start
     configure_json_logging(log_level, worker=index, pid=os.getpid())
     log = structlog.get_logger("moe_embed.worker")
     start = time.perf_counter()
@@ -120,6 +122,6 @@ def worker_main(requests: Connection, results: Connection, bundle_path: str, thr
         results.send_bytes(protocol.LoadFailed(str(exc)).encode())
         return
     load_s = time.perf_counter() - start
-    log.info("worker_ready", load_s=round(load_s, 3), threads=threads)
+    log.info("worker_ready", load_s=round(load_s, 3), threads=threads, nice=niceness)
     results.send_bytes(protocol.Ready(os.getpid(), load_s).encode())
     serve(runtime, requests, results)
