@@ -25,11 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_isa, load_average
-
-from moe_embed.service.demo import ensure_demo_bundle
-from moe_embed.testing.service import ServeProcess
-
 HEAVY_NICE = 10
 RETRY_AFTER_S = 1.0  # what the server's 429 says
 LIGHT_RETRY_S = 0.01  # the light client retries sooner: its refusals are counted, not timed
@@ -111,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results" / "http_heavy.json")
     args = p.parse_args(argv)
+    # Imported here, not at the top: each client process (spawned) runs this module's top level
+    # again, and these imports (torch among them) take ~1.2 s of CPU each, so 21 clients would
+    # spend ~25 s of both cores importing while the loaded latency is measured.
+    from machine import cpu_isa, load_average
+
+    from moe_embed.service.demo import ensure_demo_bundle
+    from moe_embed.testing.service import ServeProcess
+
     bundle = args.bundle or ensure_demo_bundle()
     texts = json.loads(TEXTS.read_text())
     kind, flags = cpu_isa()

@@ -100,7 +100,8 @@ class Metrics:
             registry=r)
         self.heap_trims = Counter(
             "moe_embed_heap_trims", "Times the frontend gave free heap pages back to the "
-            "kernel (malloc_trim, once RSS has grown 8 MB since the last)", registry=r)
+            "kernel (malloc_trim, once RSS has grown 8 MB since the last, and at least every "
+            "10 s)", registry=r)
         self._expert_children: dict[tuple[int, int], Counter] = {}
         self._request_children: dict[tuple[str, str], tuple[Counter, Counter | None]] = {}
         self._latency_children: dict[str, Histogram] = {}

@@ -110,18 +110,20 @@ class Tokenizer:
         """int32 ids per input (see `encode_marked`)."""
         return self.encode_marked(inputs, task, truncate)[0]
 
-    def encode_marked(self, inputs: Sequence[Input], task: Task,
-                      truncate: bool = True) -> tuple[list[np.ndarray], list[bool]]:
+    def encode_marked(self, inputs: Sequence[Input], task: Task, truncate: bool = True,
+                      first: int = 0) -> tuple[list[np.ndarray], list[bool]]:
         """int32 ids per input, and whether each was cut. A text gets the task prefix, `<s>`
         and `</s>`; token ids are used as given (validation refused longer ones). A text longer
-        than max_tokens: truncated (keeping its `</s>`), or InvalidInput naming the input."""
+        than max_tokens: truncated (keeping its `</s>`), or InvalidInput naming the input
+        (`first`: the index of inputs[0] in the caller's request, for a part of one)."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         bounded = [self._bounded(task.apply(t)) for _, t in texts]
         encodings = self._encode_all([b for b, _ in bounded]) if texts else []
         out: list[np.ndarray | None] = [None] * len(inputs)
         cut_off = [False] * len(inputs)
         for (i, _), (_, cut), enc in zip(texts, bounded, encodings, strict=True):
-            out[i] = np.asarray(self._truncate(enc, i, cut, truncate), dtype=np.int32)
+            out[i] = np.asarray(self._truncate(enc, first + i, cut, truncate),
+                                dtype=np.int32)
             cut_off[i] = cut or len(enc) > self.max_tokens
         for i, x in enumerate(inputs):
             if out[i] is None:  # token ids: validated, at most max_tokens and never cut
@@ -138,10 +140,24 @@ class Tokenizer:
         return self._encode_all([text])[0]
 
     def tokenize(self, inputs: Sequence[Input], task: Task, truncate: bool = True,
-                 each: Callable[[list[int], list[str]], T] = pair) -> list[T]:
+                 each: Callable[[list[int], list[str]], T] = pair, first: int = 0) -> list[T]:
         """Ids and their pieces, as the model will see them, given input by input to `each`
         (which may copy them into a response: 256 inputs' lists of ids and pieces, ~130k
-        Python objects, then never exist at once)."""
+        Python objects, then never exist at once). `first` as in `encode_marked`."""
         return [each(ids.tolist(), [self._tok.id_to_token(t) or "" for t in ids.tolist()])
-                for ids in self.encode(inputs, task, truncate)]
+                for ids in self.encode_marked(inputs, task, truncate, first)[0]]
+
+    def job_parts(self, inputs: Sequence[Input], chars: int) -> list[tuple[int, int]]:
+        """`inputs` cut into consecutive ranges [start, end) of about `chars` characters of
+        work each (a text counts at most the window tokenizing it can need; token ids count
+        nothing), each at least one input."""
+        parts, start, size = [], 0, 0
+        for i, x in enumerate(inputs):
+            work = min(len(x), self.window) if isinstance(x, str) else 0
+            if i > start and size + work > chars:
+                parts.append((start, i))
+                start, size = i, 0
+            size += work
+        parts.append((start, len(inputs)))
+        return parts
 

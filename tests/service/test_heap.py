@@ -85,6 +85,39 @@ def test_the_trimmer_gives_back_free_pages_inside_the_heap() -> None:
     assert r["after"] - r["before"] < 30, r
 
 
+def test_the_trimmer_also_trims_on_a_period() -> None:
+    """A trim that ran while many objects were alive leaves its mark that high; once they are
+    freed RSS does not grow, so the growth rule never fires again and their pages stay
+    resident: the period gives them back (with no period, the control, they stay)."""
+    r = _run("""
+        import time
+        def flood():
+            blocks, kept = [], []
+            for _ in range(3000):
+                blocks.append(bytearray(48 * 1024))
+                kept.append(bytearray(2048))
+            return blocks, kept
+        out = {}
+        for name, every in (("control", 3600.0), ("period", 0.2)):
+            trimmer = heap.Trimmer(interval_s=0.01, growth=1 << 40, every_s=every)
+            blocks, kept = flood()
+            held = rss()
+            del blocks  # freed, but RSS has not grown since the trimmer's mark
+            early = asyncio.run(trimmer.check())
+            time.sleep(0.3)
+            late = asyncio.run(trimmer.check())
+            out[name] = {"held": held, "after": rss(), "early": early, "late": late}
+            del kept
+            heap._glibc().malloc_trim(0)
+        print(json.dumps(out))
+    """)
+    control, period = r["control"], r["period"]
+    assert not control["early"] and not control["late"], r
+    assert control["held"] - control["after"] < 20, r  # the pages stayed resident
+    assert not period["early"] and period["late"], r
+    assert period["held"] - period["after"] > 100, r  # given back by the periodic trim
+
+
 _HEAPS = """
     import ctypes, os, threading
     libc = ctypes.CDLL("libc.so.6")
