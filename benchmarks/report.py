@@ -155,6 +155,10 @@ def _w4_w5(res: dict) -> list[str]:
     if inp:
         lines += [f"In-process (tokenize + embed, same texts, one at a time): p50 "
                   f"{_n(inp['p50_ms'], 2)} ms, p99 {_n(inp['p99_ms'], 2)} ms.", ""]
+    batched = (res.get("W4", {}).get("inprocess") or {}).get("batched_tokens_per_s") or {}
+    if batched:
+        lines += ["In-process on the same texts in batches (W4's reference): " + "; ".join(
+            f"batches of {n}: {_n(v, 1)} tokens/s" for n, v in batched.items()) + ".", ""]
     w5 = (res.get("W5") or {}).get("service")
     if w5:
         lines += [f"## W5: one bidi stream of {w5['requests']} short requests "

@@ -90,6 +90,13 @@ def evaluate(res: dict) -> list[Target]:
                _ratio(_get(res, "W4", "service", "levels", "32", "tokens_per_s"),
                       tps("W3", "routed")), 0.90, unit="%"),
     ]
+    out += [  # issue 24's: against the same short texts in process in batches of that size
+        Target("W4", f"service tokens/s at {n} clients / in-process tokens/s, the same texts "
+               f"in batches of {n}", f">= {round(100 * want)}%",
+               _ratio(_get(res, "W4", "service", "levels", str(n), "tokens_per_s"),
+                      _get(res, "W4", "inprocess", "batched_tokens_per_s", str(n))),
+               want, unit="%")
+        for n, want in ((8, 0.85), (32, 0.90))]
     return out
 
 

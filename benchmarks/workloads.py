@@ -171,11 +171,28 @@ def w3_service(ctx: Context, target: str, name: str) -> dict:
 
 
 def w4_inprocess(ctx: Context, peer) -> dict:
-    """The in-process cost of one short request: tokenize + embed, one text per call."""
+    """The in-process cost of one short request: tokenize + embed, one text per call; and the
+    in-process tokens/s on the same texts in batches of as many as W4 has clients (8, 32):
+    what that many one-text clients could get at best, W4's reference."""
     calls = _inprocess_calls(ctx, peer, ctx.short)
     passes = timed_passes(calls, 1, ctx.plan.w4_inprocess_reps, ctx.plan.w1_budget_s)
     return {"peer": peer.name, "texts": len(calls), "passes": len(passes),
-            "latency": summary_ms([t for p in passes for t in p]), "samples_s": passes}
+            "latency": summary_ms([t for p in passes for t in p]), "samples_s": passes,
+            "batched_tokens_per_s": {str(n): _batched_rate(ctx, peer, n)
+                                     for n in ctx.plan.w4_clients if n > 1}}
+
+
+def _batched_rate(ctx: Context, peer, size: int) -> float:
+    """Tokens/s of tokenize + embed on W4's short texts in batches of `size` (taken in turn,
+    ~8 texts' worth of batches per text), the median of timed passes."""
+    texts, lengths, task = ctx.short.texts, ctx.short.lengths, task_named(ctx.short.task)
+    count = max(2, -(-len(texts) * 8 // size))
+    batches = [[k % len(texts) for k in range(b * size, (b + 1) * size)] for b in range(count)]
+    calls = [lambda b=b: peer.runtime.embed(*pack(ctx.tok.encode([texts[k] for k in b], task)))
+             for b in batches]
+    passes = timed_passes(calls, 1, ctx.plan.w4_inprocess_reps, ctx.plan.w1_budget_s)
+    tokens = sum(lengths[k] for b in batches for k in b)
+    return tokens / median([sum(p) for p in passes])
 
 
 def w4_overhead(ctx: Context, target: str, peer) -> dict:
