@@ -4,7 +4,8 @@ clients, one short text per request, each on its own channel) at 1 (W1), 8 and 3
 --max-batch-tokens of a sweep, with tracing on (exporting to a local OTLP sink) and off, and
 for one or more CLIs (two checkouts: before and after a change); the in-process reference
 embeds the same texts in batches of the same size with the same threads. Reports tokens/s,
-the service / in-process ratio and p50/p99 latency.
+the service / in-process ratio, p50/p99 latency and the batches the server formed (from its
+metrics: how many, mean requests each, how many of a single request).
 
     .venv/bin/python benchmarks/service_sweep.py [--bundle DIR] [--tokens 1024,2048,4096,8192]
         [--clients 1,8,32,1x256,s32] [--seconds 10] [--rounds 3] [--tracing] [--cli NAME=PATH ...]
@@ -99,12 +100,25 @@ def level(spec: str) -> tuple[int, int]:
     return int(clients), int(per or 1)
 
 
+BATCH_REQUESTS = "moe_embed_batch_size_requests"
+
+
+def batches(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The batches formed between two scrapes of the server's metrics: how many, the mean
+    requests in one, and how many carried a single request."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(BATCH_REQUESTS)}
+    n = d.get(f"{BATCH_REQUESTS}_count", 0.0)
+    return {"batches": n, "mean_requests": d[f"{BATCH_REQUESTS}_sum"] / n if n else None,
+            "of_one_request": d.get(f'{BATCH_REQUESTS}_bucket{{le="1.0"}}', 0.0)}
+
+
 def service(srv: ServeProcess, texts: list[str], clients: int, seconds: float,
             per: int = 1) -> dict:
     reqs = [request(t, "search_query") for t in texts]
     if per > 1:
         reqs = [pb.EmbedRequest(inputs=[texts[(i + k) % len(texts)] for k in range(per)],
                                 task=TASKS["search_query"]) for i in range(0, len(texts), per)]
+    before = srv.metrics()  # includes the warm-up: batch figures are of the whole level
     r = closed_loop(srv.target, clients, reqs, [None] * len(reqs), min(3.0, seconds / 4),
                     seconds)
     lat = sorted(r.latencies_s)
@@ -112,7 +126,8 @@ def service(srv: ServeProcess, texts: list[str], clients: int, seconds: float,
     busy = sum(lat) if clients == 1 and per > 1 else r.wall_s
     return {"tokens_per_s": r.tokens / busy, "requests_per_s": r.requests / r.wall_s,
             "p50_ms": median(lat) * 1e3 if lat else None,
-            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None}
+            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3 if lat else None,
+            **batches(before, srv.metrics())}
 
 
 def w5(srv: ServeProcess, texts: list[str], window: int, seconds: float) -> dict:
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     servers[name] = ServeProcess(
                         args.bundle, Path(logs) / f"{len(report['service'])}-{name}.log",
                         "--workers", "1", "--threads-per-worker", "2", "--log-level",
-                        "warning", "--metrics-port", "0", *serve_flags, cli=cli,
+                        "warning", *serve_flags, cli=cli,
                         strip_thread_env=True)
                 for srv in servers.values():
                     srv.wait_serving(600)
@@ -197,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                             got |= {"in_process_tokens_per_s": ref,
                                     "ratio": got["tokens_per_s"] / ref}
                             rounds[name][c].append(got)
+                            mix = (f", {got['batches']:.0f} batches of {got['mean_requests']:.1f} "
+                                   f"requests ({got['of_one_request']:.0f} of one)"
+                                   if got.get("mean_requests") else "")
                             print(f"    {name:>14} {c:>5} clients: {got['tokens_per_s']:6.1f} "
                                   f"tok/s vs {ref:6.1f} in process = {got['ratio']:.2f}x, "
-                                  f"p50 {got['p50_ms']:.0f} ms", flush=True)
+                                  f"p50 {got['p50_ms']:.0f} ms{mix}", flush=True)
             finally:
                 for srv in servers.values():
                     srv.stop()

@@ -26,7 +26,7 @@ from collections.abc import Collection, Hashable
 
 import numpy as np
 
-from ..workers.process import protocol
+from ..workers.process import policy, protocol
 from . import errors
 from .errors import EngineError
 
@@ -36,11 +36,12 @@ class Job:
 
     __slots__ = ("ids", "dims", "normalize", "caller", "future", "admitted", "deadline",
                  "vectors", "remaining", "queued", "cancelled", "queue_ms", "compute_ms",
-                 "span", "admitted_ns")
+                 "span", "admitted_ns", "tokens")
 
     def __init__(self, ids: list[np.ndarray], dims: int, normalize: bool, caller: Hashable,
                  future: asyncio.Future, admitted: float, deadline: float | None = None) -> None:
         self.ids = ids
+        self.tokens = sum(len(x) for x in ids)  # real tokens of every input
         self.dims = dims
         self.normalize = normalize
         self.caller = caller
@@ -113,6 +114,11 @@ class Batch:
     def requests(self) -> int:
         return len({id(it.job) for it in self.items})
 
+    def cohort(self) -> int:
+        """policy.cohort: its requests whose callers the scheduler waits for (or 0)."""
+        jobs = {id(it.job): it.job for it in self.items}.values()
+        return policy.cohort([j.tokens for j in jobs], self.tokens)
+
     def message(self) -> protocol.Batch:
         """The batch as the worker takes it: packed ids, offsets, dims, normalize."""
         parts = [it.job.ids[it.index] for it in self.items]
@@ -132,6 +138,8 @@ class BatchQueue:
         self.waiting = 0  # inputs in the queue
         self.queued_tokens = 0  # their real tokens
         self.dropped = 0  # inputs dropped before reaching a worker, since the start
+        self.admitted = 0  # requests admitted, since the start
+        self.requests_waiting = 0  # requests with inputs in the queue
         self.tokenizing = 0  # inputs given room (`reserve`) and not yet queued
         self._tokenizing: Counter[Hashable] = Counter()  # the same, per caller
         self._callers: OrderedDict[Hashable, deque[Item]] = OrderedDict()  # in turn order
@@ -189,6 +197,8 @@ class BatchQueue:
             self._tokens[job.caller] += item.length
         job.queued = n
         self.waiting += n
+        self.admitted += 1
+        self.requests_waiting += n > 0
         if job.deadline is not None:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
@@ -211,6 +221,7 @@ class BatchQueue:
                 del self._tokens[job.caller]
             self.waiting -= dropped
             self.dropped += dropped
+            self.requests_waiting -= 1
         return dropped
 
     def _live_deadlines(self) -> None:
@@ -297,6 +308,7 @@ class BatchQueue:
         for it in taken:
             it.job.queued -= 1
             it.job.dispatched(now)
+            self.requests_waiting -= it.job.queued == 0
         self.queued_tokens -= tokens
         self.waiting -= len(taken)
         return Batch(next(self._ids), taken)

@@ -211,7 +211,9 @@ SETTINGS: tuple[Setting, ...] = (
             "the worker", "N"),
     Setting("max_wait_ms", "--max-wait-ms", "MOE_EMBED_MAX_WAIT_MS", float,
             "longest a batch waits for companions before it is queued behind a busy worker "
-            "(an idle worker gets work at once)", "MS"),
+            "(an idle worker gets work at once, unless the callers of the batch of small "
+            "requests it has just finished are not back yet: at most 20 ms, and no longer "
+            "than that batch took per request)", "MS"),
     Setting("max_queue", "--max-queue", "MOE_EMBED_MAX_QUEUE", int,
             "inputs allowed to wait for a worker; past it requests get RESOURCE_EXHAUSTED", "N"),
     Setting("max_inputs", "--max-inputs", "MOE_EMBED_MAX_INPUTS", int,

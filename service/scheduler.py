@@ -14,6 +14,7 @@ validated before they are queued): its requests fail INTERNAL, naming the batch.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Hashable
@@ -52,13 +53,16 @@ async def _first(*waits: Awaitable[object], timeout: float | None = None) -> Non
 class Scheduler:
     def __init__(self, queue: BatchQueue, pool: WorkerPool, metrics: Metrics,
                  max_wait_s: float, batch_timeout_s: float, tracing: Tracing | None = None,
-                 precision: str = "") -> None:
+                 precision: str = "", rejoin_s: float = policy.REJOIN_S,
+                 rejoin_scale: float = 1.0) -> None:
         self.queue = queue
         self.tracing = tracing
         self.precision = precision
         self.pool = pool
         self.metrics = metrics
         self.max_wait_s = max_wait_s
+        # policy.rejoin_wait's bounds; tests lengthen them (the scale multiplies a batch's time)
+        self.rejoin_s, self.rejoin_scale = rejoin_s, rejoin_scale
         self.batch_timeout_s = batch_timeout_s
         self.s_per_token: float | None = None  # recent worker time per token
         self.resent_batches = 0
@@ -67,6 +71,9 @@ class Scheduler:
         self._loop_task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._in_flight: Counter[Hashable] = Counter()  # tokens in flight per caller
+        # per worker index: when its last batch ended, its policy.cohort, requests admitted by
+        # then, its compute seconds
+        self._ended: dict[int, tuple[float, int, int, float]] = {}
 
     # -- requests in and out ------------------------------------------------------------
     def start(self) -> None:
@@ -137,12 +144,10 @@ class Scheduler:
                 continue
             express = policy.is_express(light, len(self.queue.callers_waiting()), worker.busy,
                                         policy.heavy_in_flight(self._in_flight))
-            ends_in = None if express or self.s_per_token is None else \
-                worker.running_ends_in(self.s_per_token, now)
-            delay = policy.ahead_wait(now - oldest, self.max_wait_s, ends_in)
-            if worker.busy and delay > 0 and not self.queue.full(
-                    policy.EXPRESS_TOKENS if express else None):
-                timeout = delay if until_deadline is None else min(delay, until_deadline)
+            delay = self._hold(worker, express, now, oldest)
+            if delay > 0 and not self.queue.full(policy.EXPRESS_TOKENS if express else None):
+                timeout = min((t for t in (delay, until_deadline)
+                               if t is not None and t != math.inf), default=None)
                 await _first(self._wake.wait(), self.pool.changes.wait(), timeout=timeout)
                 continue
             budget = policy.budget(worker.busy, express, self.queue.queued_tokens,
@@ -156,6 +161,26 @@ class Scheduler:
             task = asyncio.get_running_loop().create_task(self._run(batch, worker))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
+
+    def _hold(self, worker: Worker, express: bool, now: float, oldest: float) -> float:
+        """Seconds the next batch for `worker` still waits (<= 0: form it now; inf: until the
+        worker's running batch ends), by the policy's rules: a batch for a busy worker goes
+        ahead of its running one after the max wait and just before that one's expected end,
+        unless fewer requests wait than it carries; an idle worker waits a little for the
+        callers of the batch it has just finished. Express batches wait for nothing else."""
+        if worker.busy:
+            if not express and policy.holds_back(self.queue.requests_waiting,
+                                                 worker.running_cohort):
+                return math.inf
+            ends_in = None if express or self.s_per_token is None else \
+                worker.running_ends_in(self.s_per_token, now)
+            return policy.ahead_wait(now - oldest, self.max_wait_s, ends_in)
+        ended = self._ended.get(worker.index)
+        if express or ended is None:
+            return 0.0
+        at, cohort, admitted, took_s = ended
+        return policy.rejoin_wait(self.queue.admitted - admitted, cohort, now - at,
+                                  took_s * self.rejoin_scale, self.rejoin_s)
 
     # -- one coroutine per batch ----------------------------------------------------------
     def limit_s(self, batch: Batch) -> float:
@@ -184,7 +209,7 @@ class Scheduler:
                     if span is not None:
                         span.set_attributes({"worker": worker.index, "attempts": batch.attempts})
                     result = await self.pool.run(worker, batch.message(), batch.tokens,
-                                                 self.limit_s(batch))
+                                                 self.limit_s(batch), batch.cohort())
                 except WorkerDied as exc:
                     self.pool.release(worker)
                     worker = None
@@ -203,6 +228,8 @@ class Scheduler:
                     self._after_failure(batch, exc)
                     return
                 self._deliver(batch, result)
+                self._ended[worker.index] = (time.monotonic(), batch.cohort(),
+                                             self.queue.admitted, result.compute_ms / 1e3)
                 if span is not None:  # the worker's own time, as it measured it
                     end = now_ns()
                     self.tracing.past_span("worker.compute", span,

@@ -103,6 +103,7 @@ class Worker:
         self.tokens = 0  # real tokens of the batches it holds
         self.in_flight: dict[int, asyncio.Future] = {}
         self.batch_tokens: dict[int, int] = {}  # tokens of each batch held, oldest first
+        self.batch_cohort: dict[int, int] = {}  # each batch held's policy.cohort
         self.running_since = 0.0  # when its oldest batch held started running (monotonic)
 
     @property
@@ -115,6 +116,11 @@ class Worker:
             return 0.0
         first = next(iter(self.batch_tokens.values()))
         return max(0.0, self.running_since + first * s_per_token - now)
+
+    @property
+    def running_cohort(self) -> int:
+        """policy.cohort of the batch it runs now (0 when it holds none)."""
+        return next(iter(self.batch_cohort.values()), 0)
 
     @property
     def exitcode(self) -> int | None:
@@ -375,7 +381,7 @@ class WorkerPool:
         self.metrics.slots.set(self.ready_count * policy.MAX_IN_FLIGHT)
 
     async def run(self, worker: Worker, batch: protocol.Batch, tokens: int,
-                  timeout_s: float | None = None) -> protocol.Result:
+                  timeout_s: float | None = None, cohort: int = 0) -> protocol.Result:
         """Run `batch` on `worker` (a slot acquired beforehand). Raises WorkerDied if the worker
         dies meanwhile or runs past `timeout_s` (then it is killed: a stuck worker is treated
         as a dead one), BatchFailed if the batch raised in the worker."""
@@ -387,6 +393,7 @@ class WorkerPool:
             worker.running_since = time.monotonic()
         worker.in_flight[batch.batch_id] = future
         worker.batch_tokens[batch.batch_id] = tokens
+        worker.batch_cohort[batch.batch_id] = cohort
         worker.tokens += tokens
         try:
             try:
@@ -405,6 +412,7 @@ class WorkerPool:
         finally:
             worker.in_flight.pop(batch.batch_id, None)
             worker.batch_tokens.pop(batch.batch_id, None)
+            worker.batch_cohort.pop(batch.batch_id, None)
             worker.tokens -= tokens
 
     def kill(self, worker: Worker) -> None:

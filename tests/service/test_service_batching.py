@@ -426,3 +426,45 @@ def test_a_batch_of_hundreds_of_live_inputs_is_itself(loop) -> None:
     q.admit(_job(loop, [1] * 300, "a"))
     batch = q.take(now=1.0)
     assert len(batch.items) == 300 and batch.live() is batch
+
+
+def test_requests_waiting_count_a_request_until_its_last_input_leaves(loop) -> None:
+    """The scheduler's rejoin rules count requests, not inputs: a request split across
+    batches still waits until its last input is taken; a cancelled one waits no more."""
+    q = BatchQueue(max_batch_tokens=50, max_queue=100)
+    a, b, c = _job(loop, [30, 30], "a"), _job(loop, [10], "b"), _job(loop, [5], "c")
+    for j in (a, b, c):
+        q.admit(j)
+    assert (q.admitted, q.requests_waiting) == (3, 3)
+    first = q.take(now=1.0)  # a's first input, then b's and c's (50 tokens): a still waits
+    assert [it.job for it in first.items] == [a, b, c]
+    assert (q.admitted, q.requests_waiting) == (3, 1)
+    q.take(now=1.0)
+    assert q.requests_waiting == 0
+    d, e = _job(loop, [5, 5], "d"), _job(loop, [5], "e")
+    q.admit(d)
+    q.admit(e)
+    assert (q.admitted, q.requests_waiting) == (5, 2)
+    q.cancel(d)
+    q.cancel(d)  # twice: counted once
+    assert (q.admitted, q.requests_waiting) == (5, 1)
+    q.cancel(a)  # nothing of it waits any more: no change
+    assert q.requests_waiting == 1
+
+
+def test_a_batch_with_part_of_a_big_request_is_no_cohort(loop) -> None:
+    """policy.cohort sees each request's tokens in all: the last 100-token part of a request of
+    700 tokens is still a big request's."""
+    q = BatchQueue(max_batch_tokens=600, max_queue=100)
+    big, small = _job(loop, [300, 300, 100], "big"), _job(loop, [20], "small")
+    q.admit(big)
+    q.admit(small)
+    assert big.tokens == 700 and small.tokens == 20
+    first = q.take(now=1.0)  # big's 300, small's 20, big's next 300 would pass 600: stops
+    assert first.cohort() == 0
+    rest = q.take(now=1.0)  # big's 300 and 100: only the big request
+    assert rest.tokens == 400 and rest.cohort() == 0
+    a, b = _job(loop, [20], "a"), _job(loop, [30], "b")
+    q.admit(a)
+    q.admit(b)
+    assert q.take(now=2.0).cohort() == 2

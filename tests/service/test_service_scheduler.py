@@ -24,12 +24,13 @@ from moe_embed.workers.process.policy import next_to_step
 
 @contextlib.asynccontextmanager
 async def running(bundle, max_wait_s: float = 0.002, batch_timeout_s: float = 30.0,
-                  workers: int = 1, max_batch_tokens: int = 8192):
+                  workers: int = 1, max_batch_tokens: int = 8192,
+                  rejoin_s: float = policy.REJOIN_S, rejoin_scale: float = 1.0):
     metrics = Metrics()
     pool = WorkerPool(bundle, workers, 1, "warning", metrics)
     await pool.start()
     sched = Scheduler(BatchQueue(max_batch_tokens, 1000), pool, metrics, max_wait_s,
-                      batch_timeout_s)
+                      batch_timeout_s, rejoin_s=rejoin_s, rejoin_scale=rejoin_scale)
     sched.start()
     try:
         yield sched
@@ -418,4 +419,151 @@ def test_the_least_loaded_worker_gets_the_next_batch(tiny_bundle) -> None:
             await asyncio.wait_for(nxt.future, 10)
             os.kill(stopped, signal.SIGCONT)
             await asyncio.wait_for(held.future, 10)
+    asyncio.run(main())
+
+
+async def running_batch(sched: Scheduler, callers: str = "abc", length: int = 5
+                        ) -> tuple[int, list[Job]]:
+    """Stop the only worker and send it one batch of one-text requests of `length` tokens, one
+    from each of `callers`; returns the worker's pid and the requests."""
+    pid = sched.pool.pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    first = [job([length], caller=c) for c in callers]
+    for j in first:
+        sched.submit(j)
+    await until(lambda: sent(sched) == (1, len(callers)))
+    return pid, first
+
+
+def test_nothing_goes_ahead_while_fewer_requests_wait_than_the_running_batch_carries(
+        tiny_bundle) -> None:
+    """Many small closed-loop clients: a request that arrives while their batch runs waits for
+    them to come back instead of running alone ahead of them (a lone request once split 8
+    clients into batches of 1 and 7 for good). As many as the running batch carries go ahead."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.002) as sched:
+            pid, first = await running_batch(sched)
+            sched.s_per_token = 1e-6  # the running batch "should have ended": only the rule holds
+            later = [job([6], caller=c) for c in "de"]
+            for j in later:
+                sched.submit(j)
+            await asyncio.sleep(0.5)
+            assert sent(sched) == (1, 3)  # two wait, three run: nothing sent ahead
+            last = job([7], caller="f")
+            sched.submit(last)
+            await until(lambda: sent(sched) == (2, 6), 10)  # three wait: they go ahead
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in [*first, *later, last])),
+                                   10)
+    asyncio.run(main())
+
+
+def test_work_goes_ahead_of_a_batch_past_the_cohort_size(tiny_bundle) -> None:
+    """A heavy batch keeps its pipeline: one request waiting goes ahead of it (after the max
+    wait and the running batch's expected end) though the batch carries five."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.002) as sched:
+            # five light callers (nothing heavy in flight: no express batch), 2,500 tokens
+            pid, first = await running_batch(sched, "abcde", policy.EXPRESS_TOKENS - 12)
+            assert 5 * (policy.EXPRESS_TOKENS - 12) > policy.COHORT_TOKENS
+            sched.s_per_token = 1e-6
+            lone = job([6], caller="f")
+            sched.submit(lone)
+            await until(lambda: sent(sched) == (2, 6), 10)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in [*first, lone])), 20)
+    asyncio.run(main())
+
+
+def test_work_goes_ahead_of_a_small_batch_of_big_requests(tiny_bundle) -> None:
+    """Two requests of 600 tokens in a batch of 1,200 (under the cohort size): past an express
+    batch's size each, so no cohort: a third request waiting goes ahead of them."""
+    async def main() -> None:
+        async with running(tiny_bundle, max_wait_s=0.002) as sched:
+            pid = sched.pool.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            big = [job([300, 300], caller=c) for c in "ab"]
+            for j in big:
+                sched.submit(j)
+            await until(lambda: sent(sched) == (1, 4))
+            sched.s_per_token = 1e-6
+            third = job([300, 300], caller="c")
+            sched.submit(third)
+            await until(lambda: sent(sched) == (2, 6), 10)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in [*big, third])), 20)
+    asyncio.run(main())
+
+
+def test_an_idle_worker_does_not_wait_for_the_callers_of_a_batch_past_the_cohort_size(
+        tiny_bundle) -> None:
+    async def main() -> None:
+        async with running(tiny_bundle, rejoin_s=60.0, rejoin_scale=1e6) as sched:
+            pid, first = await running_batch(sched, "abcde", policy.EXPRESS_TOKENS - 12)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in first)), 20)
+            after = job([7], caller="f")  # 1 of 5 back: it goes at once all the same
+            sched.submit(after)
+            await asyncio.wait_for(after.future, 20)
+    asyncio.run(main())
+
+
+async def one_waits_behind_three(sched: Scheduler) -> tuple[Job, float]:
+    """A batch of three one-text requests (callers a, b, c) on the stopped worker, a fourth
+    (caller d) queued behind it, then the worker resumed: returns the fourth request and when
+    the worker resumed (the batch ended after that), once the three are answered."""
+    pid, first = await running_batch(sched)
+    waiting = job([6], caller="d")
+    sched.submit(waiting)
+    resumed = time.monotonic()
+    os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in first)), 10)
+    return waiting, resumed
+
+
+def test_an_idle_worker_waits_for_the_callers_of_the_batch_it_finished(tiny_bundle) -> None:
+    async def main() -> None:
+        async with running(tiny_bundle, rejoin_s=60.0, rejoin_scale=1e6) as sched:
+            waiting, _ = await one_waits_behind_three(sched)
+            back = [job([5], caller=c) for c in "abc"]
+            sched.submit(back[0])
+            sched.submit(back[1])
+            await asyncio.sleep(0.5)
+            assert sent(sched) == (1, 3)  # the worker is idle, but only 2 of 3 are back
+            sched.submit(back[2])
+            await until(lambda: sent(sched) == (2, 7), 10)  # all back: one batch of four
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in [waiting, *back])), 10)
+    asyncio.run(main())
+
+
+def test_an_idle_worker_waits_no_longer_than_the_rejoin_time(tiny_bundle) -> None:
+    async def main() -> None:
+        async with running(tiny_bundle, rejoin_s=0.3, rejoin_scale=1e6) as sched:
+            waiting, resumed = await one_waits_behind_three(sched)
+            await asyncio.wait_for(waiting.future, 10)  # nobody came back: it went alone
+            assert sent(sched) == (2, 4)
+            assert waiting.admitted + waiting.queue_ms / 1e3 >= resumed + 0.3
+    asyncio.run(main())
+
+
+def test_one_closed_loop_client_is_never_held(tiny_bundle) -> None:
+    """Its next request is the one the worker waits for: it goes at once."""
+    async def main() -> None:
+        async with running(tiny_bundle, rejoin_s=60.0, rejoin_scale=1e6) as sched:
+            for length in (5, 6, 7):
+                j = job([length], caller="only")
+                sched.submit(j)
+                await asyncio.wait_for(j.future, 20)
+            assert sent(sched) == (3, 3)
+    asyncio.run(main())
+
+
+def test_a_cohort_is_waited_for_no_longer_than_its_batch_took_per_request(tiny_bundle) -> None:
+    """The tiny model's batch of three takes milliseconds: a request that waits after it goes
+    about that soon, not after the 60 s bound."""
+    async def main() -> None:
+        async with running(tiny_bundle, rejoin_s=60.0) as sched:
+            waiting, _ = await one_waits_behind_three(sched)
+            await asyncio.wait_for(waiting.future, 20)  # nobody came back: it went alone
+            assert sent(sched) == (2, 4)
     asyncio.run(main())

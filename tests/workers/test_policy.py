@@ -9,6 +9,7 @@ import pytest
 
 from moe_embed.workers.process import policy
 from moe_embed.workers.process.policy import (
+    COHORT_TOKENS,
     EXPRESS_SLOTS,
     EXPRESS_TOKENS,
     HEAVY_TOKENS,
@@ -125,8 +126,11 @@ def test_a_batch_sent_ahead_waits_for_the_max_wait_and_for_the_running_batchs_en
 def test_the_documented_defaults() -> None:
     """README's serve flags table: --max-batch-tokens 8192, --max-wait-ms 2; a worker holds one
     batch running and one waiting in its pipe, plus one express slot beside heavy work; a batch
-    sent ahead leaves 5 ms before the running one is expected to end."""
+    sent ahead leaves 5 ms before the running one is expected to end; an idle worker waits at
+    most 20 ms for the callers of the batch it has just finished."""
     assert (policy.MAX_BATCH_TOKENS, policy.MAX_WAIT_MS) == (8192, 2.0)
+    assert policy.REJOIN_S == pytest.approx(0.020)
+    assert COHORT_TOKENS == 2048
     assert policy.slots(0, express=False) == 2
     assert policy.slots(HEAVY_TOKENS, express=False) == 2
     assert policy.slots(HEAVY_TOKENS, express=True) == 3
@@ -145,3 +149,42 @@ def test_hundreds_of_small_clients_and_nothing_heavy_are_batched_as_usual() -> N
     light = {f"c{i}" for i in range(300)}
     assert not policy.is_express(light, len(light), worker_busy=False)
     assert policy.is_express(light, len(light) + 1, worker_busy=False)  # one heavy waits too
+
+
+def test_a_cohort_is_small_requests_in_a_batch_up_to_the_cohort_size() -> None:
+    assert policy.cohort([18] * 8, 8 * 18) == 8  # eight short queries
+    assert policy.cohort([EXPRESS_TOKENS] * 4, COHORT_TOKENS) == 4  # at both limits
+    assert policy.cohort([EXPRESS_TOKENS] * 4 + [1], COHORT_TOKENS + 1) == 0  # one token past
+    assert policy.cohort([18, EXPRESS_TOKENS + 1], 100) == 0  # a big request's last part
+    assert policy.cohort([], 0) == 0
+
+
+def test_nothing_goes_ahead_while_fewer_requests_wait_than_the_running_cohort() -> None:
+    assert policy.holds_back(waiting_requests=7, running_cohort=8)
+    assert not policy.holds_back(waiting_requests=8, running_cohort=8)
+    assert not policy.holds_back(1, 1)  # one caller's stream
+    assert policy.holds_back(0, 1)
+    assert not policy.holds_back(0, 0)  # no cohort: heavy work keeps its pipeline
+
+
+def test_an_idle_worker_waits_for_as_many_requests_as_its_last_cohort() -> None:
+    rejoin, took = policy.REJOIN_S, 0.200  # 25 ms a request: REJOIN_S is the bound
+    # one of eight back just after the end: it waits out the rest of REJOIN_S
+    assert policy.rejoin_wait(7, 8, 0.001, took) == pytest.approx(rejoin - 0.001)
+    assert policy.rejoin_wait(8, 8, 0.001, took) <= 0  # all eight back: now
+    assert policy.rejoin_wait(9, 8, 0.0, took) <= 0
+    assert policy.rejoin_wait(7, 8, rejoin, took) <= 0  # never past REJOIN_S
+    assert policy.rejoin_wait(7, 8, rejoin - 0.001, took) == pytest.approx(0.001)
+    # one closed-loop client: its own next request is the one it waits for, so never held
+    assert policy.rejoin_wait(1, 1, 0.0, took) <= 0
+    assert policy.rejoin_wait(0, 0, 0.0, took) <= 0  # no cohort: nobody is waited for
+    assert policy.rejoin_wait(0, 3, 0.0, 60.0, rejoin_s=0.5) == pytest.approx(0.5)
+
+
+def test_a_cohort_is_waited_for_no_longer_than_it_took_per_request() -> None:
+    """A fast model's batch of 6 light requests took 3 ms: 0.5 ms each is all it waits."""
+    assert policy.rejoin_wait(0, 6, 0.0, 0.003) == pytest.approx(0.0005)
+    assert policy.rejoin_wait(0, 6, 0.0005, 0.003) <= 0
+    assert policy.rejoin_wait(0, 8, 0.0, 8 * policy.REJOIN_S) == pytest.approx(policy.REJOIN_S)
+    assert policy.rejoin_wait(0, 8, 0.0, 8 * policy.REJOIN_S - 0.008) == pytest.approx(
+        policy.REJOIN_S - 0.001)

@@ -22,6 +22,13 @@ The rules, in one picture:
   wait for a heavy batch to end, and a heavy batch's delay is bounded by its own size.
 - A batch sent ahead to a busy worker takes what waits with one worker, 1/(2N) of it with N
   (`ahead_parts`): a burst is neither cut small nor piled onto one worker while others idle.
+- Callers come back (`holds_back`, `rejoin_wait`): closed-loop clients send their next request
+  as soon as their answer arrives. While fewer requests wait than the running batch carries,
+  nothing is sent ahead; a worker that has just finished a batch of n requests waits up to
+  REJOIN_S for n new ones before it starts a smaller batch (`cohort`: small requests in a
+  batch of at most COHORT_TOKENS).
+  Otherwise a lone request that found the worker idle splits many small clients into two
+  groups for good (a batch of 1 and one of 7 at 8 clients), each paying a batch's fixed cost.
 """
 
 from __future__ import annotations
@@ -40,6 +47,18 @@ MAX_IN_FLIGHT = 2
 # transfer and unpacking take ~1 ms, and the estimate (the last batches' time per token) errs.
 # Sent too late costs the worker that gap once; its end wakes the dispatcher anyway.
 AHEAD_LEAD_S = 0.005
+# How long a worker that has just finished a batch waits at most for its callers' next
+# requests (and never longer than that batch took per request: `rejoin_wait`). 8 closed-loop
+# clients are all back 5-8 ms after their answers, 32 in 10-25 ms (the frontend answers and
+# admits them one by one, ~0.6 ms of its CPU each, on 2 busy cores). A batch run without them
+# costs its fixed part again, ~20 ms on the full-size model (one short text ~37 ms, each more
+# ~16 ms), so waiting longer than that cannot pay.
+REJOIN_S = 0.020
+# A cohort is a batch of at most this many real tokens whose requests are each at most
+# EXPRESS_TOKENS: only such callers are waited for. Past it a split costs ~1% (a batch takes ~2 s
+# on the full-size model) while holding work back would leave gaps between heavy batches; and
+# no caller waits for heavy callers (a big request's last small batch) to come back.
+COHORT_TOKENS = 2048
 # An express batch: a light caller's work (a chunk's worth: the runtime's dense segments take
 # 512 real tokens a call), and the slots kept for it beside heavy work.
 EXPRESS_TOKENS = 512
@@ -112,6 +131,35 @@ def ahead_wait(oldest_age_s: float, max_wait_s: float, running_ends_in_s: float 
     if running_ends_in_s is not None:
         wait = max(wait, running_ends_in_s - AHEAD_LEAD_S)
     return wait
+
+
+def cohort(request_tokens: Collection[int], batch_tokens: int) -> int:
+    """The requests of a batch whose callers are waited for (`holds_back`, `rejoin_wait`): all
+    of them if the batch has at most COHORT_TOKENS and each request (its tokens in all, this
+    batch or not) at most EXPRESS_TOKENS; else none (0)."""
+    if batch_tokens > COHORT_TOKENS or any(t > EXPRESS_TOKENS for t in request_tokens):
+        return 0
+    return len(request_tokens)
+
+
+def holds_back(waiting_requests: int, running_cohort: int) -> bool:
+    """Whether a (non-express) batch for a busy worker waits for the running batch to end
+    instead of going ahead of it: while fewer requests wait than the running batch's cohort,
+    whose callers, back soon after it ends, should ride with them."""
+    return waiting_requests < running_cohort
+
+
+def rejoin_wait(arrived: int, finished_cohort: int, since_end_s: float, finished_s: float,
+                rejoin_s: float = REJOIN_S) -> float:
+    """Seconds an idle worker still waits before it takes a (non-express) batch (<= 0: now):
+    until as many requests have arrived since it finished its last batch as that batch's
+    cohort, at most its compute time per request of the cohort (`finished_s` / cohort: what
+    a request costs there, so what running one apart could cost at most) and at most
+    `rejoin_s` after its end. One closed-loop client is never held: its next request is the
+    one that arrives; and a fast model's small batches are hardly waited for."""
+    if arrived >= finished_cohort:
+        return 0.0
+    return min(rejoin_s, finished_s / finished_cohort) - since_end_s
 
 
 def ahead_parts(workers: int) -> int:
