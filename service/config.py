@@ -19,7 +19,11 @@ from typing import Any
 from ..workers.process import policy
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-WORKER_NICE = 5  # the workers' nice steps below the frontend (workers/process/priority.py)
+# The workers' nice steps below the frontend (workers/process/priority.py): 10, a weight of
+# ~1/9 of the frontend's, so a waking frontend thread takes a core from batch compute at once.
+# At 5 (~1/3) a one-text call beside 20 heavy HTTP clients had p99 18-21 ms, at 10 13-15 ms
+# (benchmarks/README.md); closed-loop throughput was the same at both.
+WORKER_NICE = 10
 
 
 def available_cores() -> int:

@@ -5,21 +5,21 @@ Every API route goes through `serve`: request id (`x-request-id` in, and back), 
 handler, the one error table (`HTTP_STATUS`) into OpenAI's error shape, the metrics
 (`moe_embed_requests_total{method="http:/v1/embeddings"}`, codes by their canonical names, as for
 gRPC) and the log line. A client that disconnects cancels its request: inputs still queued never
-reach a worker. Bodies are written by orjson straight from the float32 vectors (a few ms for
-256 x 768 values, where json.dumps of Python floats took ~150 ms on the event loop).
+reach a worker. Bodies are written by orjson straight from the float32 vectors, a large one a
+vector at a time off the event loop (`embeddings_body`; json.dumps of Python floats took ~150 ms
+on the event loop; one orjson call over 256 x 768 values held the GIL ~4.5 ms: body_stall.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import orjson
 import structlog
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ from ..metrics import Metrics
 from ..security import Security, unauthenticated
 from ..validation import Input, ids_too_long
 from . import schema
+from .embeddings_body import INLINE_VALUES, embeddings_body, values_in
 from .json_scan import TooManyValues, ValueCounter
 
 log = structlog.get_logger("moe_embed.http")
@@ -261,12 +262,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[EmbedOutcome]) 
     return task.result()
 
 
-def _embedding(vector: np.ndarray, encoding: str) -> np.ndarray | str:
-    if encoding == "base64":  # what the openai client decodes: little-endian float32
-        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
-    return np.ascontiguousarray(vector, dtype=np.float32)
-
-
 def create_app(ctx: HttpContext) -> FastAPI:
     """The FastAPI application of one server."""
     app = FastAPI(title="moe-embed", version=ctx.engine.model.version, description=DESCRIPTION,
@@ -278,6 +273,9 @@ def create_app(ctx: HttpContext) -> FastAPI:
     # large bodies are parsed here, one at a time: their parse never holds up the event loop's
     # other work for more than a switch interval, and only one is in memory as objects at once
     parsing = ThreadPoolExecutor(1, thread_name_prefix="moe-embed-http-parse")
+    # large response bodies are written here, one at a time, a vector at a time
+    # (embeddings_body: orjson holds the GIL for a whole call)
+    responding = ThreadPoolExecutor(1, thread_name_prefix="moe-embed-http-respond")
 
     async def parse(body: bytearray) -> schema.EmbeddingRequest:
         try:
@@ -354,16 +352,13 @@ def create_app(ctx: HttpContext) -> FastAPI:
                 response_size=response_bytes(req.encoding_format))))
             log.debug("request_done", method=EMBEDDINGS, inputs=len(out.vectors),
                       tokens=sum(out.token_counts), total_ms=round(out.total_ms, 3))
-            tokens = sum(out.token_counts)
-            return _json({
-                "object": "list",
-                "data": [{"object": "embedding", "index": i,
-                          "embedding": _embedding(v, req.encoding_format), "truncated": cut}
-                         for i, (v, cut) in enumerate(zip(out.vectors, out.truncated,
-                                                          strict=True))],
-                "model": engine.model.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            })
+            body = functools.partial(embeddings_body, out.vectors, out.truncated,
+                                     req.encoding_format, engine.model.name,
+                                     sum(out.token_counts))
+            if values_in(out.vectors) > INLINE_VALUES:
+                return Response(await asyncio.get_running_loop().run_in_executor(
+                    responding, body), media_type=JSON)
+            return Response(body(), media_type=JSON)
         return await serve(request, "http:" + EMBEDDINGS, handle)
 
     def model_card() -> dict:

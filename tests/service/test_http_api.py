@@ -24,6 +24,8 @@ import pytest
 import requests
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from moe_embed.service.http import app as http_app
+from moe_embed.service.http.embeddings_body import INLINE_VALUES, embeddings_body, values_in
 from moe_embed.service.tasks import task_named
 from moe_embed.testing.service import (
     TASKS,
@@ -85,7 +87,7 @@ def client(server) -> openai.OpenAI:
 
 def _post(server: ServerThread, body: object, **kw) -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body)
-    return requests.post(server.url + "/v1/embeddings", data=data, timeout=60, **kw)
+    return requests.post(server.url + "/v1/embeddings", data=data, **{"timeout": 60, **kw})
 
 
 def _grpc(server: ServerThread, texts: list[str], task: str = "none",
@@ -333,6 +335,51 @@ def test_request_ids_are_echoed_and_made_up(server) -> None:
     assert given.headers["x-request-id"] == "req-http-7"
     made = _post(server, {"input": "a"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{16}", made)
+
+
+def test_a_large_body_is_written_off_the_loop(tiny_bundle, expected, multilingual_texts,
+                                              monkeypatch) -> None:
+    """While a body of more than INLINE_VALUES values is being written (held there), a one-text
+    call is answered: the large body does not hold the HTTP loop; then it arrives whole. A body
+    of INLINE_VALUES values is written on the loop itself."""
+    dims = 64  # the tiny model's
+    n = INLINE_VALUES // dims + 1  # the first count written off the loop
+    written, release = threading.Event(), threading.Event()
+
+    where: dict[int, str] = {}  # inputs -> the thread that wrote the body
+
+    def held(vectors, *args):
+        where[len(vectors)] = threading.current_thread().name
+        if values_in(vectors) > INLINE_VALUES:
+            written.set()
+            assert release.wait(60)
+        return embeddings_body(vectors, *args)
+
+    monkeypatch.setattr(http_app, "embeddings_body", held)
+    srv = ServerThread(tiny_bundle, http_port=free_port(), max_inputs=n, reflection=False)
+    srv.start()
+    try:
+        texts = [multilingual_texts[i % len(multilingual_texts)] for i in range(n)]
+        big: dict = {}
+        heavy = threading.Thread(target=lambda: big.update(r=_post(srv, {"input": texts})))
+        heavy.start()
+        assert written.wait(60)
+        light = _post(srv, {"input": texts[:1]}, timeout=20)
+        assert light.status_code == 200 and heavy.is_alive()
+        release.set()
+        heavy.join(60)
+        assert big["r"].status_code == 200
+        got = np.array([d["embedding"] for d in big["r"].json()["data"]], np.float32)
+        np.testing.assert_allclose(got, expected(texts, "none"), atol=TOL, rtol=0)
+        np.testing.assert_allclose(light.json()["data"][0]["embedding"], got[0], atol=TOL,
+                                   rtol=0)
+        at_limit = _post(srv, {"input": texts[: n - 1]})  # INLINE_VALUES values: on the loop
+        assert at_limit.status_code == 200 and len(at_limit.json()["data"]) == n - 1
+        assert where[n].startswith("moe-embed-http-respond")
+        assert where[1] == where[n - 1] == "moe-embed-http"
+    finally:
+        release.set()
+        srv.stop()
 
 
 def test_many_concurrent_http_and_grpc_clients_agree(server, expected, multilingual_texts) -> None:
