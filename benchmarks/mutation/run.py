@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from equivalent import ANY_MODULE, EQUIVALENT, REMOVED  # beside this script: sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-
-from equivalent import ANY_MODULE, EQUIVALENT, REMOVED  # noqa: E402  (beside this script, not a package)
 
 RESULTS = HERE / "results"
 SESSIONS = HERE / "sessions"  # cosmic-ray databases: a stopped run resumes (ignored by git)
